@@ -1,0 +1,81 @@
+"""Small input checks shared by the library (private).
+
+Every check raises ``ValueError`` (or ``TypeError`` for a wrong kind of object) with a
+message that names the offending argument and its value, so that bad input never turns
+into a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from numbers import Integral, Real
+
+import torch
+
+__all__ = [
+    "check_choice",
+    "check_positive_int",
+    "check_nonnegative_int",
+    "check_positive_float",
+    "check_finite_tensor",
+    "check_float_tensor",
+]
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` as an ``int`` if it is an integer >= 1, else raise."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_nonnegative_int(name: str, value: object) -> int:
+    """Return ``value`` as an ``int`` if it is an integer >= 0, else raise."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be a non-negative integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def check_positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a finite ``float`` > 0 (or >= 0 with ``allow_zero``), else raise."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    ok = v >= 0.0 if allow_zero else v > 0.0
+    if not (ok and v < float("inf")):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise naming the choices."""
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, options))}")
+    return str(value)
+
+
+def check_float_tensor(name: str, value: object) -> torch.Tensor:
+    """Require a floating-point torch tensor (no implicit conversion)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    return value
+
+
+def check_finite_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Raise if ``value`` holds NaN or infinite entries, naming the first bad index."""
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite)[0].tolist()
+        raise ValueError(
+            f"{name} contains non-finite values (first at index {tuple(bad)}: "
+            f"{value[tuple(bad)].item()!r})"
+        )
+    return value

@@ -1,0 +1,349 @@
+"""Two-level (hierarchical) mixture of experts read off a multi-head attention layer.
+
+The adopted formulation (``paper_notes/02_formulation.md``; theory.md section 5 -- a
+reconstruction, the HoRA paper text is not available): ``X = (x_1, ..., x_N)`` stacks
+``N`` tokens of dimension ``d`` (``D = N d``). Head ``h`` is a softmax mixture of
+
+* ``N`` *known* experts from a frozen attention head: gating score
+  ``x_1^T W^Q_h (W^K_h)^T x_j / sqrt(d_k)`` and expert ``c_h^T (W^V_h)^T x_j``, and
+* ``L`` *adapter* atoms: gating score ``beta_1hl^T X + beta_0hl`` and expert
+  ``a_hl^T X + b_hl``,
+
+and the heads are combined with first-level weights ``pi_h`` (uniform as in MHA, or a
+softmax gate):
+
+.. math::
+
+    f_G(X) = \\sum_h \\pi_h(X) g_h(X),\\quad
+    g_h(X) = \\frac{\\sum_j e^{s_{hj}(X)} v_{hj}(X) + \\sum_l e^{\\beta_{1hl}^\\top X + \\beta_{0hl}}
+             (a_{hl}^\\top X + b_{hl})}{T_h(X)}.
+
+``structure="nonshared"`` (MH-LoRA): every ``(beta_0, beta_1, a, b)`` is free.
+``structure="shared"`` (HoRA): ``beta_1 = s(W_1 z)``, ``a = s(W_2 z)``, ``b = s(w_3^T z)``
+with ``W_1, W_2 (D, q)``, ``w_3 (q,)`` shared by all heads and codes ``z_hl (q,)`` per
+atom; only the masses ``beta_0`` stay free per atom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hmoe_sim._validation import (
+    check_choice,
+    check_finite_tensor,
+    check_nonnegative_int,
+    check_positive_float,
+    check_positive_int,
+)
+from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
+from hmoe_sim.models.flat import min_pairwise_distance
+
+__all__ = ["FrozenAttention", "HMoE", "STRUCTURES", "CODE_ACTIVATIONS", "FIRST_LEVEL_GATES"]
+
+STRUCTURES = ("nonshared", "shared")
+CODE_ACTIVATIONS = {"identity": lambda t: t, "tanh": torch.tanh}
+FIRST_LEVEL_GATES = ("uniform", "softmax")
+
+
+@dataclass(frozen=True)
+class FrozenAttention:
+    """Frozen weights of a multi-head attention layer with a scalar readout per head.
+
+    Attributes
+    ----------
+    query, key : torch.Tensor
+        ``(H, d, d_k)`` projections ``W^Q_h``, ``W^K_h`` (``q = x W^Q_h``).
+    value : torch.Tensor
+        ``(H, d, d_v)`` projections ``W^V_h``.
+    readout : torch.Tensor
+        ``(H, d_v)`` readout vectors ``c_h``; the head's scalar output is ``c_h^T o_h``.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    readout: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("query", "key", "value", "readout"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"FrozenAttention.{name} must be a floating torch.Tensor")
+            check_finite_tensor(f"FrozenAttention.{name}", t)
+        h, d, dk = self.query.shape if self.query.dim() == 3 else (-1, -1, -1)
+        if h < 1 or tuple(self.key.shape) != (h, d, dk):
+            raise ValueError(f"query {tuple(self.query.shape)} and key {tuple(self.key.shape)} "
+                             "must both be (H, d, d_k)")
+        if self.value.dim() != 3 or tuple(self.value.shape[:2]) != (h, d):
+            raise ValueError(f"value has shape {tuple(self.value.shape)}; expected ({h}, {d}, d_v)")
+        if tuple(self.readout.shape) != (h, self.value.shape[2]):
+            raise ValueError(f"readout has shape {tuple(self.readout.shape)}; expected ({h}, {self.value.shape[2]})")
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.query.shape[0])
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.query.shape[1])
+
+    @property
+    def key_dim(self) -> int:
+        return int(self.query.shape[2])
+
+    @property
+    def value_dim(self) -> int:
+        return int(self.value.shape[2])
+
+    @classmethod
+    def from_seed(
+        cls,
+        seed: int,
+        *,
+        n_heads: int,
+        token_dim: int,
+        key_dim: int,
+        value_dim: int,
+        weight_std: float | None = None,
+    ) -> FrozenAttention:
+        """A random frozen layer: entries ``N(0, weight_std^2)`` (default ``1/sqrt(d)``),
+        readouts ``N(0, 1/d_v)``. Stored in float64 on the CPU."""
+        h = check_positive_int("n_heads", n_heads)
+        d = check_positive_int("token_dim", token_dim)
+        dk = check_positive_int("key_dim", key_dim)
+        dv = check_positive_int("value_dim", value_dim)
+        std = check_positive_float("weight_std", 1.0 / math.sqrt(d) if weight_std is None else weight_std)
+        rng = np.random.default_rng(seed)
+        t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+        return cls(
+            query=t(rng.normal(0, std, (h, d, dk))),
+            key=t(rng.normal(0, std, (h, d, dk))),
+            value=t(rng.normal(0, std, (h, d, dv))),
+            readout=t(rng.normal(0, 1 / math.sqrt(dv), (h, dv))),
+        )
+
+
+class HMoE(MixtureModel):
+    """Hierarchical MoE: heads (first level) of known + adapter experts (second level).
+
+    Parameters
+    ----------
+    attention : FrozenAttention
+        The frozen layer providing each head's ``N`` known experts.
+    n_tokens : int
+        Number of tokens ``N``; inputs have ``D = N * attention.token_dim`` entries.
+    n_adapters : int
+        Adapter atoms ``L`` per head (0 removes them: the frozen layer itself).
+    structure : {"nonshared", "shared"}
+        Free atoms (MH-LoRA) or atoms generated by a joint hypernetwork (HoRA).
+    code_dim : int, optional
+        Code dimension ``q`` of the shared structure (default ``min(D, 2)``).
+    code_activation : {"identity", "tanh"}
+        The map ``s`` of the shared structure.
+    first_level : {"uniform", "softmax"}
+        Uniform head weights ``1/H`` or a softmax gate ``pi_h(X) = softmax_h(gamma_0h +
+        gamma_1h^T X)`` with head 0 as reference (``gamma_00 = 0, gamma_10 = 0``).
+
+    Notes
+    -----
+    Parameter container, non-shared: ``beta0 (H, L)``, ``beta1 (H, L, D)``, ``a (H, L, D)``,
+    ``b (H, L)``; shared: ``beta0 (H, L)``, ``W1 (D, q)``, ``W2 (D, q)``, ``w3 (q,)``,
+    ``z (H, L, q)``; with a softmax first level also ``head_gate_bias (H-1,)`` and
+    ``head_gate_slope (H-1, D)``.
+    """
+
+    def __init__(
+        self,
+        attention: FrozenAttention,
+        *,
+        n_tokens: int,
+        n_adapters: int,
+        structure: str = "nonshared",
+        code_dim: int | None = None,
+        code_activation: str = "identity",
+        first_level: str = "uniform",
+    ) -> None:
+        if not isinstance(attention, FrozenAttention):
+            raise TypeError(f"attention must be a FrozenAttention, got {type(attention).__name__}")
+        self.attention = attention
+        self.n_tokens = check_positive_int("n_tokens", n_tokens)
+        self.input_dim = self.n_tokens * attention.token_dim
+        self.n_heads = attention.n_heads
+        self.n_adapters = check_nonnegative_int("n_adapters", n_adapters)
+        self.structure = check_choice("structure", structure, STRUCTURES)
+        self.code_dim = check_positive_int("code_dim", min(self.input_dim, 2) if code_dim is None else code_dim)
+        self.code_activation = check_choice("code_activation", code_activation, CODE_ACTIVATIONS)
+        self._s = CODE_ACTIVATIONS[self.code_activation]
+        self.first_level = check_choice("first_level", first_level, FIRST_LEVEL_GATES)
+        self._frozen_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def __repr__(self) -> str:
+        return dict_repr(self, n_heads=self.n_heads, n_tokens=self.n_tokens,
+                         token_dim=self.attention.token_dim, n_adapters=self.n_adapters,
+                         structure=self.structure, code_dim=self.code_dim,
+                         code_activation=self.code_activation, first_level=self.first_level)
+
+    def _replace(self, **changes: object) -> HMoE:
+        kwargs: dict[str, object] = dict(
+            n_tokens=self.n_tokens, n_adapters=self.n_adapters, structure=self.structure,
+            code_dim=self.code_dim, code_activation=self.code_activation, first_level=self.first_level)
+        kwargs.update(changes)
+        return HMoE(self.attention, **kwargs)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ structure
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        h, ell, d, q = self.n_heads, self.n_adapters, self.input_dim, self.code_dim
+        shapes: dict[str, tuple[int, ...]] = {"beta0": (h, ell)}
+        if self.structure == "nonshared":
+            shapes.update({"beta1": (h, ell, d), "a": (h, ell, d), "b": (h, ell)})
+        else:
+            shapes.update({"W1": (d, q), "W2": (d, q), "w3": (q,), "z": (h, ell, q)})
+        if self.first_level == "softmax":
+            shapes.update({"head_gate_bias": (h - 1,), "head_gate_slope": (h - 1, d)})
+        return shapes
+
+    @property
+    def n_atoms(self) -> int:
+        """Total adapter atoms ``H * L``."""
+        return self.n_heads * self.n_adapters
+
+    def with_atoms(self, n_atoms: int) -> HMoE:
+        """Same model with ``n_atoms`` adapter atoms *per head*."""
+        return self._replace(n_adapters=n_atoms)
+
+    def with_structure(self, structure: str) -> HMoE:
+        """Same model with the other structure."""
+        return self._replace(structure=structure)
+
+    @property
+    def atom_groups(self) -> torch.Tensor:
+        """``(H*L,)`` head index of each adapter atom (head-major order)."""
+        return torch.arange(self.n_heads).repeat_interleave(self.n_adapters)
+
+    # ------------------------------------------------------------------ shared -> free atoms
+    def to_nonshared(self, params: Params) -> Params:
+        """Atoms generated by the hypernetwork, as a non-shared parameter container.
+
+        For a non-shared model this returns ``params`` unchanged.
+        """
+        if self.structure == "nonshared":
+            return params
+        s = self._s
+        out = {
+            "beta0": params["beta0"],
+            "beta1": s(torch.einsum("...hlq,...dq->...hld", params["z"], params["W1"])),
+            "a": s(torch.einsum("...hlq,...dq->...hld", params["z"], params["W2"])),
+            "b": s(torch.einsum("...hlq,...q->...hl", params["z"], params["w3"])),
+        }
+        for name in ("head_gate_bias", "head_gate_slope"):
+            if name in params:
+                out[name] = params[name]
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def _frozen_on(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (like.device, like.dtype)
+        if key not in self._frozen_cache:
+            att = self.attention
+            cast = lambda t: t.to(device=like.device, dtype=like.dtype)  # noqa: E731
+            value_readout = torch.einsum("hdv,hv->hd", att.value, att.readout)
+            self._frozen_cache[key] = (cast(att.query), cast(att.key), cast(value_readout))
+        return self._frozen_cache[key]
+
+    def known_scores_and_experts(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Known experts' gating scores and outputs, each ``(*batch_x, n, H, N)``."""
+        wq, wk, vc = self._frozen_on(X)
+        tokens = X.reshape(*X.shape[:-1], self.n_tokens, self.attention.token_dim)
+        q1 = torch.einsum("...d,hdk->...hk", tokens[..., 0, :], wq)
+        keys = torch.einsum("...td,hdk->...htk", tokens, wk)
+        scores = torch.einsum("...hk,...htk->...ht", q1, keys) / math.sqrt(self.attention.key_dim)
+        experts = torch.einsum("...td,hd->...ht", tokens, vc)
+        return scores, experts
+
+    def _head_outputs(self, free: Params, X: torch.Tensor) -> torch.Tensor:
+        """``g_h(X)`` for every head, ``(*batch, n, H)``; ``free`` is a non-shared container."""
+        scores, experts = self.known_scores_and_experts(X)
+        if self.n_adapters:
+            logits = torch.einsum("...nd,...hld->...nhl", X, free["beta1"]) + free["beta0"].unsqueeze(-3)
+            values = torch.einsum("...nd,...hld->...nhl", X, free["a"]) + free["b"].unsqueeze(-3)
+            lead = torch.broadcast_shapes(scores.shape[:-1], logits.shape[:-1])
+            scores = torch.cat([scores.expand(*lead, -1), logits.expand(*lead, -1)], dim=-1)
+            experts = torch.cat([experts.expand(*lead, -1), values.expand(*lead, -1)], dim=-1)
+        return _softmax_mix(scores, experts)
+
+    def head_weights(self, free: Params, X: torch.Tensor) -> torch.Tensor:
+        """First-level weights ``pi_h(X)``, ``(*batch, n, H)``."""
+        if self.first_level == "uniform":
+            return torch.full((*X.shape[:-1], self.n_heads), 1.0 / self.n_heads, dtype=X.dtype, device=X.device)
+        logits = (torch.einsum("...nd,...hd->...nh", X, free["head_gate_slope"])
+                  + free["head_gate_bias"].unsqueeze(-2))
+        logits = torch.cat([torch.zeros_like(logits[..., :1]), logits], dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def _predict(self, params: Params, X: torch.Tensor) -> torch.Tensor:
+        free = self.to_nonshared(params)
+        g = self._head_outputs(free, X)
+        pi = self.head_weights(free, X)
+        return (pi * g).sum(dim=-1)
+
+    def mixing_measure(self, params: Params) -> MixingMeasure:
+        batch = self.batch_shape(params, check_finite=False)
+        free = self.to_nonshared(params)
+        h, ell, d = self.n_heads, self.n_adapters, self.input_dim
+        atoms = torch.cat([free["beta1"], free["a"], free["b"].unsqueeze(-1)], dim=-1)
+        return MixingMeasure(
+            weights=torch.exp(free["beta0"]).reshape(*batch, h * ell),
+            atoms=atoms.reshape(*batch, h * ell, 2 * d + 1),
+            groups=self.atom_groups,
+        )
+
+    # ------------------------------------------------------------------ truth
+    def sample_truth(
+        self,
+        seed: int | None = None,
+        *,
+        gate_bias_std: float | None = None,
+        gate_slope_std: float | None = None,
+        expert_std: float | None = None,
+        head_gate_std: float = 0.5,
+        min_separation: float = 0.0,
+        max_tries: int = 10_000,
+    ) -> Params:
+        """Draw true adapter parameters (unbatched, float64, CPU).
+
+        Non-shared: ``beta_0 ~ N(0, gate_bias_std^2)`` (default ``0.1/sqrt(D)``),
+        ``beta_1 ~ N(0, gate_slope_std^2 I)`` (default ``1/sqrt(D)``),
+        ``(a, b) ~ N(0, expert_std^2)`` (default ``1/sqrt(D)``).
+        Shared: ``z ~ N(0, I_q)``, ``W_1 ~ N(0, gate_slope_std^2/q)``,
+        ``W_2, w_3 ~ N(0, expert_std^2/q)`` so that the generated atoms have the same
+        scales before ``s``. ``min_separation`` is enforced between atoms of the same head.
+        """
+        h, ell, d, q = self.n_heads, self.n_adapters, self.input_dim, self.code_dim
+        gb = check_positive_float("gate_bias_std", 0.1 / math.sqrt(d) if gate_bias_std is None else gate_bias_std,
+                                  allow_zero=True)
+        gs = check_positive_float("gate_slope_std", 1 / math.sqrt(d) if gate_slope_std is None else gate_slope_std,
+                                  allow_zero=True)
+        es = check_positive_float("expert_std", 1 / math.sqrt(d) if expert_std is None else expert_std)
+        hg = check_positive_float("head_gate_std", head_gate_std, allow_zero=True)
+        sep = check_positive_float("min_separation", min_separation, allow_zero=True)
+        rng = np.random.default_rng(seed)
+        for _ in range(check_positive_int("max_tries", max_tries)):
+            raw: dict[str, np.ndarray] = {"beta0": rng.normal(0, gb, (h, ell))}
+            if self.structure == "nonshared":
+                raw.update(beta1=rng.normal(0, gs, (h, ell, d)), a=rng.normal(0, es, (h, ell, d)),
+                           b=rng.normal(0, es, (h, ell)))
+            else:
+                raw.update(W1=rng.normal(0, gs / math.sqrt(q), (d, q)), W2=rng.normal(0, es / math.sqrt(q), (d, q)),
+                           w3=rng.normal(0, es / math.sqrt(q), (q,)), z=rng.normal(0, 1, (h, ell, q)))
+            if self.first_level == "softmax":
+                raw.update(head_gate_bias=rng.normal(0, hg, (h - 1,)),
+                           head_gate_slope=rng.normal(0, hg / math.sqrt(d), (h - 1, d)))
+            truth = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in raw.items()}
+            atoms = self.mixing_measure(truth).atoms.numpy().reshape(h, ell, 2 * d + 1)
+            if all(min_pairwise_distance(atoms[i]) >= sep for i in range(h)):
+                return truth
+        raise ValueError(f"no draw reached min_separation={sep} in {max_tries} tries; lower it")
