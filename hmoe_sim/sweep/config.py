@@ -1,0 +1,331 @@
+"""Sweep configuration: a TOML file, validated in full before anything is fitted.
+
+A configuration names a truth (a preset of :mod:`hmoe_sim.models.presets` with its options),
+the sample sizes and replications, one or more *series* (a fitted structure and an estimator
+protocol; e.g. ``shared`` and ``nonshared``, or ``relu/sgd-paper``), and the losses to record.
+Every key is checked: an unknown key or a bad value raises ``ValueError`` naming the key
+(``series[1].fit.method``), and the resolved configuration -- every default filled in -- is a
+plain JSON-able dict (:meth:`SweepConfig.to_dict`) whose hash is the run's *fingerprint*.
+
+Example
+-------
+.. code-block:: toml
+
+    name = "quick"
+    root_seed = 0
+
+    [truth]
+    preset = "hmoe-shared"
+    seed = 0
+    options = { gate_slope_std = 2.0 }
+
+    [sample]
+    sizes = [500, 1000, 2000]
+    replications = 4
+
+    [fit]
+    method = "lm"
+
+    [[series]]
+    name = "shared"
+    structure = "shared"
+
+    [[series]]
+    name = "nonshared"
+    structure = "nonshared"
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hmoe_sim import __version__
+from hmoe_sim.data import X_DISTRIBUTIONS
+from hmoe_sim.models.presets import PRESETS, make_preset
+
+__all__ = ["SweepConfig", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS"]
+
+LOSS_KINDS = ("D1", "D2")
+INIT_KINDS = ("near_truth", "random")
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
+
+_TOP_KEYS = {"name", "description", "root_seed", "device", "dtype", "threads", "truth", "sample", "fit", "series",
+             "losses"}
+_FIT_DEFAULTS: dict[str, Any] = {
+    "method": "lm",
+    "max_iter": 200,
+    "tol": 1e-10,
+    "init": "near_truth",
+    "perturbation": 0.1,
+    "n_starts": 1,
+    "bounds": {},
+    "options": {},
+}
+_SAMPLE_DEFAULTS: dict[str, Any] = {"sizes": None, "grid": None, "replications": 20, "chunk": 10,
+                                    "x_dist": "uniform"}
+_LOSS_DEFAULTS: dict[str, Any] = {"kinds": ["D1", "D2"], "r": 1, "l2": True, "l2_n_eval": 10000}
+
+
+def _fail(key: str, message: str) -> ValueError:
+    return ValueError(f"config key {key!r}: {message}")
+
+
+def _check_keys(key: str, table: object, allowed: set[str] | Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise _fail(key, f"expected a table, got {table!r}")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ValueError(f"unknown config key(s) {[where + u for u in unknown]}; known keys: {sorted(allowed)}")
+    return dict(table)
+
+
+def _int(key: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(key, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise _fail(key, f"must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(key: str, value: object, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(key, f"must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (positive and v <= 0) or v < 0:
+        raise _fail(key, f"must be a finite {'positive' if positive else 'non-negative'} number, got {value!r}")
+    return v
+
+
+def _str(key: str, value: object, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, f"must be a string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise _fail(key, f"unknown value {value!r}; expected one of {list(choices)}")
+    return value
+
+
+def _name(key: str, value: object) -> str:
+    v = _str(key, value)
+    if not v or not set(v) <= _NAME_CHARS or v.startswith((".", "/")) or ".." in v:
+        raise _fail(key, f"{v!r} must be non-empty and use only letters, digits and _-./")
+    return v
+
+
+def _sizes(sample: dict[str, Any]) -> list[int]:
+    sizes, grid = sample["sizes"], sample["grid"]
+    if (sizes is None) == (grid is None):
+        raise _fail("sample.sizes", "give exactly one of sample.sizes (a list) or sample.grid "
+                                    "({min, max, points}: a log grid)")
+    if sizes is not None:
+        if not isinstance(sizes, list) or not sizes:
+            raise _fail("sample.sizes", f"must be a non-empty list of integers, got {sizes!r}")
+        out = [_int(f"sample.sizes[{i}]", s, 1) for i, s in enumerate(sizes)]
+    else:
+        g = _check_keys("sample.grid", grid, {"min", "max", "points"})
+        missing = sorted({"min", "max", "points"} - set(g))
+        if missing:
+            raise _fail("sample.grid", f"missing {missing}")
+        lo, hi = _int("sample.grid.min", g["min"], 1), _int("sample.grid.max", g["max"], 1)
+        pts = _int("sample.grid.points", g["points"], 2)
+        if hi <= lo:
+            raise _fail("sample.grid.max", f"must exceed sample.grid.min={lo}, got {hi}")
+        out = [round(lo * (hi / lo) ** (i / (pts - 1))) for i in range(pts)]
+    if len(set(out)) != len(out):
+        raise _fail("sample.sizes", f"sizes must be distinct, got {out}")
+    if len(out) < 2:
+        raise _fail("sample.sizes", f"a rate needs at least two sample sizes, got {out}")
+    return sorted(out)
+
+
+def _fit(key: str, table: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    t = _check_keys(key, table, _FIT_DEFAULTS)
+    f = copy.deepcopy(dict(base))
+    f.update(copy.deepcopy(t))
+    f["method"] = _str(f"{key}.method", f["method"])
+    f["max_iter"] = _int(f"{key}.max_iter", f["max_iter"], 1)
+    f["tol"] = _float(f"{key}.tol", f["tol"], positive=False)
+    f["init"] = _str(f"{key}.init", f["init"], INIT_KINDS)
+    f["perturbation"] = _float(f"{key}.perturbation", f["perturbation"], positive=False)
+    f["n_starts"] = _int(f"{key}.n_starts", f["n_starts"], 1)
+    for sub in ("bounds", "options"):
+        if not isinstance(f[sub], Mapping):
+            raise _fail(f"{key}.{sub}", f"must be a table, got {f[sub]!r}")
+        f[sub] = dict(f[sub])
+    return f
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A validated sweep configuration (see the module docstring for the file format).
+
+    Attributes
+    ----------
+    data : dict
+        The resolved configuration: every section with every default filled in. Series are
+        a list of dicts with keys ``name``, ``preset``, ``truth_options``, ``structure``,
+        ``fit``.
+    """
+
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.data["name"])
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(self.data["sample"]["sizes"])
+
+    @property
+    def replications(self) -> int:
+        return int(self.data["sample"]["replications"])
+
+    @property
+    def series(self) -> list[dict[str, Any]]:
+        return list(self.data["series"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy of the resolved configuration (JSON-able)."""
+        return copy.deepcopy(self.data)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (first 16 hex digits) of the resolved configuration and package version.
+
+        Everything that can change a fitted number enters it (device and dtype included);
+        execution choices (jobs, backend, progress bar) are not part of the configuration.
+        """
+        payload = json.dumps({"config": self.data, "version": __version__}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def with_overrides(self, **top: Any) -> SweepConfig:
+        """A new validated configuration with top-level keys replaced (e.g. ``device``)."""
+        raw = self.to_dict()
+        raw.update(top)
+        return parse_config(raw)
+
+
+def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> SweepConfig:
+    """Validate a configuration mapping and fill in every default.
+
+    Parameters
+    ----------
+    raw : mapping
+        The parsed TOML document (or a resolved configuration from :meth:`SweepConfig.to_dict`).
+    default_name : str
+        Name used when ``raw`` has no ``name`` (the file's stem for :func:`load_config`).
+
+    Raises
+    ------
+    ValueError
+        Unknown keys, bad values, an unknown preset or preset option, or a truth that
+        cannot be built; the message names the key.
+    """
+    top = _check_keys("", raw, _TOP_KEYS)
+    out: dict[str, Any] = {
+        "name": _name("name", top.get("name", default_name)),
+        "description": _str("description", top.get("description", "")),
+        "root_seed": _int("root_seed", top.get("root_seed", 0), 0),
+        "device": _str("device", top.get("device", "cpu")),
+        "dtype": _str("dtype", top.get("dtype", "float64"), ("float32", "float64")),
+        "threads": _int("threads", top.get("threads", 1), 1),
+    }
+    if not (out["device"] in ("cpu", "cuda", "gpu") or out["device"].startswith("cuda:")):
+        raise _fail("device", f"unknown device {out['device']!r}; use 'cpu', 'cuda' or 'cuda:<index>'")
+
+    truth = _check_keys("truth", top.get("truth", {}), {"preset", "seed", "options"})
+    if "preset" not in truth:
+        raise _fail("truth.preset", f"is required; one of {sorted(PRESETS)}")
+    out["truth"] = {
+        "preset": _str("truth.preset", truth["preset"], tuple(sorted(PRESETS))),
+        "seed": _int("truth.seed", truth.get("seed", 0), 0),
+        "options": dict(_check_keys("truth.options", truth.get("options", {}),
+                                    set().union(*(PRESETS[p][1] for p in PRESETS)))),
+    }
+
+    sample = _check_keys("sample", top.get("sample", {}), _SAMPLE_DEFAULTS)
+    sample = {**_SAMPLE_DEFAULTS, **sample}
+    reps = _int("sample.replications", sample["replications"], 2)
+    out["sample"] = {
+        "sizes": _sizes(sample),
+        "replications": reps,
+        "chunk": min(_int("sample.chunk", sample["chunk"], 1), reps),
+        "x_dist": _str("sample.x_dist", sample["x_dist"], X_DISTRIBUTIONS),
+    }
+
+    base_fit = _fit("fit", top.get("fit", {}), _FIT_DEFAULTS)
+    raw_series = top.get("series")
+    if not isinstance(raw_series, list) or not raw_series:
+        raise _fail("series", "at least one [[series]] table is required")
+    series: list[dict[str, Any]] = []
+    for i, s in enumerate(raw_series):
+        key = f"series[{i}]"
+        s = _check_keys(key, s, {"name", "preset", "truth_options", "structure", "fit"})
+        if "name" not in s:
+            raise _fail(f"{key}.name", "is required")
+        preset = _str(f"{key}.preset", s.get("preset", out["truth"]["preset"]), tuple(sorted(PRESETS)))
+        opts = {**out["truth"]["options"], **dict(s.get("truth_options", {}))} \
+            if isinstance(s.get("truth_options", {}), Mapping) else s.get("truth_options")
+        opts = _check_keys(f"{key}.truth_options", opts, PRESETS[preset][1])
+        structure = s.get("structure")
+        if structure is not None:
+            structure = _str(f"{key}.structure", structure, ("shared", "nonshared"))
+            if not preset.startswith("hmoe"):
+                raise _fail(f"{key}.structure", f"only applies to HMoE presets, not {preset!r}")
+            if structure == "shared" and preset == "hmoe-nonshared":
+                raise _fail(f"{key}.structure", "a non-shared truth cannot be scored by a shared fit; "
+                                                "draw the truth from 'hmoe-shared'")
+        series.append({"name": _name(f"{key}.name", s["name"]), "preset": preset,
+                       "truth_options": opts,
+                       "structure": structure, "fit": _fit(f"{key}.fit", s.get("fit", {}), base_fit)})
+    names = [s["name"] for s in series]
+    if len(set(names)) != len(names):
+        raise _fail("series", f"series names must be distinct, got {names}")
+    out["series"] = series
+
+    losses = _check_keys("losses", top.get("losses", {}), _LOSS_DEFAULTS)
+    losses = {**_LOSS_DEFAULTS, **losses}
+    kinds = losses["kinds"]
+    if not isinstance(kinds, list):
+        raise _fail("losses.kinds", f"must be a list, got {kinds!r}")
+    out["losses"] = {
+        "kinds": [_str(f"losses.kinds[{i}]", k, LOSS_KINDS) for i, k in enumerate(kinds)],
+        "r": _int("losses.r", losses["r"], 1),
+        "l2": bool(losses["l2"]) if isinstance(losses["l2"], bool) else _fail_bool("losses.l2", losses["l2"]),
+        "l2_n_eval": _int("losses.l2_n_eval", losses["l2_n_eval"], 1),
+    }
+    if not out["losses"]["kinds"] and not out["losses"]["l2"]:
+        raise _fail("losses", "record at least one loss (losses.kinds or losses.l2)")
+
+    # Build every truth now, so that a bad preset option fails before any fitting.
+    for i, s in enumerate(series):
+        try:
+            make_preset(s["preset"], seed=out["truth"]["seed"], **s["truth_options"])
+        except (ValueError, TypeError) as err:
+            raise _fail(f"series[{i}].truth_options", f"the truth cannot be built: {err}") from err
+    return SweepConfig(out)
+
+
+def _fail_bool(key: str, value: object) -> bool:
+    raise _fail(key, f"must be true or false, got {value!r}")
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a TOML sweep configuration (the name defaults to the file's stem)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {str(p)!r} is not valid TOML: {err}") from err
+    return parse_config(raw, default_name=p.stem)

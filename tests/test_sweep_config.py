@@ -1,0 +1,154 @@
+"""Sweep configuration, cell plan, seeds and atomic storage (no fitting involved)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmoe_sim.data import cell_seed
+from hmoe_sim.sweep.cells import Cell, data_seeds, init_seed, plan_cells
+from hmoe_sim.sweep.config import load_config, parse_config
+from hmoe_sim.sweep.storage import RunDir, atomic_write
+
+BASE = {
+    "name": "tiny",
+    "truth": {"preset": "hmoe-shared", "seed": 3},
+    "sample": {"sizes": [200, 400], "replications": 3, "chunk": 2},
+    "series": [{"name": "shared", "structure": "shared"}, {"name": "nonshared", "structure": "nonshared"}],
+}
+
+
+def with_change(path: str, value: object) -> dict:
+    raw = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node = raw
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    node[last] = value
+    return raw
+
+
+def test_defaults_are_filled_in_and_round_trip():
+    cfg = parse_config(BASE)
+    d = cfg.to_dict()
+    assert d["root_seed"] == 0 and d["device"] == "cpu" and d["dtype"] == "float64"
+    assert d["sample"] == {"sizes": [200, 400], "replications": 3, "chunk": 2, "x_dist": "uniform"}
+    assert d["losses"] == {"kinds": ["D1", "D2"], "r": 1, "l2": True, "l2_n_eval": 10000}
+    assert d["series"][0]["fit"]["method"] == "lm" and d["series"][1]["preset"] == "hmoe-shared"
+    again = parse_config(json.loads(json.dumps(d)))
+    assert again.to_dict() == d and again.fingerprint == cfg.fingerprint
+
+
+def test_fingerprint_changes_with_anything_that_changes_numbers():
+    fp = parse_config(BASE).fingerprint
+    assert parse_config(with_change("root_seed", 1)).fingerprint != fp
+    assert parse_config(with_change("truth.options", {"noise_std": 0.2})).fingerprint != fp
+    assert parse_config(with_change("series.0.fit", {"max_iter": 5})).fingerprint != fp
+    assert parse_config(BASE).with_overrides(dtype="float32").fingerprint != fp
+
+
+def test_log_grid():
+    cfg = parse_config(with_change("sample", {"grid": {"min": 100, "max": 10000, "points": 3}, "replications": 2}))
+    assert cfg.sizes == [100, 1000, 10000]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "needle"),
+    [
+        ("bogus", 1, "bogus"),
+        ("sample.bogus", 1, "sample.bogus"),
+        ("sample.sizes", [0, 100], "sample.sizes[0]"),
+        ("sample.sizes", [-5, 100], "sample.sizes[0]"),
+        ("sample.replications", 1, "sample.replications"),
+        ("truth.preset", "no-such-preset", "truth.preset"),
+        ("truth.options", {"gate_slope_stdd": 1.0}, "gate_slope_stdd"),
+        ("series.1.fit", {"init": "anywhere"}, "series[1].fit.init"),
+        ("series.1.structure", "both", "series[1].structure"),
+        ("losses.kinds", ["D3"], "losses.kinds[0]"),
+        ("dtype", "float16", "dtype"),
+        ("truth.options", {"n_fit": 0}, "series[0].truth_options"),
+    ],
+)
+def test_bad_configs_name_the_key(path, value, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(with_change(path, value))
+
+
+def test_duplicate_series_and_missing_pieces():
+    raw = with_change("series", [{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="distinct"):
+        parse_config(raw)
+    with pytest.raises(ValueError, match="series"):
+        parse_config({k: v for k, v in BASE.items() if k != "series"})
+    with pytest.raises(ValueError, match="sample.sizes"):
+        parse_config(with_change("sample", {"replications": 2}))
+
+
+def test_load_config_reads_toml(tmp_path: Path):
+    f = tmp_path / "mine.toml"
+    f.write_text('[truth]\npreset = "sigmoid-regime1"\n[sample]\nsizes = [100, 200]\nreplications = 2\n'
+                 '[[series]]\nname = "linear/converged"\n')
+    cfg = load_config(f)
+    assert cfg.name == "mine" and cfg.series[0]["preset"] == "sigmoid-regime1"
+    f.write_text("[truth\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(f)
+
+
+def test_plan_covers_every_replication_once():
+    cfg = parse_config(BASE)
+    cells = plan_cells(cfg)
+    assert len(cells) == 2 * 2 * 2
+    for s in ("shared", "nonshared"):
+        for n in (200, 400):
+            reps = sorted(r for c in cells if c.series == s and c.n == n for r in c.reps)
+            assert reps == [0, 1, 2]
+    assert len({c.key for c in cells}) == len(cells)
+
+
+def test_seeds_depend_only_on_coordinates():
+    a = [s.generate_state(2).tolist() for s in data_seeds(7, 100, (0, 1))]
+    b = [cell_seed(7, "data", 100, r).generate_state(2).tolist() for r in (0, 1)]
+    assert a == b and a[0] != a[1]
+    c = Cell("shared", 100, 0, (0, 1))
+    assert init_seed(7, c) == init_seed(7, Cell("shared", 100, 0, (0, 1)))
+    assert init_seed(7, c) != init_seed(8, c) != init_seed(7, Cell("nonshared", 100, 0, (0, 1)))
+    assert 0 <= init_seed(7, c) < 2**63
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path: Path):
+    target = tmp_path / "x.txt"
+
+    def broken(p: Path) -> None:
+        p.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    atomic_write(target, lambda p: p.write_text("whole"))
+    assert target.read_text() == "whole"
+
+
+def test_run_dir_cells_and_config(tmp_path: Path):
+    cfg = parse_config(BASE)
+    run = RunDir(tmp_path / "run")
+    run.write_config(cfg)
+    assert run.read_config().fingerprint == cfg.fingerprint
+    cells = plan_cells(cfg)[:2]
+    for i, c in enumerate(cells):
+        assert not run.has_cell(cfg.fingerprint, c)
+        frame = pd.DataFrame({"series": c.series, "n": c.n, "replication": list(c.reps),
+                              "x": np.arange(len(c.reps)) + i})
+        run.write_cell(cfg.fingerprint, c, frame)
+        assert run.has_cell(cfg.fingerprint, c)
+    assert not run.has_cell("0" * 16, cells[0])
+    table = run.read_cells(cfg.fingerprint, cells)
+    assert table["replication"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="not a sweep directory"):
+        RunDir(tmp_path / "empty").read_config()
