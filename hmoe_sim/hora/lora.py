@@ -1,0 +1,305 @@
+"""Low-rank adapters around a frozen ``nn.Linear`` (peft conventions, written here).
+
+Three adapters share one contract (:class:`AdapterLinear`): the wrapped base layer is
+frozen, the adapter adds ``delta_W = scaling * (low-rank product)`` to its weight, ``B``
+factors start at zero so the adapted layer starts equal to the base, dropout acts on the
+adapter's input only, and ``merge()`` / ``unmerge()`` move ``delta_W`` into and out of the
+base weight.
+
+* :class:`LoRALinear` -- one rank-``r`` adapter on the whole projection:
+  ``delta_W = (alpha / r) B A`` with ``A (r, in)``, ``B (out, r)``.
+* :class:`MultiHeadLoRALinear` -- MH-LoRA: the ``out`` rows are split into ``H`` heads of
+  ``out / H`` rows and head ``h`` gets its own ``A_h (r, in)``, ``B_h (out/H, r)``.
+* :class:`HoRALinear` -- HoRA: the per-head factors are *generated* by a joint linear
+  hypernetwork from head embeddings ``e_h (m,)``: ``A_h = A_0 + sum_k e_hk G^A_k`` and
+  ``B_h = B_0 + sum_k e_hk G^B_k``. ``(A_0, B_0)`` is the shared low-rank adapter and
+  ``e_h`` the head-specific input (the design is a reconstruction, documented in
+  ``paper_notes/06_hora_layers.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import torch
+from torch import nn
+
+from hmoe_sim._validation import check_positive_float, check_positive_int
+
+__all__ = ["AdapterLinear", "LoRALinear", "MultiHeadLoRALinear", "HoRALinear"]
+
+
+def _check_base(base: object) -> nn.Linear:
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+    return base
+
+
+def _check_dropout(dropout: object) -> float:
+    p = check_positive_float("dropout", dropout, allow_zero=True)
+    if p >= 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+    return p
+
+
+def _uniform(shape: tuple[int, ...], bound: float, like: torch.Tensor, generator: torch.Generator | None) -> nn.Parameter:
+    """``U(-bound, bound)`` entries (the kaiming-uniform(a=sqrt 5) bound ``1/sqrt(fan_in)`` of peft)."""
+    t = torch.rand(shape, generator=generator, dtype=like.dtype) * (2 * bound) - bound
+    return nn.Parameter(t.to(like.device))
+
+
+def _zeros(shape: tuple[int, ...], like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
+
+class AdapterLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a low-rank weight update ``delta_W`` (abstract).
+
+    Parameters
+    ----------
+    base : torch.nn.Linear
+        The pretrained layer; its parameters are frozen (``requires_grad=False``).
+    rank : int
+        Rank ``r`` of the adapter (per head for the per-head kinds).
+    alpha : float, optional
+        Scaling numerator; ``scaling = alpha / rank`` (default ``alpha = rank``: scaling 1).
+    dropout : float
+        Dropout probability applied to the adapter's input (not to the base path).
+
+    Attributes
+    ----------
+    merged : bool
+        Whether ``delta_W`` currently sits inside ``base_layer.weight``.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = _check_base(base)
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.rank = check_positive_int("rank", rank)
+        self.alpha = check_positive_float("alpha", float(rank) if alpha is None else alpha)
+        self.scaling = self.alpha / self.rank
+        self.dropout_p = _check_dropout(dropout)
+        self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @abstractmethod
+    def get_delta_weight(self) -> torch.Tensor:
+        """``delta_W`` in ``nn.Linear`` layout ``(out, in)``, scaling included."""
+
+    @abstractmethod
+    def _adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``x delta_W^T`` computed through the low-rank factors (``x`` already dropped out)."""
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer applies: ``W + delta_W`` (equal to ``base_layer.weight`` when merged)."""
+        w = self.base_layer.weight
+        return w if self.merged else w + self.get_delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self._adapter_output(self.lora_dropout(x))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``delta_W`` to the base weight once (the forward pass then skips the adapter).
+
+        Raises
+        ------
+        RuntimeError
+            If already merged, or if the merged weight would contain non-finite values.
+        """
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
+        new = self.base_layer.weight + self.get_delta_weight()
+        if not bool(torch.isfinite(new).all()):
+            raise RuntimeError(f"merging {type(self).__name__} would give non-finite weights")
+        self.base_layer.weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``delta_W`` from the base weight (inverse of :meth:`merge`)."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
+        self.base_layer.weight.sub_(self.get_delta_weight())
+        self.merged = False
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable adapter tensors by name (shared tensors listed once)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scaling={self.scaling:g}, dropout={self.dropout_p:g}, merged={self.merged}")
+
+
+class LoRALinear(AdapterLinear):
+    """LoRA on the whole projection: ``y = x W^T + b + (alpha/r) dropout(x) A^T B^T``.
+
+    Parameters
+    ----------
+    base, rank, alpha, dropout
+        See :class:`AdapterLinear`.
+    generator : torch.Generator, optional
+        Random source for the ``U(-1/sqrt(in), 1/sqrt(in))`` initialisation of ``lora_A``.
+
+    Attributes
+    ----------
+    lora_A : nn.Parameter
+        ``(r, in)``.
+    lora_B : nn.Parameter
+        ``(out, r)``, zero-initialised.
+
+    Examples
+    --------
+    >>> layer = LoRALinear(torch.nn.Linear(4, 3), rank=2)
+    >>> bool(torch.equal(layer.effective_weight(), layer.base_layer.weight))
+    True
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 *, generator: torch.Generator | None = None) -> None:
+        super().__init__(base, rank, alpha, dropout)
+        w = self.base_layer.weight
+        self.lora_A = _uniform((self.rank, self.in_features), 1 / math.sqrt(self.in_features), w, generator)
+        self.lora_B = _zeros((self.out_features, self.rank), w)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def _adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)
+
+
+class _PerHeadLinear(AdapterLinear):
+    """Per-head adapters: head ``h`` owns output rows ``h*dh:(h+1)*dh``; subclasses give the factors."""
+
+    def __init__(self, base: nn.Linear, n_heads: int, rank: int, alpha: float | None, dropout: float) -> None:
+        super().__init__(base, rank, alpha, dropout)
+        self.n_heads = check_positive_int("n_heads", n_heads)
+        if self.out_features % self.n_heads:
+            raise ValueError(f"out_features={self.out_features} is not divisible by n_heads={self.n_heads}")
+        self.head_dim = self.out_features // self.n_heads
+
+    @abstractmethod
+    def head_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head factors ``A (H, r, in)`` and ``B (H, out/H, r)`` (scaling not included)."""
+
+    def get_delta_weight(self) -> torch.Tensor:
+        a, b = self.head_factors()
+        return self.scaling * torch.einsum("hdr,hri->hdi", b, a).reshape(self.out_features, self.in_features)
+
+    def _adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.head_factors()
+        low = torch.einsum("...i,hri->...hr", x, a)
+        return self.scaling * torch.einsum("...hr,hdr->...hd", low, b).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, " + super().extra_repr()
+
+
+class MultiHeadLoRALinear(_PerHeadLinear):
+    """MH-LoRA: an independent rank-``r`` adapter on every head's block of output rows.
+
+    Attributes
+    ----------
+    lora_A : nn.Parameter
+        ``(H, r, in)``.
+    lora_B : nn.Parameter
+        ``(H, out/H, r)``, zero-initialised.
+    """
+
+    def __init__(self, base: nn.Linear, n_heads: int, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 *, generator: torch.Generator | None = None) -> None:
+        super().__init__(base, n_heads, rank, alpha, dropout)
+        w = self.base_layer.weight
+        self.lora_A = _uniform((self.n_heads, self.rank, self.in_features), 1 / math.sqrt(self.in_features), w,
+                               generator)
+        self.lora_B = _zeros((self.n_heads, self.head_dim, self.rank), w)
+
+    def head_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B
+
+    @classmethod
+    def from_factors(cls, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float | None = None,
+                     dropout: float = 0.0) -> MultiHeadLoRALinear:
+        """An MH-LoRA layer holding copies of given factors ``A (H, r, in)``, ``B (H, out/H, r)``."""
+        if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
+            raise ValueError(f"factors A {tuple(A.shape)} and B {tuple(B.shape)} must be (H, r, in) and (H, dh, r)")
+        layer = cls(base, n_heads=A.shape[0], rank=A.shape[1], alpha=alpha, dropout=dropout)
+        if layer.lora_A.shape != A.shape or layer.lora_B.shape != B.shape:
+            raise ValueError(f"factors A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the base layer: expected "
+                             f"{tuple(layer.lora_A.shape)} and {tuple(layer.lora_B.shape)}")
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        return layer
+
+
+class HoRALinear(_PerHeadLinear):
+    """HoRA: per-head factors generated by a joint linear hypernetwork from head embeddings.
+
+    ``A_h = A_0 + sum_k e_hk G^A_k`` and ``B_h = B_0 + sum_k e_hk G^B_k``: the shared
+    low-rank adapter ``(A_0, B_0)`` is the hypernetwork's bias, the generator ``(G^A, G^B)``
+    is shared by all heads, and the head embeddings ``e_h (m,)`` are the only head-specific
+    parameters. Trainable count: ``(m + 1) r (in + out/H)`` plus ``H m`` for the embeddings
+    (when owned by this layer).
+
+    Parameters
+    ----------
+    base, n_heads, rank, alpha, dropout
+        See :class:`AdapterLinear`; ``out_features`` must be divisible by ``n_heads``.
+    hyper_dim : int
+        Head-embedding dimension ``m``.
+    head_embeddings : nn.Parameter, optional
+        ``(H, m)`` embeddings shared with another layer (e.g. the Q and V adapters of one
+        attention module); by default the layer owns ``N(0, 1)`` embeddings.
+    generator : torch.Generator, optional
+        Random source for the initialisation.
+
+    Notes
+    -----
+    ``B_0`` and ``G^B`` start at zero (so ``B_h = 0``: the layer starts equal to the base);
+    ``A_0`` starts ``U(-1/sqrt(in), 1/sqrt(in))`` and ``G^A`` the same divided by ``sqrt(m)``.
+    """
+
+    def __init__(self, base: nn.Linear, n_heads: int, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 *, hyper_dim: int = 1, head_embeddings: nn.Parameter | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(base, n_heads, rank, alpha, dropout)
+        self.hyper_dim = m = check_positive_int("hyper_dim", hyper_dim)
+        w = self.base_layer.weight
+        if head_embeddings is None:
+            emb = torch.randn((self.n_heads, m), generator=generator, dtype=w.dtype)
+            head_embeddings = nn.Parameter(emb.to(w.device))
+        elif not isinstance(head_embeddings, nn.Parameter) or tuple(head_embeddings.shape) != (self.n_heads, m):
+            raise ValueError(f"head_embeddings must be an nn.Parameter of shape ({self.n_heads}, {m}), got "
+                             f"{type(head_embeddings).__name__} {tuple(getattr(head_embeddings, 'shape', ()))}")
+        self.head_embeddings = head_embeddings
+        bound = 1 / math.sqrt(self.in_features)
+        self.shared_A = _uniform((self.rank, self.in_features), bound, w, generator)
+        self.shared_B = _zeros((self.head_dim, self.rank), w)
+        self.generator_A = _uniform((m, self.rank, self.in_features), bound / math.sqrt(m), w, generator)
+        self.generator_B = _zeros((m, self.head_dim, self.rank), w)
+
+    def head_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.head_embeddings
+        a = self.shared_A + torch.einsum("hm,mri->hri", e, self.generator_A)
+        b = self.shared_B + torch.einsum("hm,mdr->hdr", e, self.generator_B)
+        return a, b
+
+    def extra_repr(self) -> str:
+        return f"hyper_dim={self.hyper_dim}, " + super().extra_repr()
