@@ -240,7 +240,8 @@ class MultiHeadAttention(nn.Module):
             if not p.requires_grad:
                 continue
             head = name.split(".")[0]
-            key = {"out_proj": "o", "prefix_key": "prefix", "prefix_value": "prefix"}.get(head, head.removesuffix("_proj"))
+            renamed = {"out_proj": "o", "prefix_key": "prefix", "prefix_value": "prefix"}
+            key = renamed.get(head, head.removesuffix("_proj"))
             counts[key] = counts.get(key, 0) + p.numel()
         counts["total"] = sum(counts.values())
         return counts

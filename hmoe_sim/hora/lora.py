@@ -43,7 +43,8 @@ def _check_dropout(dropout: object) -> float:
     return p
 
 
-def _uniform(shape: tuple[int, ...], bound: float, like: torch.Tensor, generator: torch.Generator | None) -> nn.Parameter:
+def _uniform(shape: tuple[int, ...], bound: float, like: torch.Tensor,
+             generator: torch.Generator | None) -> nn.Parameter:
     """``U(-bound, bound)`` entries (the kaiming-uniform(a=sqrt 5) bound ``1/sqrt(fan_in)`` of peft)."""
     t = torch.rand(shape, generator=generator, dtype=like.dtype) * (2 * bound) - bound
     return nn.Parameter(t.to(like.device))

@@ -34,7 +34,7 @@ import torch
 
 from hmoe_sim.hora.attention import MultiHeadAttention
 from hmoe_sim.models.base import Params, _softmax_mix
-from hmoe_sim.models.hmoe import HMoE, FrozenAttention
+from hmoe_sim.models.hmoe import FrozenAttention, HMoE
 
 __all__ = ["HeadWeights", "head_weights", "layer_regression_function", "row_one_readout", "to_frozen_attention",
            "to_hmoe"]
