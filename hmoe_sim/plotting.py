@@ -20,3 +20,93 @@ def _new_figure(width: float = 6.0, height: float = 4.5) -> tuple[plt.Figure, pl
     """A figure with one axes, laid out tightly."""
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     return fig, ax
+
+
+# ---------------------------------------------------------------------- convergence rates (sweeps)
+__all__ += ["plot_rate_axes", "plot_rate_panels", "REFERENCE_SLOPES"]
+
+#: theorem reference slopes drawn dashed: parametric n^-1/2 and over-specified atoms n^-1/4
+REFERENCE_SLOPES: dict[str, float] = {"n^-1/2": -0.5, "n^-1/4": -0.25}
+
+
+def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str] | None = None,
+                   references: dict[str, float] | None = None) -> None:
+    """Draw one loss's convergence plot on ``ax`` (log-log).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    summary : pandas.DataFrame
+        Per (series, n) statistics with columns ``series, n, <loss>_mean, <loss>_sd``
+        (``hmoe_sim.sweep.report.summary_table``).
+    rates : pandas.DataFrame
+        Per (series, loss) fits with ``slope, ci_low, ci_high, intercept`` (``rates.csv``).
+    loss : str
+        Loss column to draw (``D1``, ``D2``, ``L2``).
+    series : list of str, optional
+        Series to overlay (default: all in ``summary`` order).
+    references : dict of str to float, optional
+        Dashed reference slopes (default :data:`REFERENCE_SLOPES`), anchored at the first
+        plotted mean.
+
+    Notes
+    -----
+    Points are means over the usable fits with error bars of +-2 SD; a lower bar that
+    would cross zero is cut at a tenth of the mean (log axes). The solid line is the fitted
+    ``exp(intercept) n^slope``, labelled with the slope and its CI.
+    """
+    import numpy as np
+
+    names = list(dict.fromkeys(summary["series"])) if series is None else list(series)
+    refs = REFERENCE_SLOPES if references is None else references
+    anchor: tuple[float, float] | None = None
+    for i, name in enumerate(names):
+        color = f"C{i}"
+        part = summary[summary["series"] == name].sort_values("n")
+        n = part["n"].to_numpy(dtype=float)
+        mean = part[f"{loss}_mean"].to_numpy(dtype=float)
+        sd = np.nan_to_num(part[f"{loss}_sd"].to_numpy(dtype=float))
+        keep = np.isfinite(mean) & (mean > 0)
+        if not keep.any():
+            continue
+        n, mean, sd = n[keep], mean[keep], sd[keep]
+        lower = np.minimum(2 * sd, 0.9 * mean)
+        ax.errorbar(n, mean, yerr=[lower, 2 * sd], fmt="o", color=color, capsize=3, ms=4)
+        if anchor is None:
+            anchor = (n[0], mean[0])
+        row = rates[(rates["series"] == name) & (rates["loss"] == loss)]
+        if len(row) and np.isfinite(float(row["slope"].iloc[0])):
+            r = row.iloc[0]
+            grid = np.geomspace(n.min(), n.max(), 50)
+            label = f"{name}: slope {r['slope']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            ax.plot(grid, np.exp(float(r["intercept"])) * grid ** float(r["slope"]), "-", color=color, label=label)
+        else:
+            ax.plot([], [], "o", color=color, label=f"{name}: no slope")
+    if anchor is not None:
+        grid = np.geomspace(summary["n"].min(), summary["n"].max(), 50)
+        for j, (text, slope) in enumerate(refs.items()):
+            ax.plot(grid, anchor[1] * (grid / anchor[0]) ** slope, "--", color="0.5", lw=1,
+                    dashes=(4, 2 + 2 * j), label=f"reference {text}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sample size n")
+    ax.set_ylabel(f"{loss} (mean, +-2 SD)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="best")
+
+
+def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | None = None,
+                     references: dict[str, float] | None = None, title: str | None = None) -> plt.Figure:
+    """One log-log panel per loss, all series overlaid (e.g. shared vs non-shared).
+
+    See :func:`plot_rate_axes` for the arguments; returns the ``Figure``.
+    """
+    if not losses:
+        raise ValueError("losses must name at least one loss column")
+    fig, axes = plt.subplots(1, len(losses), figsize=(5.2 * len(losses), 4.3), layout="constrained", squeeze=False)
+    for ax, loss in zip(axes[0], losses, strict=True):
+        plot_rate_axes(ax, summary, rates, loss, series=series, references=references)
+        ax.set_title(loss)
+    if title:
+        fig.suptitle(title)
+    return fig
