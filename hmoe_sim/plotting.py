@@ -110,3 +110,50 @@ def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | N
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ---------------------------------------------------------------------- inverse-bound check
+__all__ += ["plot_inverse_bound"]
+
+
+def plot_inverse_bound(table, *, losses: tuple[tuple[str, float], ...] = (("D1", 1.0), ("D1", 2.0), ("D2", 1.0),
+                                                                          ("D2", 2.0))) -> plt.Figure:
+    """Log-log panels of ``rho(eps) = ||f_eps - f*|| / D`` against ``eps``, one per (loss, r).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Columns ``model, loss, r, eps, rho`` (``hmoe_sim.theory_checks.inverse_bound_table``).
+    losses : tuple of (str, float)
+        The ``(loss, r)`` panels to draw; ``D1`` on the sequence of exponent ``r``.
+
+    Notes
+    -----
+    A curve that falls to zero with ``eps`` is the slow-rate mechanism of the minimax
+    lower bound; a curve bounded away from zero is what a polynomial rate needs. The dotted
+    grey line of slope 1 is a guide for ``rho ~ eps``. Rows with ``kink_points == 0`` (ReLU
+    experts, kink band empty in the evaluation sample) are drawn as crosses, off the line.
+    """
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(losses), figsize=(4.2 * len(losses), 4.2), layout="constrained",
+                             sharey=True, squeeze=False)
+    models = list(dict.fromkeys(table["model"]))
+    for ax, (kind, r) in zip(axes[0], losses, strict=True):
+        sub = table[(table["loss"] == kind) & (table["r"] == r)]
+        for name in models:
+            cur = sub[sub["model"] == name].sort_values("eps")
+            blind = cur["kink_points"].eq(0) if "kink_points" in cur else cur["eps"].lt(0)
+            line = ax.loglog(cur["eps"][~blind], cur["rho"][~blind], marker="o", markersize=3, label=name)[0]
+            if blind.any():
+                ax.loglog(cur["eps"][blind], cur["rho"][blind], "x", color=line.get_color(), markersize=4,
+                          label=f"{name}: kink not sampled")
+        eps = np.sort(sub["eps"].unique())
+        if eps.size:
+            ax.loglog(eps, 0.1 * eps / eps[-1], ":", color="grey", label="slope 1 (rho ~ eps)")
+        ax.set_title(f"{kind}" + (f"  (sequence r={r:g})" if kind == "D1" else f", r={r:g}"))
+        ax.set_xlabel("eps")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel("||f_eps - f*||_L2 / D(G_eps, G*)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    return fig

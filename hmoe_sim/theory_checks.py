@@ -271,7 +271,10 @@ def inverse_bound_curve(
     Returns
     -------
     pandas.DataFrame
-        Columns ``model, loss, r, eps, l2, l2_naive, D, rho``.
+        Columns ``model, loss, r, eps, l2, l2_naive, D, rho, kink_points``. For ReLU
+        experts ``kink_points`` counts the sample points with ``|a*_j^T x + b*_j| < eps``,
+        where the split changes the expert's shape; at ``0`` the sample cannot see the kink
+        term and ``l2`` holds only the mass term (NaN for smooth experts).
     """
     for k in kinds:
         check_choice("kind", k, LOSS_KINDS)
@@ -293,9 +296,13 @@ def inverse_bound_curve(
             big, params = split_params(model, truth, e, r, atom=atom, direction=direction, seed=seed)
             naive = float(torch.sqrt(((big.predict(params, X) - f_star) ** 2).mean()))
             l2 = float(torch.sqrt((diff**2).mean()))
+            kink = float("nan")
+            if isinstance(model, FlatMoE) and model.expert == "relu":
+                kink = float(((X @ truth["a"][atom] + truth["b"][atom]).abs() < e).sum())
             for kind in kinds:
                 dist = _split_loss(parts, e, r, kind)
-                rows.append(dict(model=label, loss=kind, r=r, eps=e, l2=l2, l2_naive=naive, D=dist, rho=l2 / dist))
+                rows.append(dict(model=label, loss=kind, r=r, eps=e, l2=l2, l2_naive=naive, D=dist, rho=l2 / dist,
+                                 kink_points=kink))
     return pd.DataFrame(rows)
 
 

@@ -87,9 +87,13 @@ def test_tanh_and_relu_ratio_under_d1_stay_above_a_floor(table, r: int) -> None:
     assert rho.min() > 0.02 and rho.min() > rho[0] / 5
     # ReLU: the kink band |a^T x + b| < eps holds about eps * n_eval sample points; once it is
     # empty (eps below ~1e-4 for n_eval = 4000) the sample no longer sees the kink term.
-    eps, rho = _rho(table, "flat softmax, ReLU experts", "D1", r)
-    resolved = eps >= 1e-3
-    assert rho[resolved].min() > 0.1 and rho[resolved].min() >= rho[0] * 0.5
+    sub = table[(table.model == "flat softmax, ReLU experts") & (table["loss"] == "D1") & (table.r == r)]
+    sampled = sub[sub.kink_points >= 5]
+    assert len(sampled) >= 5 and sampled.eps.min() <= 1e-3
+    assert sampled.rho.min() > 0.1 and sampled.rho.min() >= sub.rho.iloc[0] * 0.5
+    blind = sub[sub.kink_points == 0]
+    if r == 2 and len(blind):  # documented artefact: with the kink unseen only the mass term eps^3 is left
+        assert blind.rho.max() < sampled.rho.min()
 
 
 def test_shared_code_split_is_not_moved_directly() -> None:
