@@ -11,6 +11,8 @@
 
 from hmoe_sim.sweep.cells import Cell, plan_cells
 from hmoe_sim.sweep.config import SweepConfig, load_config, parse_config
+from hmoe_sim.sweep.runner import SweepOutcome, run_cell, run_sweep
 from hmoe_sim.sweep.storage import RunDir
 
-__all__ = ["Cell", "RunDir", "SweepConfig", "load_config", "parse_config", "plan_cells"]
+__all__ = ["Cell", "RunDir", "SweepConfig", "SweepOutcome", "load_config", "parse_config", "plan_cells", "run_cell",
+           "run_sweep"]

@@ -1,0 +1,373 @@
+"""Run a sweep: one cell's fits and losses, and the fan-out of cells over joblib or dask.
+
+Inside a cell the replications are fitted as one batch on the configured device
+(``fit_batch`` over ``(R, n, D)`` data). Cells run through joblib: in-process for one job,
+loky worker processes for several, or a dask.distributed cluster through joblib's dask
+backend. Every cell sets the number of torch threads to ``config.threads`` while it runs, so
+its numbers do not depend on the backend or on the number of jobs (results are identical bit
+for bit on the CPU). Finished cells are written by the calling process, each atomically, as
+they arrive; a rerun computes only the missing cells of the same configuration fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hmoe_sim.data import sample_batch
+from hmoe_sim.devices import resolve_device, resolve_dtype
+from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth, init_random
+from hmoe_sim.losses import l2_error, voronoi_losses_for
+from hmoe_sim.models.base import MixtureModel, Params
+from hmoe_sim.models.hmoe import HMoE
+from hmoe_sim.models.presets import make_preset
+from hmoe_sim.sweep.cells import Cell, data_seeds, init_seed, l2_seed, plan_cells, seed_int
+from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.report import rates_table, summary_table
+from hmoe_sim.sweep.storage import RATES_FILE, RESULTS_FILE, SUMMARY_FILE, RunDir
+
+__all__ = ["SeriesSetup", "SweepOutcome", "run_cell", "run_sweep", "series_setup", "check_estimator_options",
+           "BACKENDS"]
+
+BACKENDS = ("local", "dask")
+
+
+@dataclass(frozen=True)
+class SeriesSetup:
+    """What one series fits and how it is scored.
+
+    Attributes
+    ----------
+    data_model, data_truth
+        Model and parameters that generate the data (the preset's truth).
+    fit_model
+        The over-specified model fitted to the data.
+    score_model, score_truth
+        The truth expressed in ``fit_model``'s structure (for a non-shared fit of a shared
+        truth: ``HMoE.to_nonshared(truth)``); Voronoi losses, L2 errors and near-truth starts
+        use it. Both structures are scored on the same atoms ``model.mixing_measure``.
+    noise_std : float
+        Noise standard deviation of the data.
+    """
+
+    data_model: MixtureModel
+    data_truth: Params
+    fit_model: MixtureModel
+    score_model: MixtureModel
+    score_truth: Params
+    noise_std: float
+
+
+def series_setup(config: SweepConfig, series: dict[str, Any]) -> SeriesSetup:
+    """Build the models and truths of one series of ``config``."""
+    setup = make_preset(series["preset"], seed=config.data["truth"]["seed"], **series["truth_options"])
+    true_model, truth, fit_model = setup.true_model, setup.truth, setup.fit_model
+    score_model, score_truth = true_model, truth
+    structure = series.get("structure")
+    if structure is not None and isinstance(fit_model, HMoE) and structure != fit_model.structure:
+        assert isinstance(true_model, HMoE)
+        fit_model = fit_model.with_structure(structure)
+        score_model, score_truth = true_model.with_structure(structure), true_model.to_nonshared(truth)
+    return SeriesSetup(true_model, truth, fit_model, score_model, score_truth, setup.noise_std)
+
+
+@lru_cache(maxsize=16)
+def _cached_setup(config_key: str, series_name: str) -> tuple[SweepConfig, dict[str, Any], SeriesSetup]:
+    import json
+
+    config = SweepConfig(json.loads(config_key))
+    series = next(s for s in config.series if s["name"] == series_name)
+    return config, series, series_setup(config, series)
+
+
+def _bounds(spec: dict[str, Any]) -> Bounds:
+    kwargs: dict[str, Any] = {}
+    if "default" in spec:
+        kwargs["default"] = tuple(spec["default"])
+    if "boundary_tol" in spec:
+        kwargs["boundary_tol"] = spec["boundary_tol"]
+    return Bounds({k: tuple(v) for k, v in spec.get("limits", {}).items()}, **kwargs)
+
+
+def check_estimator_options(config: SweepConfig) -> None:
+    """Validate every series' estimator settings before any fitting.
+
+    Checks ``fit.bounds`` (keys ``default``, ``limits``, ``boundary_tol``; names must be
+    parameters of the fitted model) and ``fit.options`` (extra keyword arguments of
+    ``fit_batch`` / ``fit_multistart``), and that the device exists.
+
+    Raises
+    ------
+    ValueError
+        Naming the offending key.
+    """
+    resolve_device(config.data["device"])
+    reserved = {"model", "X", "y", "init", "method", "bounds", "max_iter", "tol", "device", "dtype", "truth", "seed",
+                "show_progress", "mask"}
+    for i, s in enumerate(config.series):
+        key = f"series[{i}].fit"
+        fit = s["fit"]
+        unknown = sorted(set(fit["bounds"]) - {"default", "limits", "boundary_tol"})
+        if unknown:
+            raise ValueError(f"unknown config key(s) {[f'{key}.bounds.{u}' for u in unknown]}; "
+                             "known: default, limits, boundary_tol")
+        try:
+            bounds = _bounds(fit["bounds"])
+            bounds.check_names(series_setup(config, s).fit_model)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config key {key + '.bounds'!r}: {err}") from err
+        accepted = set(inspect.signature(fit_batch).parameters) - reserved
+        bad = sorted(set(fit["options"]) - accepted)
+        if bad:
+            raise ValueError(f"unknown config key(s) {[f'{key}.options.{b}' for b in bad]}; "
+                             f"fit_batch accepts {sorted(accepted)}")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _losses(model: MixtureModel, params: Params, setup: SeriesSetup, config: SweepConfig) -> dict[str, np.ndarray]:
+    """Every configured loss per fit; fits with non-finite parameters get NaN (never scored)."""
+    spec = config.data["losses"]
+    batch = next(iter(params.values())).shape[0]
+    finite = torch.ones(batch, dtype=torch.bool, device=next(iter(params.values())).device)
+    for v in params.values():
+        finite &= torch.isfinite(v.reshape(batch, -1)).all(-1)
+    names = list(spec["kinds"]) + (["L2"] if spec["l2"] else [])
+    out = {name: np.full(batch, np.nan) for name in names}
+    idx = torch.nonzero(finite).flatten()
+    if idx.numel() == 0:
+        return out
+    sub = {k: v[idx] for k, v in params.items()}
+    sel = idx.cpu().numpy()
+    if spec["kinds"]:
+        d = voronoi_losses_for(model, sub, setup.score_model, setup.score_truth, kinds=spec["kinds"], r=spec["r"])
+        for k, v in d.items():
+            out[k][sel] = v.detach().to("cpu", torch.float64).numpy()
+    if spec["l2"]:
+        l2 = l2_error(model, sub, setup.score_truth, true_model=setup.score_model, n_eval=spec["l2_n_eval"],
+                      seed=l2_seed(config.data["root_seed"]), x_dist=config.data["sample"]["x_dist"])
+        out["L2"][sel] = l2.detach().to("cpu", torch.float64).numpy()
+    return out
+
+
+def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
+    """Fit every replication of one cell and score it: one row per fit.
+
+    Parameters
+    ----------
+    config_dict : dict
+        A resolved configuration (:meth:`SweepConfig.to_dict`); plain data, so that it
+        travels to worker processes.
+    cell : Cell
+        The cell to compute.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``series, structure, n, replication, chunk, data_seed, init_seed``, one
+        column per loss, and the estimator's certificate fields.
+    """
+    import json
+
+    config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series)
+    fit = series["fit"]
+    root = config.data["root_seed"]
+    device = resolve_device(config.data["device"])
+    dtype = resolve_dtype(config.data["dtype"])
+    with _torch_threads(config.data["threads"]):
+        seeds = data_seeds(root, cell.n, cell.reps)
+        X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, setup.noise_std, seeds,
+                            x_dist=config.data["sample"]["x_dist"], device=device, dtype=dtype)
+        bounds = _bounds(fit["bounds"])
+        b = len(cell.reps)
+        shape = (b,) if fit["n_starts"] == 1 else (b, fit["n_starts"])
+        iseed = init_seed(root, cell)
+        if fit["init"] == "near_truth":
+            init = init_near_truth(setup.fit_model, setup.score_model, setup.score_truth, batch_shape=shape,
+                                   perturbation=fit["perturbation"], seed=iseed, bounds=bounds, dtype=dtype)
+        else:
+            init = init_random(setup.fit_model, batch_shape=shape, bounds=bounds, seed=iseed, dtype=dtype)
+        result = fit_batch(setup.fit_model, X, y, init, method=fit["method"], bounds=bounds, max_iter=fit["max_iter"],
+                           tol=fit["tol"], device=device, dtype=dtype, truth=setup.score_truth, seed=iseed,
+                           **fit["options"])
+        losses = _losses(setup.fit_model, result.params, setup, config)
+    frame = result.certificate_frame().reset_index(drop=True)
+    head = pd.DataFrame({
+        "series": cell.series,
+        "structure": series.get("structure") or "",
+        "n": np.full(b, cell.n, dtype=np.int64),
+        "replication": np.asarray(cell.reps, dtype=np.int64),
+        "chunk": np.full(b, cell.chunk, dtype=np.int64),
+        "data_seed": np.asarray([seed_int(s) for s in seeds], dtype=np.int64),
+        "init_seed": np.full(b, iseed, dtype=np.int64),
+    })
+    loss_frame = pd.DataFrame(losses)
+    frame = frame.drop(columns=[c for c in frame.columns if c in head.columns or c in loss_frame.columns])
+    return pd.concat([head, loss_frame, frame], axis=1)
+
+
+@dataclass
+class SweepOutcome:
+    """What :func:`run_sweep` did.
+
+    Attributes
+    ----------
+    run_dir : RunDir
+        The output directory.
+    fingerprint : str
+        The configuration's fingerprint.
+    n_cells, reused, computed : int
+        Cells in the plan, cells found on disk, cells computed now.
+    seconds : float
+        Wall time of the call.
+    results, rates, summary : pandas.DataFrame
+        The tables written to ``results.parquet``, ``rates.csv`` and ``summary.csv``.
+    """
+
+    run_dir: RunDir
+    fingerprint: str
+    n_cells: int
+    reused: int
+    computed: int
+    seconds: float
+    results: pd.DataFrame = field(repr=False)
+    rates: pd.DataFrame = field(repr=False)
+    summary: pd.DataFrame = field(repr=False)
+
+
+def _local_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int) -> Iterator[tuple[Cell, pd.DataFrame]]:
+    if jobs == 1:
+        for cell in todo:
+            yield cell, run_cell(config_dict, cell)
+        return
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
+    yield from parallel(delayed(_run_pair)(config_dict, c) for c in todo)
+
+
+def _run_pair(config_dict: dict[str, Any], cell: Cell) -> tuple[Cell, pd.DataFrame]:
+    return cell, run_cell(config_dict, cell)
+
+
+def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, scheduler: str | None,
+                  processes: bool) -> Iterator[tuple[Cell, pd.DataFrame]]:
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise ValueError("backend 'dask' needs dask.distributed: pip install 'hmoe-sim[dist]'") from err
+    from joblib import Parallel, delayed, parallel_config
+
+    with contextlib.ExitStack() as stack:
+        if scheduler is None:
+            cluster = stack.enter_context(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=processes,
+                                                       dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        else:
+            client = stack.enter_context(Client(scheduler))
+        with parallel_config(backend="dask", wait_for_workers_timeout=60):
+            parallel = Parallel(return_as="generator_unordered")
+            yield from parallel(delayed(_run_pair)(config_dict, c) for c in todo)
+        del client
+
+
+def run_sweep(
+    config: SweepConfig,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    jobs: int = 1,
+    backend: str = "local",
+    scheduler: str | None = None,
+    progress: bool | None = None,
+    dask_processes: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SweepOutcome:
+    """Run (or resume) a sweep and write its tables.
+
+    Parameters
+    ----------
+    config : SweepConfig
+        The validated configuration.
+    out : str or Path
+        Run directory; cells of the same configuration fingerprint found there are reused.
+    device : str, optional
+        Overrides ``config.device`` (part of the fingerprint: a fit on another device is
+        another result).
+    jobs : int
+        Parallel cells (worker processes for ``local``, workers of a new LocalCluster for
+        ``dask``).
+    backend : {"local", "dask"}
+        joblib (in-process / loky) or a dask.distributed cluster through joblib.
+    scheduler : str, optional
+        Address of a running dask scheduler (``backend="dask"`` only); default: start a
+        LocalCluster.
+    progress : bool, optional
+        tqdm progress bar over cells; default: on when stderr is a terminal.
+    dask_processes : bool
+        Whether a LocalCluster uses worker processes (threads when ``False``).
+    log : callable, optional
+        Receives one-line messages (reuse counts); default prints to stderr.
+
+    Returns
+    -------
+    SweepOutcome
+    """
+    start = time.perf_counter()
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if scheduler is not None and backend != "dask":
+        raise ValueError(f"scheduler={scheduler!r} needs backend='dask'")
+    if device is not None:
+        config = config.with_overrides(device=device)
+    check_estimator_options(config)
+    run = RunDir(out)
+    run.write_config(config)
+    fp = config.fingerprint
+    cells = plan_cells(config)
+    todo = [c for c in cells if not run.has_cell(fp, c)]
+    reused = len(cells) - len(todo)
+    say(f"sweep {config.name!r} (fingerprint {fp}): {len(cells)} cells, reusing {reused}, computing {len(todo)}")
+    if todo:
+        from tqdm.auto import tqdm
+
+        show = sys.stderr.isatty() if progress is None else progress
+        config_dict = config.to_dict()
+        if backend == "local":
+            stream = _local_results(todo, config_dict, jobs)
+        else:
+            stream = _dask_results(todo, config_dict, jobs, scheduler, dask_processes)
+        with tqdm(total=len(todo), disable=not show, desc=config.name, unit="cell") as bar:
+            for cell, frame in stream:
+                run.write_cell(fp, cell, frame)
+                bar.update(1)
+    results = run.read_cells(fp, cells)
+    results.insert(0, "fingerprint", fp)
+    run.write_table(RESULTS_FILE, results)
+    rates = rates_table(results, config)
+    run.write_table(RATES_FILE, rates)
+    summary = summary_table(results, config)
+    run.write_table(SUMMARY_FILE, summary)
+    return SweepOutcome(run, fp, len(cells), reused, len(todo), time.perf_counter() - start, results, rates, summary)

@@ -1,0 +1,143 @@
+"""Sweeps end to end: resume after a kill, bit-for-bit seeds, dask vs local, early config errors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hmoe_sim.sweep.runner as runner
+from hmoe_sim.sweep import parse_config, plan_cells, run_sweep
+
+TINY = {
+    "name": "tiny",
+    "root_seed": 11,
+    "truth": {"preset": "hmoe-shared", "seed": 0, "options": {"expert_std": 1.0, "gate_slope_std": 1.0}},
+    "sample": {"sizes": [60, 120], "replications": 2, "chunk": 1},
+    "fit": {"method": "lm", "max_iter": 4},
+    "series": [{"name": "shared", "structure": "shared"}, {"name": "nonshared", "structure": "nonshared"}],
+    "losses": {"l2_n_eval": 500},
+}
+
+
+def tiny(**changes: object) -> dict:
+    raw = copy.deepcopy(TINY)
+    raw.update(changes)
+    return raw
+
+
+def quiet(msg: str) -> None:
+    """Swallow the runner's log lines."""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    out = run_sweep(parse_config(TINY), tmp_path_factory.mktemp("ref"), progress=False, log=quiet)
+    assert (out.reused, out.computed, out.n_cells) == (0, 8, 8)
+    return out.results
+
+
+def test_results_table_has_one_row_per_fit(reference: pd.DataFrame):
+    assert len(reference) == 2 * 2 * 2
+    for col in ("fingerprint", "series", "structure", "n", "replication", "data_seed", "D1", "D2", "L2",
+                "converged", "diverged", "on_boundary"):
+        assert col in reference.columns, col
+    assert reference["fingerprint"].nunique() == 1
+    # paired design: both series see the same data sets
+    by = reference.set_index(["series", "n", "replication"])["data_seed"]
+    assert (by["shared"] == by["nonshared"]).all()
+    assert np.isfinite(reference[["D1", "D2", "L2"]].to_numpy()).all()
+
+
+def test_same_seed_is_bit_for_bit_and_other_seed_differs(tmp_path: Path, reference: pd.DataFrame):
+    again = run_sweep(parse_config(TINY), tmp_path / "a", progress=False, log=quiet).results
+    pd.testing.assert_frame_equal(again, reference, check_exact=True)
+    other = run_sweep(parse_config(tiny(root_seed=12)), tmp_path / "b", progress=False, log=quiet).results
+    assert not set(other["data_seed"]) & set(reference["data_seed"])
+    assert not np.allclose(other["L2"].to_numpy(), reference["L2"].to_numpy())
+
+
+def test_kill_and_resume(tmp_path: Path, reference: pd.DataFrame, monkeypatch: pytest.MonkeyPatch):
+    real = runner.run_cell
+    calls = {"n": 0}
+
+    def dies_after_three(config_dict, cell):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real(config_dict, cell)
+
+    monkeypatch.setattr(runner, "run_cell", dies_after_three)
+    cfg = parse_config(TINY)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, tmp_path, progress=False, log=quiet)
+    stored = list((tmp_path / "cells" / cfg.fingerprint).iterdir())
+    assert len(stored) == 3 and all(p.suffix == ".parquet" for p in stored)
+    assert not (tmp_path / "results.parquet").exists()
+    monkeypatch.setattr(runner, "run_cell", real)
+    messages: list[str] = []
+    resumed = run_sweep(cfg, tmp_path, progress=False, log=messages.append)
+    assert (resumed.reused, resumed.computed) == (3, 5)
+    assert "reusing 3" in messages[0]
+    pd.testing.assert_frame_equal(resumed.results, reference, check_exact=True)
+    # a rerun of a finished sweep computes nothing
+    assert run_sweep(cfg, tmp_path, progress=False, log=quiet).computed == 0
+    # a changed configuration never reuses the stale cells
+    changed = run_sweep(parse_config(tiny(root_seed=5)), tmp_path, progress=False, log=quiet)
+    assert (changed.reused, changed.computed) == (0, 8)
+    assert changed.results["fingerprint"].iloc[0] != reference["fingerprint"].iloc[0]
+
+
+def test_dask_backend_matches_local(tmp_path: Path, reference: pd.DataFrame):
+    pytest.importorskip("dask.distributed")
+    out = run_sweep(parse_config(TINY), tmp_path, backend="dask", jobs=2, dask_processes=False, progress=False,
+                    log=quiet)
+    pd.testing.assert_frame_equal(out.results, reference, check_exact=True)
+
+
+def test_loky_processes_match_local(tmp_path: Path, reference: pd.DataFrame):
+    out = run_sweep(parse_config(TINY), tmp_path, jobs=2, progress=False, log=quiet)
+    pd.testing.assert_frame_equal(out.results, reference, check_exact=True)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (tiny(fit={"method": "lm", "options": {"bogus_option": 1}}), "fit.options.bogus_option"),
+        (tiny(fit={"method": "lm", "bounds": {"limits": {"nope": [-1, 1]}}}), "fit.bounds"),
+        (tiny(fit={"method": "lm", "bounds": {"lims": {}}}), "fit.bounds.lims"),
+        (tiny(device="cuda:99"), "cuda:99"),
+    ],
+)
+def test_estimator_settings_fail_before_fitting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw, needle):
+    def never(*args, **kwargs):
+        raise AssertionError("a fit was started")
+
+    monkeypatch.setattr(runner, "run_cell", never)
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        run_sweep(parse_config(raw), tmp_path, progress=False, log=quiet)
+    assert not (tmp_path / "cells").exists()
+
+
+def test_bad_runner_arguments(tmp_path: Path):
+    cfg = parse_config(TINY)
+    with pytest.raises(ValueError, match="backend"):
+        run_sweep(cfg, tmp_path, backend="spark", log=quiet)
+    with pytest.raises(ValueError, match="jobs"):
+        run_sweep(cfg, tmp_path, jobs=0, log=quiet)
+    with pytest.raises(ValueError, match="scheduler"):
+        run_sweep(cfg, tmp_path, scheduler="tcp://127.0.0.1:1", log=quiet)
+
+
+def test_nonshared_series_is_scored_on_the_shared_truths_atoms():
+    cfg = parse_config(TINY)
+    shared = runner.series_setup(cfg, cfg.series[0])
+    nonshared = runner.series_setup(cfg, cfg.series[1])
+    a = shared.score_model.mixing_measure(shared.score_truth)
+    b = nonshared.score_model.mixing_measure(nonshared.score_truth)
+    assert nonshared.fit_model.structure == "nonshared" and shared.fit_model.structure == "shared"
+    assert np.array_equal(a.atoms.numpy(), b.atoms.numpy()) and np.array_equal(a.weights.numpy(), b.weights.numpy())
+    assert len(plan_cells(cfg)) == 8
