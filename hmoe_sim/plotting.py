@@ -157,3 +157,48 @@ def plot_inverse_bound(table, *, losses: tuple[tuple[str, float], ...] = (("D1",
     axes[0][0].set_ylabel("||f_eps - f*||_L2 / D(G_eps, G*)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     return fig
+
+
+# ---------------------------------------------------------------------- fine-tuning sample efficiency (hora)
+__all__ += ["plot_finetune_sample_efficiency"]
+
+
+def plot_finetune_sample_efficiency(table, *, metric: str = "test_mse") -> plt.Figure:
+    """Test error against training-set size, one panel per teacher (log-log).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per fit with columns ``teacher, label, n_params, n, <metric>`` (the output of
+        :func:`hmoe_sim.hora.finetune.run_sample_efficiency`).
+    metric : str
+        Column to plot (``"test_mse"`` or ``"relative_test_error"``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Mean over replicates with +-2 standard errors; the legend gives each student's
+        trainable-parameter count. Non-finite values are dropped and the count kept per point.
+    """
+    teachers = list(dict.fromkeys(table["teacher"]))
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5.0 * len(teachers), 4.2), layout="constrained",
+                             squeeze=False, sharey=True)
+    for ax, teacher in zip(axes[0], teachers, strict=True):
+        sub = table[(table["teacher"] == teacher) & table[metric].notna()]
+        for label, group in sub.groupby("label", sort=False):
+            stats = group.groupby("n")[metric].agg(["mean", "std", "count"]).reset_index()
+            se = stats["std"].fillna(0.0) / stats["count"] ** 0.5
+            lower = (stats["mean"] - 2 * se).clip(lower=stats["mean"] * 1e-3)
+            params = int(group["n_params"].iloc[0])
+            ax.errorbar(stats["n"], stats["mean"], yerr=[stats["mean"] - lower, 2 * se], marker="o", capsize=3,
+                        label=f"{label}: {params} params")
+        base = sub["base_test_mse"].iloc[0] if metric == "test_mse" and "base_test_mse" in sub and len(sub) else None
+        if base is not None:
+            ax.axhline(base, color="grey", linestyle=":", label="frozen base (no adapter)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training examples n")
+        ax.set_title(f"teacher: {teacher}")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(metric.replace("_", " ") + " (mean +- 2 SE)")
+    return fig
