@@ -14,7 +14,7 @@ import torch
 
 from hmoe_sim.models.base import MixtureModel
 
-__all__ = ["Problem", "SolverOutput", "projected_gradient", "risk_and_gradient"]
+__all__ = ["Problem", "SolverOutput", "gradient_small", "projected_gradient", "risk_and_gradient"]
 
 
 @dataclass
@@ -100,6 +100,17 @@ def projected_gradient(grad: torch.Tensor, theta: torch.Tensor, lo: torch.Tensor
     """
     blocked = ((theta <= lo) & (grad > 0)) | ((theta >= hi) & (grad < 0))
     return torch.where(blocked, torch.zeros_like(grad), grad)
+
+
+def gradient_small(grad: torch.Tensor, theta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   risk: torch.Tensor, gtol: float) -> torch.Tensor:
+    """The gradient test: ``||projected grad of RSS/n||_inf <= gtol * RSS/n`` (scale free).
+
+    Relative to the risk so that the same ``gtol`` means the same thing for noisy data
+    (risk near the noise variance) and noise-free data (risk going to zero, where an
+    absolute test would stop while the parameters are still far from the solution).
+    """
+    return projected_gradient(grad, theta, lo, hi).abs().amax(-1) <= gtol * risk
 
 
 @dataclass

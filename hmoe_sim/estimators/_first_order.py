@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, projected_gradient, risk_and_gradient
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, risk_and_gradient
 
 __all__ = ["solve_adam", "solve_sgd_paper"]
 
@@ -25,7 +25,7 @@ def _finish(problem: Problem, theta: torch.Tensor, n_iter: torch.Tensor, rel: to
             diverged: torch.Tensor, gtol: float) -> SolverOutput:
     risk, grad = risk_and_gradient(problem, theta)
     bad = diverged | ~torch.isfinite(risk) | ~torch.isfinite(theta).all(-1)
-    small = projected_gradient(grad, theta, problem.lo, problem.hi).abs().amax(-1) <= gtol
+    small = gradient_small(grad, theta, problem.lo, problem.hi, risk, gtol)
     return SolverOutput(theta=theta, n_iter=n_iter, rel_change=rel, converged=small & ~bad, diverged=bad)
 
 
@@ -43,7 +43,7 @@ def solve_adam(
 ) -> SolverOutput:
     """Full-batch Adam on each problem's empirical risk ``RSS_b / n_b``.
 
-    A problem stops when the sup-norm of its projected gradient is at most ``gtol``
+    A problem stops when the sup-norm of its projected gradient is at most ``gtol * risk``
     (converged) or when its risk became non-finite (diverged); the others go on until
     ``max_iter``. ``rel_change`` is ``|risk_t - risk_{t-1}| / risk_{t-1}`` of its last step.
     """
@@ -61,8 +61,7 @@ def solve_adam(
     for it in range(max_iter):
         risk, grad = risk_and_gradient(problem, theta)
         diverged |= active & ~(torch.isfinite(risk) & torch.isfinite(grad).all(-1))
-        proj = projected_gradient(grad, theta, problem.lo, problem.hi)
-        active &= ~diverged & ~(proj.abs().amax(-1) <= gtol)
+        active &= ~diverged & ~gradient_small(grad, theta, problem.lo, problem.hi, risk, gtol)
         rel = torch.where(active & torch.isfinite(prev), (risk - prev).abs() / prev, rel)
         prev = torch.where(active, risk, prev)
         if not bool(active.any()):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, projected_gradient
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small
 
 __all__ = ["solve_lm"]
 
@@ -55,7 +55,7 @@ def solve_lm(
     ``ftol``: an accepted step with gain ratio above 1/4 lowered the cost by less than
     ``ftol * cost``; ``xtol``: a step shorter than ``xtol * (xtol + ||theta||)``;
     ``gtol``: the sup-norm of the projected gradient of the empirical risk ``RSS/n`` is at
-    most ``gtol``; or the cost is exactly zero. Damping above ``1e20`` stops the problem
+    most ``gtol * RSS/n``; or the cost is exactly zero. Damping above ``1e20`` stops the problem
     as not converged.
 
     Returns
@@ -77,7 +77,7 @@ def solve_lm(
     nu = torch.full_like(lam, 2.0)
     n_iter = torch.zeros(B, dtype=torch.long, device=theta.device)
     rel_change = torch.full_like(lam, float("nan"))
-    converged = finite & ((cost == 0) | _gradient_small(g, theta, lo, hi, problem.n_eff, gtol))
+    converged = finite & ((cost == 0) | _grad_test(g, theta, problem, cost, gtol))
     active = finite & ~converged
     eye = torch.eye(P, dtype=theta.dtype, device=theta.device)
     tiny = torch.finfo(theta.dtype).tiny
@@ -133,7 +133,7 @@ def solve_lm(
             A[acc_rows], g[acc_rows] = A_a, g_a
             scale[acc_rows] = torch.maximum(scale[acc_rows], torch.diagonal(A_a, dim1=-2, dim2=-1))
             diverged[acc_rows[bad]] = True
-            small_g = _gradient_small(g_a, theta[acc_rows], lo, hi, problem.n_eff[acc_rows], gtol)
+            small_g = _grad_test(g_a, theta[acc_rows], problem.take(acc_idx), cost[acc_rows], gtol)
             grad_done = torch.zeros_like(accept)
             grad_done[accept] = small_g & ~bad
             done = done | grad_done
@@ -148,8 +148,9 @@ def solve_lm(
     return SolverOutput(theta=theta, n_iter=n_iter, rel_change=rel_change, converged=converged, diverged=diverged)
 
 
-def _gradient_small(g: torch.Tensor, theta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                    n_eff: torch.Tensor, gtol: float) -> torch.Tensor:
-    """Sup-norm of the projected gradient of ``RSS/n`` (``-2 g / n``) at most ``gtol``."""
-    proj = projected_gradient(-2 * g / n_eff.unsqueeze(-1), theta, lo, hi)
-    return proj.abs().amax(-1) <= gtol
+
+def _grad_test(g: torch.Tensor, theta: torch.Tensor, problem: Problem, cost: torch.Tensor,
+               gtol: float) -> torch.Tensor:
+    """:func:`gradient_small` from ``g = J^T r``: the risk gradient is ``-2 g / n``, the risk ``2 cost / n``."""
+    n = problem.n_eff
+    return gradient_small(-2 * g / n.unsqueeze(-1), theta, problem.lo, problem.hi, 2 * cost / n, gtol)
