@@ -97,8 +97,8 @@ class FinetuneConfig:
     n_test: int = 4000
     noise_std: float = 0.1
     teacher_scale: float = 2.0
-    max_iter: int = 400
-    grad_tol: float = 1e-7
+    max_iter: int = 1000
+    grad_tol: float = 1e-6
     root_seed: int = 0
     students: tuple[StudentSpec, ...] = field(default_factory=_default_students)
 
