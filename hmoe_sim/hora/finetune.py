@@ -171,7 +171,7 @@ def make_student(config: FinetuneConfig, spec: StudentSpec, seed: int, *, dtype:
 
 
 def fit_student(student: MultiHeadAttention, X: torch.Tensor, y: torch.Tensor, readout: torch.Tensor, *,
-                max_iter: int = 400, grad_tol: float = 1e-7) -> dict[str, float | int | bool]:
+                max_iter: int = 1000, grad_tol: float = 1e-6) -> dict[str, float | int | bool]:
     """Least squares on the adapter parameters by full-batch L-BFGS (strong Wolfe line search).
 
     Returns
