@@ -14,7 +14,8 @@ import torch
 
 from hmoe_sim.models.base import MixtureModel
 
-__all__ = ["Problem", "SolverOutput", "gradient_small", "projected_gradient", "risk_and_gradient"]
+__all__ = ["Problem", "SolverOutput", "autograd_value_and_jacobian", "gradient_small", "projected_gradient",
+           "risk_and_gradient"]
 
 
 @dataclass
@@ -60,23 +61,39 @@ class Problem:
         return self.weight * (self.y - self.predict(theta))
 
     def residual_and_jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked residuals ``(b, n)`` and the Jacobian of ``f`` ``(b, n, P)``.
+        """Masked residuals ``(b, n)`` and the masked Jacobian of ``f`` ``(b, n, P)``.
 
-        One reverse pass through a copy of the parameters *per sample*: ``theta_b`` is
-        expanded to ``(b, n, P)``, sample ``i`` is evaluated with its own copy (``X`` as
-        ``(b, n, 1, D)``), and the gradient of ``sum_i f_i`` with respect to the copies is
-        row ``i`` of the Jacobian, since ``f_i`` depends on copy ``i`` only. This costs a
-        few forward passes instead of the ``P`` of forward mode, and no block between
-        different problems (or samples) is ever formed.
+        Uses the model's analytic ``value_and_jacobian`` when it has one (every model of
+        :mod:`hmoe_sim.models`), otherwise :func:`autograd_value_and_jacobian`.
         """
-        model = self.model
-        b, n = self.y.shape
-        with torch.enable_grad():
-            copies = theta.detach().unsqueeze(-2).expand(b, n, theta.shape[-1]).requires_grad_(True)
-            f = model.predict(model.unflatten(copies), self.X.unsqueeze(-2), check=False).squeeze(-1)
-            (jac,) = torch.autograd.grad(f.sum(), copies)
+        analytic = getattr(self.model, "value_and_jacobian", None)
+        if analytic is not None:
+            f, jac = analytic(self.model.unflatten(theta), self.X)
+        else:
+            f, jac = autograd_value_and_jacobian(self.model, theta, self.X)
         w = self.weight
-        return w * (self.y - f.detach()), jac * w.unsqueeze(-1)
+        if not bool((w == 1).all()):
+            jac = jac * w.unsqueeze(-1)
+        return w * (self.y - f), jac
+
+
+def autograd_value_and_jacobian(model: MixtureModel, theta: torch.Tensor,
+                                X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f`` ``(b, n)`` and its Jacobian ``(b, n, P)`` by reverse mode, for any model.
+
+    One reverse pass through a copy of the parameters *per sample*: ``theta_b`` is
+    expanded to ``(b, n, P)``, sample ``i`` is evaluated with its own copy (``X`` as
+    ``(b, n, 1, D)``), and the gradient of ``sum_i f_i`` with respect to the copies is
+    row ``i`` of the Jacobian, since ``f_i`` depends on copy ``i`` only. This costs a
+    few forward passes instead of the ``P`` of forward mode, and no block between
+    different problems (or samples) is ever formed.
+    """
+    b, n = X.shape[:2]
+    with torch.enable_grad():
+        copies = theta.detach().unsqueeze(-2).expand(b, n, theta.shape[-1]).requires_grad_(True)
+        f = model.predict(model.unflatten(copies), X.unsqueeze(-2), check=False).squeeze(-1)
+        (jac,) = torch.autograd.grad(f.sum(), copies)
+    return f.detach(), jac
 
 
 def risk_and_gradient(problem: Problem, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,8 +34,13 @@ def _pick(idx: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
 
 
 def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = J^T J`` ``(b, P, P)`` and ``g = J^T r`` ``(b, P)`` (``g`` is minus the cost gradient)."""
-    return J.transpose(-1, -2) @ J, (J.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+    """``A = J^T J`` ``(b, P, P)`` and ``g = J^T r`` ``(b, P)`` (``g`` is minus the cost gradient).
+
+    ``g`` is formed as ``r^T J`` by ``bmm``: unlike ``J^T r`` (which torch may route to a
+    matrix-vector kernel for one problem and a batched one for several), this gives every
+    problem bit-identical results whatever the size of the stack it is solved in.
+    """
+    return J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
 
 
 def solve_lm(

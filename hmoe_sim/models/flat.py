@@ -27,18 +27,50 @@ from hmoe_sim._validation import (
 )
 from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
 
-__all__ = ["FlatMoE", "EXPERT_FUNCTIONS", "GATES"]
+__all__ = ["AnalyticJacobian", "FlatMoE", "EXPERT_DERIVATIVES", "assemble_columns", "EXPERT_FUNCTIONS", "GATES"]
 
 EXPERT_FUNCTIONS = {
     "identity": lambda t: t,
     "relu": torch.relu,
     "tanh": torch.tanh,
 }
+#: derivative of each expert activation as a function of (pre-activation, activation);
+#: ReLU gets slope 0 at 0, as torch's autograd does
+EXPERT_DERIVATIVES = {
+    "identity": lambda u, e: torch.ones_like(u),
+    "relu": lambda u, e: (u > 0).to(u.dtype),
+    "tanh": lambda u, e: 1 - e.square(),
+}
 GATES = ("softmax", "sigmoid")
 _ANCHOR_NAMES = ("beta0", "beta1", "a", "b")
 
 
-class FlatMoE(MixtureModel):
+class AnalyticJacobian:
+    """Mixin for models with a hand-derived ``value_and_jacobian(params, X)`` (no checks)."""
+
+    def jacobian(self, params: Params, X: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Analytic Jacobian of ``f_G(X)`` with respect to the flattened parameters.
+
+        Parameters
+        ----------
+        params : dict of torch.Tensor
+            Parameter container, batch shape ``batch_p``.
+        X : torch.Tensor
+            ``(*batch_x, n, D)``; batch shapes combine as in ``predict``.
+        check : bool, default True
+            Validate shapes and finiteness.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(*batch, n, n_params)``, columns in ``flatten`` order.
+        """
+        if check:
+            self._check_inputs(params, X, check_finite=True)  # type: ignore[attr-defined]
+        return self.value_and_jacobian(params, X)[1]  # type: ignore[attr-defined]
+
+
+class FlatMoE(AnalyticJacobian, MixtureModel):
     """Flat mixture of experts with softmax or sigmoid gating.
 
     Parameters
@@ -159,6 +191,39 @@ class FlatMoE(MixtureModel):
             experts = torch.cat([self._anchor_experts(X).expand(*shape, -1), experts.expand(*shape, -1)], -1)
         return _softmax_mix(logits, experts)
 
+    # ------------------------------------------------------------------ derivatives
+    def value_and_jacobian(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f_G(X)`` ``(*batch, n)`` and its Jacobian ``(*batch, n, n_params)`` (no checks).
+
+        With logits ``l_k`` and pre-activations ``u_k = a_k^T x + b_k``: softmax gating gives
+        ``df/dl_k = p_k (phi(u_k) - f)`` and ``df/du_k = p_k phi'(u_k)`` (``p`` the softmax over
+        anchors and free atoms); sigmoid gating gives ``df/dl_k = sigma_k (1 - sigma_k) phi(u_k)``
+        and ``df/du_k = sigma_k phi'(u_k)``. Then ``d/dbeta0 = df/dl``, ``d/dbeta1 = df/dl x``,
+        ``d/da = df/du x``, ``d/db = df/du``.
+        """
+        logits = torch.einsum("...nd,...kd->...nk", X, params["beta1"]) + params["beta0"].unsqueeze(-2)
+        pre = torch.einsum("...nd,...kd->...nk", X, params["a"]) + params["b"].unsqueeze(-2)
+        experts = self._phi(pre)
+        slope = EXPERT_DERIVATIVES[self.expert](pre, experts)
+        if self.gate == "sigmoid":
+            gate = torch.sigmoid(logits)
+            f = (gate * experts).sum(-1)
+            if self.anchors is not None:
+                f = f + (torch.sigmoid(self._anchor_logits(X)) * self._anchor_experts(X)).sum(-1)
+            d_logit = gate * (1 - gate) * experts
+        else:
+            all_logits, all_experts = logits, experts
+            if self.anchors is not None:
+                shape = _bshape(logits, X)
+                all_logits = torch.cat([self._anchor_logits(X).expand(*shape, -1), logits], -1)
+                all_experts = torch.cat([self._anchor_experts(X).expand(*shape, -1), experts], -1)
+            lse = torch.logsumexp(all_logits, dim=-1, keepdim=True)
+            f = (torch.exp(all_logits - lse) * all_experts).sum(-1)
+            gate = torch.exp(logits - lse)
+            d_logit = gate * (experts - f.unsqueeze(-1))
+        d_pre = gate * slope
+        return f, assemble_columns([(d_logit, False), (d_logit, True), (d_pre, True), (d_pre, False)], X)
+
     def mixing_measure(self, params: Params) -> MixingMeasure:
         self.batch_shape(params, check_finite=False)
         atoms = torch.cat([params["beta1"], params["a"], params["b"].unsqueeze(-1)], dim=-1)
@@ -223,6 +288,39 @@ def min_pairwise_distance(atoms: np.ndarray) -> float:
     diff = atoms[:, None, :] - atoms[None, :, :]
     dist = np.sqrt((diff**2).sum(-1))
     return float(dist[np.triu_indices(atoms.shape[0], 1)].min())
+
+
+def assemble_columns(pieces: list[tuple[torch.Tensor, bool]], X: torch.Tensor) -> torch.Tensor:
+    """Concatenate Jacobian column blocks into one new ``(*lead, n, P)`` tensor.
+
+    Each piece is ``(g, outer)`` with ``g`` of shape ``(*batch, n, m)``: ``outer=False``
+    gives the ``m`` columns ``g_j``, ``outer=True`` the ``m * D`` columns ``g_j x_d``
+    (``j`` major) with ``x`` the rows of ``X`` ``(*batch_x, n, D)``. Every block is written
+    once into a preallocated tensor (no intermediate outer products, no concatenation copy),
+    which is what the cost of a Jacobian of ``n * P`` numbers comes down to. The result is a
+    transposed view of a ``(*lead, P, n)`` tensor (each column contiguous); ``J^T J`` and
+    ``J^T r`` by matmul read it without a copy.
+    """
+    D = X.shape[-1]
+    shapes = [g.shape[:-1] for g, _ in pieces] + [X.shape[:-1]]
+    lead = torch.broadcast_shapes(*shapes)
+    width = sum(g.shape[-1] * (D if outer else 1) for g, outer in pieces)
+    ref = pieces[0][0]
+    # stored parameter-major, (*batch, P, n), so that every block is a run of whole rows
+    out = torch.empty(*lead[:-1], width, lead[-1], dtype=ref.dtype, device=ref.device)
+    xt = X.transpose(-1, -2).contiguous().unsqueeze(-3)
+    start = 0
+    for g, outer in pieces:
+        m = g.shape[-1]
+        gt = g.transpose(-1, -2).contiguous()
+        if outer:
+            block = out[..., start : start + m * D, :].unflatten(-2, (m, D))
+            torch.mul(gt.unsqueeze(-2), xt, out=block)
+            start += m * D
+        else:
+            out[..., start : start + m, :].copy_(gt)
+            start += m
+    return out.transpose(-1, -2)
 
 
 def _bshape(logits: torch.Tensor, X: torch.Tensor) -> tuple[int, ...]:

@@ -40,12 +40,14 @@ from hmoe_sim._validation import (
     check_positive_int,
 )
 from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
-from hmoe_sim.models.flat import min_pairwise_distance
+from hmoe_sim.models.flat import AnalyticJacobian, assemble_columns, min_pairwise_distance
 
-__all__ = ["FrozenAttention", "HMoE", "STRUCTURES", "CODE_ACTIVATIONS", "FIRST_LEVEL_GATES"]
+__all__ = ["FrozenAttention", "HMoE", "STRUCTURES", "CODE_ACTIVATIONS", "CODE_DERIVATIVES", "FIRST_LEVEL_GATES"]
 
 STRUCTURES = ("nonshared", "shared")
 CODE_ACTIVATIONS = {"identity": lambda t: t, "tanh": torch.tanh}
+#: derivative of each code activation as a function of (pre-activation, activation)
+CODE_DERIVATIVES = {"identity": lambda u, s: torch.ones_like(u), "tanh": lambda u, s: 1 - s.square()}
 FIRST_LEVEL_GATES = ("uniform", "softmax")
 
 
@@ -127,7 +129,7 @@ class FrozenAttention:
         )
 
 
-class HMoE(MixtureModel):
+class HMoE(AnalyticJacobian, MixtureModel):
     """Hierarchical MoE: heads (first level) of known + adapter experts (second level).
 
     Parameters
@@ -289,6 +291,62 @@ class HMoE(MixtureModel):
         g = self._head_outputs(free, X)
         pi = self.head_weights(free, X)
         return (pi * g).sum(dim=-1)
+
+    # ------------------------------------------------------------------ derivatives
+    def value_and_jacobian(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f_G(X)`` ``(*batch, n)`` and its Jacobian ``(*batch, n, n_params)`` (no checks).
+
+        With ``p_hl`` the within-head softmax weight of adapter ``(h, l)``, its logit
+        ``l_hl`` and value ``v_hl``: ``df/dl_hl = pi_h p_hl (v_hl - g_h)`` and
+        ``df/dv_hl = pi_h p_hl``; a softmax first level adds ``df/d(head logit h) =
+        pi_h (g_h - f)``. The shared structure follows by the chain rule through
+        ``beta_1 = s(W_1 z)``, ``a = s(W_2 z)``, ``b = s(w_3^T z)``.
+        """
+        free = self.to_nonshared(params)
+        scores, known = self.known_scores_and_experts(X)
+        logits = torch.einsum("...nd,...hld->...nhl", X, free["beta1"]) + free["beta0"].unsqueeze(-3)
+        values = torch.einsum("...nd,...hld->...nhl", X, free["a"]) + free["b"].unsqueeze(-3)
+        lead = torch.broadcast_shapes(scores.shape[:-1], logits.shape[:-1])
+        lse = torch.logsumexp(torch.cat([scores.expand(*lead, -1), logits.expand(*lead, -1)], -1), -1, keepdim=True)
+        p = torch.exp(logits - lse)
+        g = (torch.exp(scores - lse) * known).sum(-1) + (p * values).sum(-1)
+        pi = self.head_weights(free, X)
+        f = (pi * g).sum(-1)
+        d_value = pi.unsqueeze(-1) * p
+        d_logit = d_value * (values - g.unsqueeze(-1))
+        d_logit, d_value = d_logit.flatten(-2), d_value.flatten(-2)
+        pieces = [(d_logit, False)]
+        if self.structure == "nonshared":
+            pieces += [(d_logit, True), (d_value, True), (d_value, False)]
+        else:
+            pieces += [(c, False) for c in self._shared_columns(params, free, X, d_logit, d_value)]
+        if self.first_level == "softmax":
+            d_head = (pi * (g - f.unsqueeze(-1)))[..., 1:]
+            pieces += [(d_head, False), (d_head, True)]
+        return f, assemble_columns(pieces, X)
+
+    def _shared_columns(self, params: Params, free: Params, X: torch.Tensor, d_logit: torch.Tensor,
+                        d_value: torch.Tensor) -> list[torch.Tensor]:
+        """Columns of ``W1, W2, w3, z`` from ``df/dbeta_1 = d_logit x``, ``df/da = d_value x``,
+        ``df/db = d_value`` (chain rule through the code activation ``s``); ``d_logit`` and
+        ``d_value`` are ``(*batch, n, H*L)``."""
+        ds = CODE_DERIVATIVES[self.code_activation]
+        d_logit = d_logit.unflatten(-1, (self.n_heads, self.n_adapters))
+        d_value = d_value.unflatten(-1, (self.n_heads, self.n_adapters))
+        z, w1, w2, w3 = params["z"], params["W1"], params["W2"], params["w3"]
+        t1 = ds(torch.einsum("...hlq,...dq->...hld", z, w1), free["beta1"])
+        t2 = ds(torch.einsum("...hlq,...dq->...hld", z, w2), free["a"])
+        t3 = ds(torch.einsum("...hlq,...q->...hl", z, w3), free["b"])
+        # dW[d, q] = sum_hl (df/dgen_hld) t_hld z_hlq with df/dgen_hld = d_hl x_d
+        d_w1 = torch.einsum("...nhl,...hld,...hlq->...ndq", d_logit, t1, z) * X.unsqueeze(-1)
+        d_w2 = torch.einsum("...nhl,...hld,...hlq->...ndq", d_value, t2, z) * X.unsqueeze(-1)
+        d_w3 = torch.einsum("...nhl,...hlq->...nq", d_value * t3.unsqueeze(-3), z)
+        # dz[h, l, q] = d_logit sum_d x_d t1_hld W1_dq + d_value (sum_d x_d t2_hld W2_dq + t3_hl w3_q)
+        via1 = torch.einsum("...nd,...hld,...dq->...nhlq", X, t1, w1)
+        via2 = torch.einsum("...nd,...hld,...dq->...nhlq", X, t2, w2) + (t3.unsqueeze(-1) * w3[..., None, None, :]
+                                                                        ).unsqueeze(-4)
+        d_z = d_logit.unsqueeze(-1) * via1 + d_value.unsqueeze(-1) * via2
+        return [d_w1.flatten(-2), d_w2.flatten(-2), d_w3, d_z.flatten(-3)]
 
     def mixing_measure(self, params: Params) -> MixingMeasure:
         batch = self.batch_shape(params, check_finite=False)
