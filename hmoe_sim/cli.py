@@ -36,6 +36,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Run or resume a sweep, then write its tables and figure."""
     from hmoe_sim.sweep import load_config, run_sweep
+    from hmoe_sim.sweep.report import boundary_table
 
     config = load_config(args.config)
     outcome = run_sweep(config, args.out, device=args.device, jobs=args.jobs, backend=args.backend,
@@ -43,7 +44,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     figure = _write_figure(Path(args.out))
     print(f"{outcome.n_cells} cells ({outcome.reused} reused, {outcome.computed} computed) in "
           f"{outcome.seconds:.1f} s; {len(outcome.results)} fits -> {Path(args.out) / 'results.parquet'}")
-    print(_report_text(outcome.rates, outcome.summary))
+    print(_report_text(outcome.rates, outcome.summary, boundary_table(outcome.results)))
     print(f"figure: {figure}")
     return 0
 
@@ -64,13 +65,19 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     return target
 
 
-def _report_text(rates: pd.DataFrame, summary: pd.DataFrame) -> str:
-    from hmoe_sim.sweep.report import format_rates
+def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFrame) -> str:
+    from hmoe_sim.sweep.report import format_boundary, format_rates
 
-    counts = summary.groupby("series", sort=False)[["n_fits", "n_flagged"]].sum()
-    lines = ["rates (slope of log loss on log n, bootstrap CI; flagged fits excluded):", format_rates(rates), "",
-             "fits per series: " + ", ".join(f"{s}: {int(r.n_fits)} ({int(r.n_flagged)} flagged: diverged or "
-                                              f"on the boundary)" for s, r in counts.iterrows())]
+    counts = summary.groupby("series", sort=False)[["n_fits", "n_flagged", "n_on_boundary", "n_worse_than_truth"]
+                                                   ].sum()
+    lines = ["rates (slope of log loss on log n, bootstrap CI; flagged fits excluded from the main slope; "
+             "sensitivity: slope_all over every fit of finite loss, *_inside over fits strictly inside the box):",
+             format_rates(rates), "",
+             "fits per series: " + ", ".join(
+                 f"{s}: {int(r.n_fits)} ({int(r.n_flagged)} flagged: diverged or on the boundary at an excluded "
+                 f"kind; {int(r.n_on_boundary)} on the boundary at any kind; {int(r.n_worse_than_truth)} with "
+                 "empirical risk above the truth's)" for s, r in counts.iterrows()),
+             format_boundary(boundary)]
     return "\n".join(lines)
 
 
@@ -84,8 +91,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     """Recompute rates.csv and summary.csv from results.parquet and print them."""
     from hmoe_sim.sweep import RunDir
-    from hmoe_sim.sweep.report import rates_table, summary_table
-    from hmoe_sim.sweep.storage import RATES_FILE, SUMMARY_FILE
+    from hmoe_sim.sweep.report import boundary_table, rates_table, summary_table
+    from hmoe_sim.sweep.storage import BOUNDARY_FILE, RATES_FILE, SUMMARY_FILE
 
     run = RunDir(args.dir)
     config = run.read_config()
@@ -93,8 +100,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     rates, summary = rates_table(results, config), summary_table(results, config)
     run.write_table(RATES_FILE, rates)
     run.write_table(SUMMARY_FILE, summary)
+    boundary = boundary_table(results)
+    run.write_table(BOUNDARY_FILE, boundary)
     print(f"{config.name} ({len(results)} fits, fingerprint {config.fingerprint})")
-    print(_report_text(rates, summary))
+    print(_report_text(rates, summary, boundary))
     return 0
 
 

@@ -7,7 +7,18 @@ import pandas as pd
 import pytest
 
 from hmoe_sim.sweep.config import parse_config
-from hmoe_sim.sweep.report import RATE_COLUMNS, format_rates, rates_table, summary_table
+from hmoe_sim.sweep.report import (
+    RATE_COLUMNS,
+    boundary_excluded,
+    boundary_table,
+    flagged,
+    format_boundary,
+    format_rates,
+    rates_table,
+    summary_table,
+    usable,
+    worse_than_truth,
+)
 
 CFG = parse_config({
     "truth": {"preset": "sigmoid-regime1"},
@@ -35,8 +46,12 @@ def synthetic() -> pd.DataFrame:
     return frame
 
 
+# a policy that excludes boundary fits (results without labels: every boundary fit)
+STRICT = {"b:hi"}
+
+
 def test_rates_recover_slopes_and_count_flagged():
-    rates = rates_table(synthetic(), CFG, n_boot=200)
+    rates = rates_table(synthetic(), CFG, n_boot=200, exclude=STRICT)
     assert list(rates.columns[: len(RATE_COLUMNS)]) == RATE_COLUMNS
     assert {"rss_power", "rss_log", "preferred", "n_used", "n_flagged"} <= set(rates.columns)
     fast = rates[(rates.series == "fast") & (rates.loss == "D1")].iloc[0]
@@ -53,7 +68,7 @@ def test_rates_recover_slopes_and_count_flagged():
 
 def test_summary_means_skip_flagged_and_nan():
     frame = synthetic()
-    summary = summary_table(frame, CFG)
+    summary = summary_table(frame, CFG, exclude=STRICT)
     first = summary[(summary.series == "fast") & (summary.n == 100)].iloc[0]
     kept = frame.loc[[1, 2, 3], "D1"].to_numpy()
     assert first.n_flagged == 1 and first.D1_n == 3 and first.n_diverged == 1
@@ -68,3 +83,52 @@ def test_series_with_one_size_gets_nan_slope():
     rates = rates_table(frame, CFG, n_boot=50)
     slow = rates[(rates.series == "slow") & (rates.loss == "D1")].iloc[0]
     assert np.isnan(slow.slope) and slow.n_flagged == 8
+
+
+def test_boundary_policy_counts_and_sensitivity():
+    frame = synthetic()
+    frame["boundary_params"] = ""
+    frame["risk"], frame["risk_truth"] = 0.01, 0.011
+    # row 5 is on the boundary (from synthetic()): an atom switched off, with an ordinary loss
+    frame.loc[5, ["boundary_params", "D1"]] = ["beta0:lo", 3.0 * 1000**-0.5]
+    # rows 7 and 8: a gating slope run off, and the shared gauge
+    frame.loc[7, ["on_boundary", "boundary_params", "D1"]] = [True, "a:hi,beta1:hi,z:lo", 50.0]
+    frame.loc[8, ["on_boundary", "boundary_params"]] = [True, "W1:hi,z:lo"]
+    frame.loc[10, "risk"] = 0.02
+    assert worse_than_truth(frame)[worse_than_truth(frame)].index.tolist() == [10]
+    # default policy: no kind excludes a fit; only the diverged row 0 is flagged
+    assert flagged(frame)[flagged(frame)].index.tolist() == [0]
+    policy = {"beta1:hi", "a:lo"}
+    excl = boundary_excluded(frame, policy)
+    assert excl[excl].index.tolist() == [7]
+    assert flagged(frame, policy)[flagged(frame, policy)].index.tolist() == [0, 7]
+    rates = rates_table(frame, CFG, n_boot=100, exclude=policy)
+    fast = rates[(rates.series == "fast") & (rates.loss == "D1")].iloc[0]
+    assert (fast.n_used, fast.n_flagged, fast.n_boundary_excluded, fast.n_on_boundary) == (10, 2, 1, 3)
+    assert (fast.n_used_all, fast.n_used_inside, fast.n_worse_than_truth, fast.n_diverged) == (12, 8, 1, 1)
+    # the all-fits slope includes the absurd losses (1e6 at n=100, 50 at n=1000): much flatter
+    assert fast.slope == pytest.approx(-0.5, abs=0.02) and fast.slope_all < -0.5 - 0.3
+    assert fast.slope_inside == pytest.approx(-0.5, abs=0.01)
+    default = rates_table(frame, CFG, n_boot=100)
+    d1 = default[(default.series == "fast") & (default.loss == "D1")].iloc[0]
+    assert (d1.n_used, d1.n_flagged, d1.n_boundary_excluded) == (11, 1, 0)
+    middle = summary_table(frame, CFG).query("series == 'fast' and n == 1000").iloc[0]
+    assert middle.D1_n == 4 and middle.D1_mean > 50 / 4
+    table = boundary_table(frame, policy)
+    got = {(r.series, r.kind): (r.n_fits, r.excluded) for r in table.itertuples()}
+    assert got == {("fast", "a:hi"): (1, False), ("fast", "beta0:lo"): (1, False), ("fast", "beta1:hi"): (1, True),
+                   ("fast", "z:lo"): (2, False), ("fast", "W1:hi"): (1, False)}
+    assert "beta1:hi* 1" in format_boundary(table) and "z:lo 2" in format_boundary(table)
+    assert "slope_inside" in format_rates(rates)
+    summary = summary_table(frame, CFG)
+    first = summary[(summary.series == "fast") & (summary.n == 100)].iloc[0]
+    assert first.n_flagged == 1 and first.D1_median_inside == pytest.approx(np.median(frame.loc[1:3, "D1"]))
+    with pytest.raises(ValueError, match="'some'"):
+        usable(frame, "D1", fits="some")
+
+
+def test_old_results_without_labels():
+    frame = synthetic()
+    assert flagged(frame)[flagged(frame)].index.tolist() == [0]
+    assert flagged(frame, {"b:hi"})[flagged(frame, {"b:hi"})].index.tolist() == [0, 5]
+    assert boundary_table(frame).empty and "no fit" in format_boundary(boundary_table(frame))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import hmoe_sim.sweep.runner as runner
 from hmoe_sim.sweep import parse_config, plan_cells, run_sweep
@@ -141,3 +142,22 @@ def test_nonshared_series_is_scored_on_the_shared_truths_atoms():
     assert nonshared.fit_model.structure == "nonshared" and shared.fit_model.structure == "shared"
     assert np.array_equal(a.atoms.numpy(), b.atoms.numpy()) and np.array_equal(a.weights.numpy(), b.weights.numpy())
     assert len(plan_cells(cfg)) == 8
+
+
+def test_boundary_labels_name_each_bound_hit():
+    from hmoe_sim.estimators import Bounds
+    from hmoe_sim.models.presets import make_preset
+
+    model = make_preset("hmoe-shared", seed=0).fit_model
+    shapes = model.param_shapes()
+    params = {k: torch.zeros((3, *s), dtype=torch.float64) for k, s in shapes.items()}
+    box = Bounds({"z": (-20.0, 20.0)})
+    params["beta0"][0, 1, 0] = -10.0          # fit 0: an atom switched off
+    params["W1"][0, 2, 1] = 10.0              # ... and the gauge at the upper bound
+    params["z"][1, 0, 0, 1] = -20.0           # fit 1: a code at its own (wider) lower bound
+    params["z"][2, 0, 0, 1] = -10.0           # fit 2: inside the wider box for z
+    labels = runner.boundary_labels(model, params, box)
+    assert labels == ["W1:hi,beta0:lo", "z:lo", ""]
+    lo, hi = box.vectors(model)
+    on = box.near_boundary(model.flatten(params), lo, hi).tolist()
+    assert on == [bool(s) for s in labels]

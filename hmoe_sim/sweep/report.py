@@ -1,11 +1,19 @@
 """Tables from a sweep's per-fit results: rates per (series, loss) and per-size summaries.
 
-A fit is *flagged* when the estimator reports it diverged or ended on the boundary of the
-parameter box. Flagged fits, and fits whose loss is not a finite positive number, are
-counted in every table and never enter a mean or a slope.
+A fit is *flagged* when the estimator reports it diverged, or when it ended on the boundary
+of the parameter box at a kind (``"name:side"``, column ``boundary_params``) listed in the
+exclusion policy (:data:`EXCLUDED_BOUNDARY`; empty by default: the estimator the theory
+studies is least squares over the compact box, so a certified fit at the box is one of its
+values -- paper_notes/05 section 5.5 gives the reason). Flagged fits, and fits whose loss is
+not a finite positive number, are counted in every table and never enter a mean or the main
+slope. Every rate is also given over *all* fits of finite loss (columns ``*_all``) and over
+the fits strictly *inside* the box (``*_inside``: every boundary fit dropped), so that the
+policy can be judged.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import numpy as np
 import pandas as pd
@@ -13,10 +21,18 @@ import pandas as pd
 from hmoe_sim.rates import fit_rate
 from hmoe_sim.sweep.config import SweepConfig
 
-__all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS"]
+__all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
+           "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth"]
 
 #: leading columns of ``rates.csv``
 RATE_COLUMNS = ["series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max"]
+
+#: Boundary kinds (``"name:side"``, e.g. ``"beta1:hi"``) that exclude a fit from means and the
+#: main slope. Empty: no kind does. ``beta0:lo`` (an atom switched off) and the shared gauge
+#: (``W1, W2, w3, z``) move no atom; ``a``, ``b``, ``beta1`` at the box in the non-shared model
+#: are the escape along the flat directions behind the slow rate, i.e. the behaviour under
+#: test, and dropping them would bias exactly the slow series towards a fast rate.
+EXCLUDED_BOUNDARY: frozenset[str] = frozenset()
 
 
 def loss_columns(config: SweepConfig) -> list[str]:
@@ -25,82 +41,186 @@ def loss_columns(config: SweepConfig) -> list[str]:
     return list(spec["kinds"]) + (["L2"] if spec["l2"] else [])
 
 
-def flagged(results: pd.DataFrame) -> pd.Series:
-    """Per fit: diverged or on the boundary of the parameter box."""
-    out = pd.Series(False, index=results.index)
-    for col in ("diverged", "on_boundary"):
-        if col in results:
-            out |= results[col].astype(bool)
+def _labels(results: pd.DataFrame) -> pd.Series:
+    if "boundary_params" not in results:
+        return pd.Series("", index=results.index)
+    return results["boundary_params"].fillna("").astype(str)
+
+
+def boundary_excluded(results: pd.DataFrame, exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.Series:
+    """Per fit: on the boundary at some kind in ``exclude``.
+
+    Results without a ``boundary_params`` column (older runs) cannot be judged per kind:
+    there every boundary fit counts as excluded when ``exclude`` is not empty.
+    """
+    on = results["on_boundary"].astype(bool) if "on_boundary" in results else pd.Series(False, index=results.index)
+    if not exclude:
+        return pd.Series(False, index=results.index)
+    if "boundary_params" not in results:
+        return on
+    labels = _labels(results)
+    hit = labels.map(lambda s: any(k in exclude for k in s.split(",") if k))
+    return on & hit
+
+
+def flagged(results: pd.DataFrame, exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.Series:
+    """Per fit: diverged, or on the boundary at an excluded kind (:func:`boundary_excluded`)."""
+    out = boundary_excluded(results, exclude).copy()
+    if "diverged" in results:
+        out |= results["diverged"].astype(bool)
     return out
 
 
-def usable(results: pd.DataFrame, loss: str) -> pd.Series:
-    """Per fit: not flagged, and the loss is finite and positive (it enters means and slopes)."""
+def worse_than_truth(results: pd.DataFrame) -> pd.Series:
+    """Per fit: its empirical risk exceeds the truth's on the same data (a least-squares fit never does).
+
+    A relative margin of ``1e-9`` absorbs rounding; NaN risks count as worse.
+    """
+    if "risk" not in results or "risk_truth" not in results:
+        return pd.Series(False, index=results.index)
+    risk, truth = results["risk"].to_numpy(dtype=float), results["risk_truth"].to_numpy(dtype=float)
+    ok = np.isfinite(truth)
+    worse = ok & ~(risk <= truth * (1 + 1e-9))
+    return pd.Series(worse, index=results.index)
+
+
+def usable(results: pd.DataFrame, loss: str, *, fits: str = "policy",
+           exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.Series:
+    """Per fit: the loss is finite and positive, and the fit belongs to the chosen set.
+
+    ``fits``: ``"policy"`` (not :func:`flagged`), ``"all"`` (every fit) or ``"inside"``
+    (neither diverged nor on the boundary at any kind).
+    """
     values = results[loss].to_numpy(dtype=float)
-    return ~flagged(results) & pd.Series(np.isfinite(values) & (values > 0), index=results.index)
+    good = pd.Series(np.isfinite(values) & (values > 0), index=results.index)
+    if fits == "all":
+        return good
+    if fits == "inside":
+        out = good.copy()
+        for col in ("diverged", "on_boundary"):
+            if col in results:
+                out &= ~results[col].astype(bool)
+        return out
+    if fits != "policy":
+        raise ValueError(f"fits must be 'policy', 'all' or 'inside', got {fits!r}")
+    return ~flagged(results, exclude) & good
 
 
-def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 2000, level: float = 0.95
-                ) -> pd.DataFrame:
+def _rate(part: pd.DataFrame, ok: pd.Series, loss: str, n_boot: int, level: float) -> dict[str, object]:
+    if part.loc[ok, "n"].nunique() < 2:
+        return {k: np.nan for k in RATE_COLUMNS[2:]}
+    return fit_rate(part.loc[ok, "n"].to_numpy(), part.loc[ok, loss].to_numpy(dtype=float),
+                    n_boot=n_boot, level=level, seed=0).as_dict()
+
+
+def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 2000, level: float = 0.95,
+                exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
     """One row per (series, loss): the fitted log-log slope with its bootstrap CI.
 
     Columns: ``series, loss, slope, ci_low, ci_high, n_min, n_max`` then the rest of
     :meth:`hmoe_sim.rates.RateFit.as_dict` (power-law vs log-model comparison), then
-    ``n_fits`` (rows of the series), ``n_used``, ``n_flagged`` (diverged or on boundary) and
-    ``n_bad_loss`` (unflagged fits whose loss is not finite and positive).
+    ``n_fits`` (rows of the series), ``n_used``, ``n_flagged`` (diverged or on the boundary at
+    an excluded kind), ``n_bad_loss`` (unflagged fits whose loss is not finite and positive),
+    ``n_diverged``, ``n_on_boundary`` (any kind), ``n_boundary_excluded``,
+    ``n_worse_than_truth`` (:func:`worse_than_truth`), and two sensitivity fits of the same
+    model, ``slope_S, ci_low_S, ci_high_S, preferred_S, n_used_S`` for ``S = all`` (every fit
+    of finite positive loss) and ``S = inside`` (only fits strictly inside the box).
     """
     rows = []
-    bad = flagged(results)
+    bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
     for s in config.series:
         part = results[results["series"] == s["name"]]
+        idx = part.index
         for loss in loss_columns(config):
-            ok = usable(part, loss)
-            counts = {"n_fits": len(part), "n_used": int(ok.sum()), "n_flagged": int(bad[part.index].sum()),
-                      "n_bad_loss": int((~ok & ~bad[part.index]).sum())}
+            ok = usable(part, loss, exclude=exclude)
+            counts = {"n_fits": len(part), "n_used": int(ok.sum()), "n_flagged": int(bad[idx].sum()),
+                      "n_bad_loss": int((~ok & ~bad[idx]).sum()),
+                      "n_diverged": int(part["diverged"].astype(bool).sum()) if "diverged" in part else 0,
+                      "n_on_boundary": int(part["on_boundary"].astype(bool).sum()) if "on_boundary" in part else 0,
+                      "n_boundary_excluded": int(excl[idx].sum()), "n_worse_than_truth": int(worse[idx].sum())}
             row: dict[str, object] = {"series": s["name"], "loss": loss}
-            if part.loc[ok, "n"].nunique() >= 2:
-                fitted = fit_rate(part.loc[ok, "n"].to_numpy(), part.loc[ok, loss].to_numpy(dtype=float),
-                                  n_boot=n_boot, level=level, seed=0).as_dict()
-                row.update({k: v for k, v in fitted.items() if k not in row})
-            else:
-                row.update({k: np.nan for k in RATE_COLUMNS[2:]})
+            row.update({k: v for k, v in _rate(part, ok, loss, n_boot, level).items() if k not in row})
             row.update(counts)
+            for which in ("all", "inside"):
+                chosen = usable(part, loss, fits=which)
+                sens = _rate(part, chosen, loss, n_boot, level)
+                row.update({f"slope_{which}": sens["slope"], f"ci_low_{which}": sens["ci_low"],
+                            f"ci_high_{which}": sens["ci_high"], f"preferred_{which}": sens.get("preferred", ""),
+                            f"n_used_{which}": int(chosen.sum())})
             rows.append(row)
     table = pd.DataFrame(rows)
     rest = [c for c in table.columns if c not in RATE_COLUMNS]
     return table[RATE_COLUMNS + rest]
 
 
-def summary_table(results: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
-    """One row per (series, n): counts of fits (flagged, converged) and loss statistics.
+def summary_table(results: pd.DataFrame, config: SweepConfig, *,
+                  exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
+    """One row per (series, n): counts of fits (flagged, converged, ...) and loss statistics.
 
-    For every loss ``L``: ``L_mean``, ``L_sd`` (ddof 1), ``L_median`` over the usable fits.
+    For every loss ``L``: ``L_mean``, ``L_sd`` (ddof 1), ``L_median`` over the usable fits,
+    and ``L_median_inside`` over the fits strictly inside the box.
     """
     rows = []
-    bad = flagged(results)
+    bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
     for s in config.series:
         for n in config.sizes:
             part = results[(results["series"] == s["name"]) & (results["n"] == n)]
             row: dict[str, object] = {"series": s["name"], "n": n, "n_fits": len(part),
                                       "n_flagged": int(bad[part.index].sum())}
             for col in ("diverged", "on_boundary", "converged"):
-                if col in part:
-                    row[f"n_{col}"] = int(part[col].astype(bool).sum())
+                row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
+            row["n_boundary_excluded"] = int(excl[part.index].sum())
+            row["n_worse_than_truth"] = int(worse[part.index].sum())
             for loss in loss_columns(config):
-                v = part.loc[usable(part, loss), loss].to_numpy(dtype=float)
+                v = part.loc[usable(part, loss, exclude=exclude), loss].to_numpy(dtype=float)
+                v_in = part.loc[usable(part, loss, fits="inside"), loss].to_numpy(dtype=float)
                 row[f"{loss}_n"] = len(v)
                 row[f"{loss}_mean"] = float(v.mean()) if len(v) else np.nan
                 row[f"{loss}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
                 row[f"{loss}_median"] = float(np.median(v)) if len(v) else np.nan
+                row[f"{loss}_median_inside"] = float(np.median(v_in)) if len(v_in) else np.nan
             rows.append(row)
     return pd.DataFrame(rows)
 
 
+def boundary_table(results: pd.DataFrame, exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
+    """Fits per (series, boundary kind): how many fits ended at each ``"name:side"`` of the box.
+
+    A fit at several kinds counts once under each. Columns ``series, kind, n_fits, excluded``
+    (``excluded``: the kind is in ``exclude``); empty when no fit is on the boundary or the
+    results carry no ``boundary_params``.
+    """
+    rows = []
+    labels = _labels(results)
+    for name in dict.fromkeys(results["series"]):
+        counts: dict[str, int] = {}
+        for text in labels[results["series"] == name]:
+            for kind in (k for k in text.split(",") if k):
+                counts[kind] = counts.get(kind, 0) + 1
+        rows += [{"series": name, "kind": k, "n_fits": c, "excluded": k in exclude}
+                 for k, c in sorted(counts.items())]
+    return pd.DataFrame(rows, columns=["series", "kind", "n_fits", "excluded"])
+
+
+def format_boundary(table: pd.DataFrame) -> str:
+    """One line per series: ``kind count`` pairs, excluded kinds marked with ``*``."""
+    if table.empty:
+        return "no fit on the boundary of the parameter box"
+    lines = []
+    for name, part in table.groupby("series", sort=False):
+        items = ", ".join(f"{r.kind}{'*' if r.excluded else ''} {int(r.n_fits)}" for r in part.itertuples())
+        lines.append(f"  {name}: {items}")
+    return "\n".join(["fits at the box per kind (a fit may count under several; * = kind that excludes the fit "
+                      "from means and the main slope):", *lines])
+
+
 def format_rates(rates: pd.DataFrame) -> str:
-    """The rates table as aligned text (what ``hmoe-sim report`` prints)."""
+    """The rates table as aligned text (what ``hmoe-sim report`` prints), with the sensitivity slopes."""
     cols = [c for c in ["series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max", "preferred", "n_used",
-                        "n_flagged"] if c in rates]
+                        "n_flagged", "slope_all", "n_used_all", "slope_inside", "ci_low_inside", "ci_high_inside",
+                        "n_used_inside"] if c in rates]
     shown = rates[cols].copy()
-    for c in ("slope", "ci_low", "ci_high"):
-        shown[c] = shown[c].map(lambda v: f"{v:+.3f}" if np.isfinite(v) else "nan")
+    for c in ("slope", "ci_low", "ci_high", "slope_all", "slope_inside", "ci_low_inside", "ci_high_inside"):
+        if c in shown:
+            shown[c] = shown[c].map(lambda v: f"{v:+.3f}" if np.isfinite(v) else "nan")
     return shown.to_string(index=False)

@@ -7,6 +7,7 @@
     DIR/results.parquet           one row per fit: the cells of the current fingerprint, sorted
     DIR/rates.csv                 one row per (series, loss): fitted slope with its CI
     DIR/summary.csv               per (series, n): fit counts, flagged fits, loss means and SDs
+    DIR/boundary.csv              per (series, boundary kind): fits that ended at that bound
 
 Cells live under their configuration's fingerprint, so a changed configuration never reads
 a stale cell. Every file is written to a temporary name in the same directory and moved in
@@ -33,6 +34,7 @@ CONFIG_FILE = "config.resolved.json"
 RESULTS_FILE = "results.parquet"
 RATES_FILE = "rates.csv"
 SUMMARY_FILE = "summary.csv"
+BOUNDARY_FILE = "boundary.csv"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
