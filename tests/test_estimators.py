@@ -190,6 +190,59 @@ def test_bounds_are_enforced_and_boundary_is_flagged():
     assert not wide.on_boundary.any()
 
 
+def test_boundary_params_name_the_bound_that_was_hit():
+    s, model, X, y = _data("softmax-linear", 3, 200)
+    init = init_near_truth(model, s.true_model, s.truth, batch_shape=3, perturbation=0.1, seed=10)
+    # a's upper side binds on every fit; beta0's lower side on none (its box is wide)
+    box = Bounds({"a": (-10.0, 0.05), "beta1": (-0.5, 0.5)})
+    res = fit_batch(model, X, y, init, bounds=box, max_iter=30)
+    theta = model.flatten(res.params)
+    lo, hi = box.vectors(model)
+    for b in range(3):
+        # independent reading: a label per name and side with some entry within tolerance of the bound
+        expected = []
+        for name in model.param_shapes():
+            v = res.params[name][b]
+            low, high = box.limits_for(name)
+            if (v <= low + 1e-6 * (1 + abs(low))).any():
+                expected.append(f"{name}:lo")
+            if (v >= high - 1e-6 * (1 + abs(high))).any():
+                expected.append(f"{name}:hi")
+        assert res.boundary_params[b] == sorted(expected)
+        assert "a:hi" in res.boundary_params[b]
+        assert bool(res.on_boundary[b]) == bool(res.boundary_params[b])
+    frame = res.certificate_frame()
+    assert frame["boundary_params"].tolist() == [",".join(x) for x in res.boundary_params]
+    assert box.boundary_params(model, theta, lo, hi) == res.boundary_params
+    # a point inside the box has no labels; one coordinate on each side gives both
+    inside = torch.zeros(1, model.n_params, dtype=torch.float64)
+    assert box.boundary_params(model, inside, lo, hi) == [[]]
+    inside[0, 0], inside[0, -1] = -10.0, 10.0  # beta0[0] at lo, b[-1] at hi
+    assert box.boundary_params(model, inside, lo, hi) == [["b:hi", "beta0:lo"]]
+    # open sides are never reached
+    free = Bounds.unbounded()
+    assert free.boundary_params(model, torch.full((1, model.n_params), 1e300, dtype=torch.float64),
+                                *free.vectors(model)) == [[]]
+
+
+def test_boundary_params_survive_chunks_and_multistart():
+    s, model, X, y = _data("softmax-linear", 2, 150)
+    box = Bounds({"a": (-0.05, 0.05)})
+    init = init_random(model, batch_shape=(2, 3), seed=5, scale=0.5)
+    best = fit_multistart(model, X, y, n_starts=3, init=init, max_iter=20, bounds=box, chunk_size=2)
+    for b in range(2):
+        j = int(best.start[b])
+        one = fit_batch(model, X[b : b + 1], y[b : b + 1], {k: v[b, j : j + 1] for k, v in init.items()},
+                        max_iter=20, bounds=box)
+        assert best.boundary_params[b] == one.boundary_params[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        start = {k: v[0, 0] for k, v in init.items()}
+        est = LeastSquaresMoE(model, bounds=box, max_iter=20).fit(X[0], y[0], init=start)
+    assert isinstance(est.boundary_params_, list) and {"a:lo", "a:hi"} & set(est.boundary_params_)
+    assert est.certificate_frame()["boundary_params"].tolist() == [",".join(est.boundary_params_)]
+
+
 def test_bounds_reject_bad_input():
     with pytest.raises(ValueError, match="low < high"):
         Bounds({"beta0": (1.0, -1.0)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -37,9 +37,11 @@ METHODS = ("lm", "adam", "sgd-paper")
 LOSSES = ("ls", "mle")
 #: memory the Jacobian work of one chunk may use on the CPU (bytes)
 CPU_CHUNK_BUDGET = 2 * 1024**3
-#: working copies of the ``(n, P)`` Jacobian block one problem needs (expanded parameters,
-#: their gradient, the masked Jacobian, autograd intermediates)
+#: working copies of the ``(n, P)`` Jacobian block one problem needs with reverse-mode
+#: autodiff (expanded parameters, their gradient, the masked Jacobian, autograd intermediates)
 _JACOBIAN_COPIES = 8
+#: the same with a model's analytic ``value_and_jacobian`` (the Jacobian, its masked copy, slack)
+_ANALYTIC_JACOBIAN_COPIES = 3
 
 
 class ConvergenceWarning(UserWarning):
@@ -69,6 +71,10 @@ class FitResult:
     n : samples of each data set.
     start : index of the start kept by a multi-start fit (0 otherwise).
     method : solver name.
+    boundary_params : list of list of str
+        Per fit, the parameter tensors with an entry at a bound, as sorted labels
+        ``"name:lo"`` / ``"name:hi"`` (e.g. ``["beta0:lo"]``); empty for a fit inside the box
+        (:meth:`Bounds.boundary_params`). Non-empty exactly when ``on_boundary`` is set.
     """
 
     params: Params
@@ -85,20 +91,27 @@ class FitResult:
     n: torch.Tensor
     start: torch.Tensor
     method: str = "lm"
+    boundary_params: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.risk.shape[0])
 
     def _fields(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name not in ("params", "method")]
+        return [f.name for f in fields(self) if f.name not in ("params", "method", "boundary_params")]
 
     def certificate_frame(self) -> pd.DataFrame:
-        """One row per fit: ``fit`` index, the certificate fields and ``method``."""
+        """One row per fit: ``fit`` index, the certificate fields, ``method`` and
+        ``boundary_params`` (the labels joined by ``","``, ``""`` inside the box)."""
         data: dict[str, Any] = {"fit": np.arange(len(self))}
         for name in self._fields():
             data[name] = getattr(self, name).detach().cpu().numpy()
         data["method"] = self.method
+        data["boundary_params"] = [",".join(labels) for labels in self._labels()]
         return pd.DataFrame(data)
+
+    def _labels(self) -> list[list[str]]:
+        """``boundary_params``, or empty lists for a result built without it."""
+        return self.boundary_params if len(self.boundary_params) == len(self) else [[] for _ in range(len(self))]
 
     @staticmethod
     def concat(parts: Sequence[FitResult]) -> FitResult:
@@ -106,17 +119,21 @@ class FitResult:
         first = parts[0]
         params = {k: torch.cat([p.params[k] for p in parts]) for k in first.params}
         stacked = {name: torch.cat([getattr(p, name) for p in parts]) for name in first._fields()}
-        return FitResult(params=params, method=first.method, **stacked)
+        labels = [labels for p in parts for labels in p._labels()]
+        return FitResult(params=params, method=first.method, boundary_params=labels, **stacked)
 
 
-def auto_chunk_size(n: int, n_params: int, dtype: torch.dtype, device: torch.device) -> int:
+def auto_chunk_size(n: int, n_params: int, dtype: torch.dtype, device: torch.device, *,
+                    analytic: bool = False) -> int:
     """Problems per chunk such that the Jacobian work fits in memory.
 
-    One problem needs about ``8 * n * P`` numbers (see ``_JACOBIAN_COPIES``); the budget is
-    2 GiB on the CPU and half the free memory of a CUDA device.
+    One problem needs about ``8 * n * P`` numbers with autodiff Jacobians, ``3 * n * P`` with
+    a model's analytic one (``analytic=True``); the budget is 2 GiB on the CPU and half the
+    free memory of a CUDA device.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_problem = _JACOBIAN_COPIES * n * max(n_params, 1) * itemsize
+    copies = _ANALYTIC_JACOBIAN_COPIES if analytic else _JACOBIAN_COPIES
+    per_problem = copies * n * max(n_params, 1) * itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 2
@@ -272,7 +289,8 @@ def fit_batch(
     X = torch.where(mask.unsqueeze(-1), X, torch.zeros((), dtype=dt, device=dev))
     y = torch.where(mask, y, torch.zeros((), dtype=dt, device=dev))
     total = X.shape[0]
-    size = auto_chunk_size(X.shape[1], model.n_params, dt, dev) if chunk_size is None else \
+    analytic = hasattr(model, "value_and_jacobian")
+    size = auto_chunk_size(X.shape[1], model.n_params, dt, dev, analytic=analytic) if chunk_size is None else \
         check_positive_int("chunk_size", chunk_size)
     parts: list[FitResult] = []
     start = 0
@@ -353,7 +371,8 @@ def _certificate(problem: Problem, out: SolverOutput, box: Bounds, truth_model: 
         rel_change=out.rel_change, converged=out.converged & ~diverged,
         on_boundary=box.near_boundary(theta, problem.lo, problem.hi), diverged=diverged, risk=risk,
         risk_truth=risk_truth, noise_var=risk, loglik=loglik, n=n,
-        start=torch.zeros_like(out.n_iter), method=method)
+        start=torch.zeros_like(out.n_iter), method=method,
+        boundary_params=box.boundary_params(problem.model, theta, problem.lo, problem.hi))
 
 
 def _best_of_starts(result: FitResult, B: int, m: int) -> FitResult:
@@ -365,7 +384,9 @@ def _best_of_starts(result: FitResult, B: int, m: int) -> FitResult:
     params = {k: v[flat] for k, v in result.params.items()}
     picked = {name: getattr(result, name)[flat] for name in result._fields()}
     picked["start"] = best
-    return FitResult(params=params, method=result.method, **picked)
+    labels = result._labels()
+    return FitResult(params=params, method=result.method, boundary_params=[labels[i] for i in flat.tolist()],
+                     **picked)
 
 
 def fit_multistart(
@@ -424,6 +445,8 @@ class LeastSquaresMoE:
         Fitted parameters (unbatched when ``fit`` got one data set ``X (n, D)``).
     converged_, n_iter_, grad_norm_, rel_change_, on_boundary_, diverged_, risk_, risk_truth_
         Certificate fields (scalars for one data set, ``(B,)`` arrays for a batch).
+    boundary_params_ : list of str, or list of list of str for a batch
+        Parameters with an entry at a bound (``"name:lo"`` / ``"name:hi"``).
     """
 
     _loss = "ls"
@@ -479,6 +502,7 @@ class LeastSquaresMoE:
         self.params_ = {k: v[0] for k, v in result.params.items()} if single else result.params
         for name in self._attributes + self._extra_attributes():
             setattr(self, name + "_", unpack(getattr(result, name)))
+        self.boundary_params_ = result.boundary_params[0] if single else result.boundary_params
         bad = int((~result.converged).sum())
         if bad:
             warnings.warn(f"{bad} of {len(result)} fit(s) did not converge (method={self.method!r}, "

@@ -115,12 +115,39 @@ class Bounds:
         theta = model.flatten(params)
         return ((theta >= lo) & (theta <= hi)).all(dim=-1)
 
+    def at_bounds(self, theta: torch.Tensor, lo: torch.Tensor,
+                  hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per coordinate of ``theta`` ``(*batch, P)``: within tolerance of ``lo``, of ``hi``.
+
+        A coordinate is at a finite bound ``c`` when it lies within ``boundary_tol * (1 + |c|)``
+        of it (or beyond); an infinite bound is never reached.
+        """
+        at_lo = theta <= lo + self.boundary_tol * (1 + lo.abs())
+        at_hi = theta >= hi - self.boundary_tol * (1 + hi.abs())
+        return at_lo & torch.isfinite(lo), at_hi & torch.isfinite(hi)
+
     def near_boundary(self, theta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """``(*batch,)`` bool from flattened parameters ``(*batch, P)``: any coordinate at a bound."""
-        tol_lo = self.boundary_tol * (1 + lo.abs())
-        tol_hi = self.boundary_tol * (1 + hi.abs())
-        at = (theta <= lo + tol_lo) | (theta >= hi - tol_hi)
-        return at.any(dim=-1)
+        at_lo, at_hi = self.at_bounds(theta, lo, hi)
+        return (at_lo | at_hi).any(dim=-1)
+
+    def boundary_params(self, model: MixtureModel, theta: torch.Tensor, lo: torch.Tensor,
+                        hi: torch.Tensor) -> list[list[str]]:
+        """Per fit (rows of ``theta`` ``(B, P)``): the parameter tensors with an entry at a bound.
+
+        Labels are ``"name:lo"`` / ``"name:hi"`` (e.g. ``"beta0:lo"``: some atom's mass pushed
+        to ``exp(lo)``; ``"W1:hi"``), sorted; an empty list for a fit inside the box. A fit has a
+        label exactly when :meth:`near_boundary` flags it.
+        """
+        at_lo, at_hi = self.at_bounds(theta, lo, hi)
+        names, hits, start = [], [], 0
+        for name, shape in model.param_shapes().items():
+            stop = start + math.prod(shape)
+            hits += [at_lo[..., start:stop].any(-1), at_hi[..., start:stop].any(-1)]
+            names += [f"{name}:lo", f"{name}:hi"]
+            start = stop
+        table = torch.stack(hits, dim=-1).cpu().tolist()
+        return [sorted(label for label, hit in zip(names, row, strict=True) if hit) for row in table]
 
     def on_boundary(self, model: MixtureModel, params: Params) -> torch.Tensor:
         """``(*batch,)`` bool: some coordinate of the fit lies within tolerance of a bound."""
