@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import hmoe_sim.sweep.runner as runner
 from hmoe_sim.sweep import parse_config, plan_cells, run_sweep
@@ -144,20 +143,18 @@ def test_nonshared_series_is_scored_on_the_shared_truths_atoms():
     assert len(plan_cells(cfg)) == 8
 
 
-def test_boundary_labels_name_each_bound_hit():
-    from hmoe_sim.estimators import Bounds
-    from hmoe_sim.models.presets import make_preset
 
-    model = make_preset("hmoe-shared", seed=0).fit_model
-    shapes = model.param_shapes()
-    params = {k: torch.zeros((3, *s), dtype=torch.float64) for k, s in shapes.items()}
-    box = Bounds({"z": (-20.0, 20.0)})
-    params["beta0"][0, 1, 0] = -10.0          # fit 0: an atom switched off
-    params["W1"][0, 2, 1] = 10.0              # ... and the gauge at the upper bound
-    params["z"][1, 0, 0, 1] = -20.0           # fit 1: a code at its own (wider) lower bound
-    params["z"][2, 0, 0, 1] = -10.0           # fit 2: inside the wider box for z
-    labels = runner.boundary_labels(model, params, box)
-    assert labels == ["W1:hi,beta0:lo", "z:lo", ""]
-    lo, hi = box.vectors(model)
-    on = box.near_boundary(model.flatten(params), lo, hi).tolist()
-    assert on == [bool(s) for s in labels]
+def test_results_record_the_bounds_hit(tmp_path: Path):
+    # a box so tight that the near-truth starts sit on it: every fit is labelled, and the
+    # labels agree with the on_boundary flag and with the box
+    box = {"limits": {"beta0": [-0.5, 0.5]}, "default": [-1.5, 1.5]}
+    raw = tiny(sample={"sizes": [60, 120], "replications": 2, "chunk": 2},
+               fit={"method": "lm", "max_iter": 2, "bounds": box})
+    res = run_sweep(parse_config(raw), tmp_path, progress=False, log=quiet).results
+    labels = res["boundary_params"].astype(str)
+    assert (labels != "").tolist() == res["on_boundary"].astype(bool).tolist()
+    kinds = {k for text in labels for k in text.split(",") if k}
+    assert kinds and all(k.split(":")[1] in ("lo", "hi") for k in kinds)
+    table = pd.read_csv(tmp_path / "boundary.csv")
+    assert set(table["kind"]) == kinds and not table["excluded"].any()
+

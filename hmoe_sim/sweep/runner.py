@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ from hmoe_sim.sweep.report import boundary_table, rates_table, summary_table
 from hmoe_sim.sweep.storage import BOUNDARY_FILE, RATES_FILE, RESULTS_FILE, SUMMARY_FILE, RunDir
 
 __all__ = ["SeriesSetup", "SweepOutcome", "run_cell", "run_sweep", "series_setup", "check_estimator_options",
-           "boundary_labels", "BACKENDS"]
+           "BACKENDS"]
 
 BACKENDS = ("local", "dask")
 
@@ -170,31 +169,6 @@ def _losses(model: MixtureModel, params: Params, setup: SeriesSetup, config: Swe
     return out
 
 
-def boundary_labels(model: MixtureModel, params: Params, bounds: Bounds) -> list[str]:
-    """Per fit: which parameters end at the box, as sorted ``"name:lo"`` / ``"name:hi"`` joined by ``","``.
-
-    ``""`` for a fit inside the box. The test is the estimator's (:meth:`Bounds.near_boundary`:
-    within ``boundary_tol * (1 + |bound|)`` of a finite bound), applied per parameter name, so
-    a fit has a label iff its ``on_boundary`` flag is set.
-    E.g. ``"beta0:lo"``: an atom's mass pushed to ``exp(lo)`` (the over-specified fit
-    switching an atom off); ``"beta1:hi"``: a gating slope run off; ``"W1:hi"`` or
-    ``"z:lo"``: the shared model's gauge ``(W M, M^-1 z)``, which moves no generated atom.
-    """
-    batch = next(iter(params.values())).shape[0]
-    labels: list[list[str]] = [[] for _ in range(batch)]
-    for name in model.param_shapes():
-        value = params[name].detach().reshape(batch, -1)
-        low, high = bounds.limits_for(name)
-        tol = bounds.boundary_tol
-        hits = {"lo": value <= low + tol * (1 + abs(low)), "hi": value >= high - tol * (1 + abs(high))}
-        for side, bound in (("lo", low), ("hi", high)):
-            if not math.isfinite(bound):
-                continue
-            for i in torch.nonzero(hits[side].any(-1)).flatten().tolist():
-                labels[i].append(f"{name}:{side}")
-    return [",".join(sorted(x)) for x in labels]
-
-
 def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     """Fit every replication of one cell and score it: one row per fit.
 
@@ -210,8 +184,8 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns ``series, structure, n, replication, chunk, data_seed, init_seed``, one
-        column per loss, and the estimator's certificate fields, with ``boundary_params``
-        (:func:`boundary_labels`, unless the estimator's certificate already gives it).
+        column per loss, and the estimator's certificate fields (with ``boundary_params``:
+        which bounds the fit ends at, e.g. ``"a:hi,beta0:lo"``).
     """
     import json
 
@@ -238,8 +212,6 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
                            **fit["options"])
         losses = _losses(setup.fit_model, result.params, setup, config)
     frame = result.certificate_frame().reset_index(drop=True)
-    if "boundary_params" not in frame:
-        frame["boundary_params"] = boundary_labels(setup.fit_model, result.params, bounds)
     head = pd.DataFrame({
         "series": cell.series,
         "structure": series.get("structure") or "",
