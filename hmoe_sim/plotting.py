@@ -53,7 +53,8 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     -----
     Points are means over the usable fits with error bars of +-2 SD; a lower bar that
     would cross zero is cut at a tenth of the mean (log axes). The solid line is the fitted
-    ``exp(intercept) n^slope``, labelled with the slope and its CI.
+    ``exp(intercept) n^slope``, labelled with the slope and its CI, and with the sensitivity
+    slope over the fits strictly inside the parameter box (``slope_inside``) when that set differs.
     """
     import numpy as np
 
@@ -79,6 +80,9 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
             r = row.iloc[0]
             grid = np.geomspace(n.min(), n.max(), 50)
             label = f"{name}: slope {r['slope']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            inside = float(r.get("slope_inside", np.nan))
+            if np.isfinite(inside) and int(r.get("n_used_inside", 0)) != int(r.get("n_used", 0)):
+                label += f"\n  (fits inside the box only: {inside:+.3f}, {int(r['n_used_inside'])} fits)"
             ax.plot(grid, np.exp(float(r["intercept"])) * grid ** float(r["slope"]), "-", color=color, label=label)
         else:
             ax.plot([], [], "o", color=color, label=f"{name}: no slope")

@@ -152,3 +152,13 @@ def test_run_dir_cells_and_config(tmp_path: Path):
     assert table["replication"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="not a sweep directory"):
         RunDir(tmp_path / "empty").read_config()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_committed_configs_are_valid(path: Path):
+    from hmoe_sim.sweep.runner import check_estimator_options
+
+    config = load_config(path)
+    check_estimator_options(config)
+    assert config.name == path.stem and len(config.sizes) >= 2
