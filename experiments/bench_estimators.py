@@ -5,22 +5,54 @@ Setup (issue 4): flat softmax MoE with linear experts and one known anchor exper
 the same data sets, starts, box and tolerance for both. Last line printed: the speedup.
 
     python experiments/bench_estimators.py                       # 64 data sets, n = 10^4
+    python experiments/bench_estimators.py --scipy-sets 16       # scipy on 16 of them, extrapolated
     python experiments/bench_estimators.py --n-sets 8 --n 2000   # reduced
     python experiments/bench_estimators.py --scaling             # also fits/s vs n and batch
+
+``--threads`` sets the threads of both methods (torch intra-op threads; OpenBLAS/OpenMP/MKL
+threads of NumPy and SciPy, through the environment before NumPy loads).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import time
+import os
+import sys
 
-import numpy as np
-import torch
-from scipy.optimize import least_squares
 
-from hmoe_sim import make_preset, sample_batch
-from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-sets", type=int, default=64)
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--tol", type=float, default=1e-8)
+    ap.add_argument("--max-iter", type=int, default=1000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads for both methods (default: all cores)")
+    ap.add_argument("--scipy-sets", type=int, default=None,
+                    help="run the scipy loop on the first m data sets only and extrapolate its time")
+    ap.add_argument("--scaling", action="store_true", help="also fits/s against n and batch size")
+    ap.add_argument("--scaling-point", nargs=2, type=int, metavar=("N", "BATCH"), help=argparse.SUPPRESS)
+    return ap
+
+
+ARGS = _parser().parse_args()
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(ARGS.threads)
+
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.optimize import least_squares  # noqa: E402
+
+from hmoe_sim import make_preset, sample_batch  # noqa: E402
+from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth  # noqa: E402
+
+SCALING_ITERS = 20
 
 
 def numpy_model(model, anchors):
@@ -41,22 +73,56 @@ def numpy_model(model, anchors):
 
 
 def run_scipy(f, X, y, theta0, lo, hi, tol):
+    """One ``least_squares`` per data set: (RSS, nfev, status, seconds, parameters at a bound)."""
     out, t0 = [], time.perf_counter()
     for b in range(X.shape[0]):
+        t1 = time.perf_counter()
         res = least_squares(lambda t, b=b: f(t, X[b]) - y[b], theta0[b], bounds=(lo, hi),
                             ftol=tol, xtol=tol, gtol=tol, method="trf")
-        out.append((2 * res.cost, res.nfev, res.status))
+        at = [f"theta[{j}]" for j in np.nonzero((res.x <= lo + 1e-6 * (1 + abs(lo)))
+                                                 | (res.x >= hi - 1e-6 * (1 + abs(hi))))[0]]
+        out.append((2 * res.cost, res.nfev, res.status, time.perf_counter() - t1, at))
     return out, time.perf_counter() - t0
 
 
-def fits_per_second(model, setup, n, batch, device, max_iter):
+def scaling_point(n: int, batch: int, device: str, threads: int) -> tuple[float, float]:
+    """LM iterations per second (summed over the batch) and this process's peak memory (MiB).
+
+    ``SCALING_ITERS`` LM iterations with every fit kept active (``tol`` far below reach), so
+    the figure is the cost of one iteration; fits/s = this / iterations per fit.
+    """
+    setup = make_preset("softmax-linear")
+    model = setup.fit_model
     X, y = sample_batch(setup.true_model, setup.truth, n, setup.noise_std, list(range(batch)), device=device)
     init = init_near_truth(model, setup.true_model, setup.truth, batch_shape=batch, seed=1, device=device)
-    t0 = time.perf_counter()
-    fit_batch(model, X, y, init, max_iter=max_iter)
+    fit_batch(model, X[:1], y[:1], {k: v[:1] for k, v in init.items()}, max_iter=2)  # warm-up
     if device != "cpu":
         torch.cuda.synchronize()
-    return batch / (time.perf_counter() - t0)
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = fit_batch(model, X, y, init, max_iter=SCALING_ITERS, tol=1e-300)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    if device == "cpu":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    else:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return float(res.n_iter.sum()) / wall, peak
+
+
+def scaling_table(args: argparse.Namespace, median_iters: float) -> None:
+    """Each point in a fresh process, so that its peak memory is its own."""
+    print(f"scaling ({SCALING_ITERS} LM iterations per point, each point a fresh process; fits/s assumes "
+          f"{median_iters:.0f} iterations per fit, the median of the main run):")
+    print(f"  {'n':>7} {'batch':>5} {'iterations/s':>13} {'fits/s':>8} {'peak MiB':>9}")
+    points = [(n, 16) for n in (1_000, 10_000, 100_000)] + [(1_000, b) for b in (1, 16, 64, 256)]
+    for n, batch in dict.fromkeys(points):
+        cmd = [sys.executable, __file__, "--scaling-point", str(n), str(batch), "--device", args.device,
+               "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+        rate, peak = float(out[-2]), float(out[-1])
+        print(f"  {n:>7} {batch:>5} {rate:>13.1f} {rate / median_iters:>8.2f} {peak:>9.0f}")
 
 
 def outside_share(model, X, y, init, max_iter):
@@ -72,17 +138,12 @@ def outside_share(model, X, y, init, max_iter):
     return max(0.0, 1 - inside / wall), wall
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-sets", type=int, default=64)
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--tol", type=float, default=1e-8)
-    ap.add_argument("--max-iter", type=int, default=1000)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scaling", action="store_true", help="also fits/s against n and batch size")
-    args = ap.parse_args()
-
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.scaling_point:
+        rate, peak = scaling_point(*args.scaling_point, args.device, args.threads)
+        print(rate, peak)
+        return
     setup = make_preset("softmax-linear", seed=args.seed)
     model = setup.fit_model
     X, y = sample_batch(setup.true_model, setup.truth, args.n, setup.noise_std,
@@ -92,8 +153,10 @@ def main() -> None:
     box = Bounds()
     lo, hi = (v.numpy() for v in box.vectors(model))
     print(f"setup: softmax-linear D={model.input_dim} k*={setup.true_model.n_atoms} k={model.n_atoms} "
-          f"P={model.n_params} n={args.n} data sets={args.n_sets} tol={args.tol} device={args.device} "
-          f"torch threads={torch.get_num_threads()}")
+          f"P={model.n_params} n={args.n} data sets={args.n_sets} tol={args.tol} device={args.device}")
+    print(f"threads: torch {torch.get_num_threads()}, NumPy/SciPy BLAS (OPENBLAS_NUM_THREADS) "
+          f"{os.environ['OPENBLAS_NUM_THREADS']}; cores {os.cpu_count()}; load average before the run "
+          f"{os.getloadavg()[0]:.2f}")
 
     dev = args.device
     Xd, yd = X.to(dev), y.to(dev)
@@ -108,43 +171,57 @@ def main() -> None:
         torch.cuda.synchronize()
     t_batched = time.perf_counter() - t0
     rss_batched = (res.risk * res.n).cpu().numpy()
+    n_iter = res.n_iter.cpu()
     print(f"(a) batched LM: {t_batched:.2f} s, converged {int(res.converged.sum())}/{args.n_sets}, "
-          f"on boundary {int(res.on_boundary.sum())}, iterations median {int(res.n_iter.median())} "
-          f"max {int(res.n_iter.max())}")
+          f"on boundary {int(res.on_boundary.sum())}, iterations median {int(n_iter.median())} "
+          f"max {int(n_iter.max())} total {int(n_iter.sum())}")
+    kinds: dict[str, int] = {}
+    for labels in res.boundary_params:
+        for label in labels:
+            kinds[label] = kinds.get(label, 0) + 1
+    print(f"    bounds hit (fits per label): {kinds or 'none'}")
+    if dev == "cpu":
+        print(f"    peak memory (process max RSS after (a)): "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    else:
+        print(f"    peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
+    m = args.n_sets if args.scipy_sets is None else min(args.scipy_sets, args.n_sets)
     f = numpy_model(model, {k: v.numpy() for k, v in model.anchors.items()})
     theta0 = model.flatten(init).numpy()
-    sp, t_scipy = run_scipy(f, X.numpy(), y.numpy(), theta0, lo, hi, args.tol)
+    sp, t_sub = run_scipy(f, X[:m].numpy(), y[:m].numpy(), theta0[:m], lo, hi, args.tol)
+    t_scipy = t_sub * args.n_sets / m
     rss_scipy = np.array([s[0] for s in sp])
-    print(f"(b) scipy least_squares loop (trf, 2-point Jacobian): {t_scipy:.2f} s, "
-          f"nfev median {int(np.median([s[1] for s in sp]))}, status {sorted({s[2] for s in sp})}")
+    print(f"(b) scipy least_squares loop (trf, 2-point Jacobian): {t_sub:.2f} s for {m} data sets, "
+          f"{t_sub / m:.2f} s per fit; nfev median {int(np.median([s[1] for s in sp]))}, "
+          f"status {sorted({s[2] for s in sp})}")
+    if m < args.n_sets:
+        print(f"    EXTRAPOLATED: the scipy loop ran on the first {m} of the {args.n_sets} data sets; its time "
+              f"for all {args.n_sets} is taken as {t_sub:.2f} s x {args.n_sets}/{m} = {t_scipy:.1f} s "
+              f"(the fits are independent and alike; per-fit times ranged "
+              f"{min(s[3] for s in sp):.1f}..{max(s[3] for s in sp):.1f} s)")
+        batched_sub = float(res.n_iter[:m].sum()) / float(res.n_iter.sum()) * t_batched
+        print(f"    cross-check: the batched time apportioned to the same {m} fits by their share of "
+              f"LM iterations is {batched_sub:.2f} s, ratio {t_sub / batched_sub:.1f}x")
 
-    rel = np.abs(rss_batched - rss_scipy) / rss_scipy
+    rel = np.abs(rss_batched[:m] - rss_scipy) / rss_scipy
     differ = np.nonzero(rel > 1e-6)[0]
-    print(f"objective agreement: max relative difference {rel.max():.2e}; fits differing by > 1e-6: "
-          f"{len(differ)}")
+    print(f"objective agreement on {m} fits: max relative difference {rel.max():.2e}; fits differing by > 1e-6: "
+          f"{len(differ)} (lower objective: batched {int((rss_batched[differ] < rss_scipy[differ]).sum())}, "
+          f"scipy {int((rss_batched[differ] > rss_scipy[differ]).sum())})")
     for b in differ:
         better = "batched" if rss_batched[b] < rss_scipy[b] else "scipy"
         print(f"  fit {b}: RSS batched {rss_batched[b]:.10g} scipy {rss_scipy[b]:.10g} (lower: {better}); "
-              f"batched converged={bool(res.converged[b])} on_boundary={bool(res.on_boundary[b])} "
-              f"iters={int(res.n_iter[b])}; scipy status={sp[b][2]} nfev={sp[b][1]}")
+              f"batched converged={bool(res.converged[b])} bounds={','.join(res.boundary_params[b]) or '-'} "
+              f"iters={int(res.n_iter[b])}; scipy status={sp[b][2]} nfev={sp[b][1]} "
+              f"at bound={','.join(sp[b][4]) or '-'}")
 
-    if dev == "cpu":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"peak memory (process max RSS): {peak:.0f} MiB")
-    else:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     share, wall = outside_share(model, Xd, yd, initd, max_iter=20)
     print(f"share of time outside torch operators (20 LM iterations, profiled): {share:.1%} of {wall:.2f} s")
-
     if args.scaling:
-        for n in (1_000, 10_000, 100_000):
-            print(f"fits/s at batch 16, n={n}: {fits_per_second(model, setup, n, 16, dev, 20):.2f} (20 iterations)")
-        for batch in (1, 16, 64, 256):
-            print(f"fits/s at n=1000, batch {batch}: {fits_per_second(model, setup, 1000, batch, dev, 20):.2f} "
-                  f"(20 iterations)")
+        scaling_table(args, float(n_iter.median()))
     print(f"speedup scipy loop / batched: {t_scipy / t_batched:.1f}x")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -14,8 +14,8 @@ import torch
 
 from hmoe_sim.models.base import MixtureModel
 
-__all__ = ["Problem", "SolverOutput", "autograd_value_and_jacobian", "gradient_small", "projected_gradient",
-           "risk_and_gradient"]
+__all__ = ["Problem", "SolverOutput", "autograd_value_and_jacobian", "gradient_small",
+           "normal_equations", "projected_gradient", "risk_and_gradient"]
 
 
 @dataclass
@@ -75,6 +75,17 @@ class Problem:
         if not bool((w == 1).all()):
             jac = jac * w.unsqueeze(-1)
         return w * (self.y - f), jac
+
+
+def normal_equations(problem: Problem, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked residuals ``r`` ``(b, n)``, ``A = J^T J`` ``(b, P, P)`` and ``g = J^T r`` ``(b, P)``.
+
+    ``g`` is formed as ``r^T J`` by ``bmm``: unlike ``J^T r`` (which torch may route to a
+    matrix-vector kernel for one problem and a batched one for several), this gives every
+    problem bit-identical results whatever the size of the stack it is solved in.
+    """
+    r, J = problem.residual_and_jacobian(theta)
+    return r, J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
 
 
 def autograd_value_and_jacobian(model: MixtureModel, theta: torch.Tensor,

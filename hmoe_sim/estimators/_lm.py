@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, normal_equations
 
 __all__ = ["solve_lm"]
 
@@ -31,16 +31,6 @@ def _index(mask: torch.Tensor) -> torch.Tensor | None:
 
 def _pick(idx: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
     return t if idx is None else t[idx]
-
-
-def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = J^T J`` ``(b, P, P)`` and ``g = J^T r`` ``(b, P)`` (``g`` is minus the cost gradient).
-
-    ``g`` is formed as ``r^T J`` by ``bmm``: unlike ``J^T r`` (which torch may route to a
-    matrix-vector kernel for one problem and a batched one for several), this gives every
-    problem bit-identical results whatever the size of the stack it is solved in.
-    """
-    return J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
 
 
 def solve_lm(
@@ -71,10 +61,9 @@ def solve_lm(
     B, P = theta0.shape
     lo, hi = problem.lo, problem.hi
     theta = torch.minimum(torch.maximum(theta0, lo), hi).clone()
-    r, J = problem.residual_and_jacobian(theta)
+    r, A, g = normal_equations(problem, theta)
     cost = 0.5 * r.square().sum(-1)
-    A, g = _normal_equations(r, J)
-    del r, J
+    del r
     finite = torch.isfinite(cost) & torch.isfinite(A).flatten(1).all(-1) & torch.isfinite(g).all(-1)
     diverged = ~finite
     scale = torch.diagonal(A, dim1=-2, dim2=-1).clone()
@@ -131,9 +120,7 @@ def solve_lm(
         stalled = lam_next > _LAMBDA_MAX
         if acc_rows.numel():
             acc_idx = None if acc_rows.numel() == B else acc_rows
-            r_a, J_a = problem.take(acc_idx).residual_and_jacobian(theta[acc_rows])
-            A_a, g_a = _normal_equations(r_a, J_a)
-            del r_a, J_a
+            _, A_a, g_a = normal_equations(problem.take(acc_idx), theta[acc_rows])
             bad = ~(torch.isfinite(A_a).flatten(1).all(-1) & torch.isfinite(g_a).all(-1))
             A[acc_rows], g[acc_rows] = A_a, g_a
             scale[acc_rows] = torch.maximum(scale[acc_rows], torch.diagonal(A_a, dim1=-2, dim2=-1))

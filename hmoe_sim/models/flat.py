@@ -27,7 +27,8 @@ from hmoe_sim._validation import (
 )
 from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
 
-__all__ = ["AnalyticJacobian", "FlatMoE", "EXPERT_DERIVATIVES", "assemble_columns", "EXPERT_FUNCTIONS", "GATES"]
+__all__ = ["AnalyticJacobian", "EXPERT_DERIVATIVES", "EXPERT_FUNCTIONS", "FlatMoE", "GATES", "Piece",
+           "assemble_columns"]
 
 EXPERT_FUNCTIONS = {
     "identity": lambda t: t,
@@ -45,8 +46,22 @@ GATES = ("softmax", "sigmoid")
 _ANCHOR_NAMES = ("beta0", "beta1", "a", "b")
 
 
+#: a block of Jacobian columns: ``(g, outer)`` with ``g`` ``(*batch, n, m)``; ``outer=False``
+#: stands for the ``m`` columns ``g_j``, ``outer=True`` for the ``m * D`` columns ``g_j x_d``
+Piece = tuple[torch.Tensor, bool]
+
+
 class AnalyticJacobian:
-    """Mixin for models with a hand-derived ``value_and_jacobian(params, X)`` (no checks)."""
+    """Mixin for models with hand-derived Jacobian column blocks ``jacobian_pieces(params, X)``.
+
+    ``jacobian_pieces`` returns ``f_G(X)`` and the list of :data:`Piece` s whose columns, in
+    order, are the Jacobian in :meth:`flatten` order.
+    """
+
+    def value_and_jacobian(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f_G(X)`` ``(*batch, n)`` and its Jacobian ``(*batch, n, n_params)`` (no checks)."""
+        f, pieces = self.jacobian_pieces(params, X)  # type: ignore[attr-defined]
+        return f, assemble_columns(pieces, X)
 
     def jacobian(self, params: Params, X: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Analytic Jacobian of ``f_G(X)`` with respect to the flattened parameters.
@@ -192,8 +207,8 @@ class FlatMoE(AnalyticJacobian, MixtureModel):
         return _softmax_mix(logits, experts)
 
     # ------------------------------------------------------------------ derivatives
-    def value_and_jacobian(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``f_G(X)`` ``(*batch, n)`` and its Jacobian ``(*batch, n, n_params)`` (no checks).
+    def jacobian_pieces(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, list[Piece]]:
+        """``f_G(X)`` ``(*batch, n)`` and the Jacobian's column blocks (no checks).
 
         With logits ``l_k`` and pre-activations ``u_k = a_k^T x + b_k``: softmax gating gives
         ``df/dl_k = p_k (phi(u_k) - f)`` and ``df/du_k = p_k phi'(u_k)`` (``p`` the softmax over
@@ -222,7 +237,7 @@ class FlatMoE(AnalyticJacobian, MixtureModel):
             gate = torch.exp(logits - lse)
             d_logit = gate * (experts - f.unsqueeze(-1))
         d_pre = gate * slope
-        return f, assemble_columns([(d_logit, False), (d_logit, True), (d_pre, True), (d_pre, False)], X)
+        return f, [(d_logit, False), (d_logit, True), (d_pre, True), (d_pre, False)]
 
     def mixing_measure(self, params: Params) -> MixingMeasure:
         self.batch_shape(params, check_finite=False)
@@ -290,7 +305,7 @@ def min_pairwise_distance(atoms: np.ndarray) -> float:
     return float(dist[np.triu_indices(atoms.shape[0], 1)].min())
 
 
-def assemble_columns(pieces: list[tuple[torch.Tensor, bool]], X: torch.Tensor) -> torch.Tensor:
+def assemble_columns(pieces: list[Piece], X: torch.Tensor) -> torch.Tensor:
     """Concatenate Jacobian column blocks into one new ``(*lead, n, P)`` tensor.
 
     Each piece is ``(g, outer)`` with ``g`` of shape ``(*batch, n, m)``: ``outer=False``

@@ -40,7 +40,7 @@ from hmoe_sim._validation import (
     check_positive_int,
 )
 from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
-from hmoe_sim.models.flat import AnalyticJacobian, assemble_columns, min_pairwise_distance
+from hmoe_sim.models.flat import AnalyticJacobian, Piece, min_pairwise_distance
 
 __all__ = ["FrozenAttention", "HMoE", "STRUCTURES", "CODE_ACTIVATIONS", "CODE_DERIVATIVES", "FIRST_LEVEL_GATES"]
 
@@ -293,8 +293,8 @@ class HMoE(AnalyticJacobian, MixtureModel):
         return (pi * g).sum(dim=-1)
 
     # ------------------------------------------------------------------ derivatives
-    def value_and_jacobian(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``f_G(X)`` ``(*batch, n)`` and its Jacobian ``(*batch, n, n_params)`` (no checks).
+    def jacobian_pieces(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, list[Piece]]:
+        """``f_G(X)`` ``(*batch, n)`` and the Jacobian's column blocks (no checks).
 
         With ``p_hl`` the within-head softmax weight of adapter ``(h, l)``, its logit
         ``l_hl`` and value ``v_hl``: ``df/dl_hl = pi_h p_hl (v_hl - g_h)`` and
@@ -315,7 +315,7 @@ class HMoE(AnalyticJacobian, MixtureModel):
         d_value = pi.unsqueeze(-1) * p
         d_logit = d_value * (values - g.unsqueeze(-1))
         d_logit, d_value = d_logit.flatten(-2), d_value.flatten(-2)
-        pieces = [(d_logit, False)]
+        pieces: list[Piece] = [(d_logit, False)]
         if self.structure == "nonshared":
             pieces += [(d_logit, True), (d_value, True), (d_value, False)]
         else:
@@ -323,7 +323,7 @@ class HMoE(AnalyticJacobian, MixtureModel):
         if self.first_level == "softmax":
             d_head = (pi * (g - f.unsqueeze(-1)))[..., 1:]
             pieces += [(d_head, False), (d_head, True)]
-        return f, assemble_columns(pieces, X)
+        return f, pieces
 
     def _shared_columns(self, params: Params, free: Params, X: torch.Tensor, d_logit: torch.Tensor,
                         d_value: torch.Tensor) -> list[torch.Tensor]:
