@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scipy-sets", type=int, default=None,
                     help="run the scipy loop on the first m data sets only and extrapolate its time")
     ap.add_argument("--scaling", action="store_true", help="also fits/s against n and batch size")
+    ap.add_argument("--scaling-only", type=float, metavar="ITERS_PER_FIT", default=None,
+                    help="only the scaling table, fits/s computed with this many LM iterations per fit")
     ap.add_argument("--scaling-point", nargs=2, type=int, metavar=("N", "BATCH"), help=argparse.SUPPRESS)
     return ap
 
@@ -104,17 +106,28 @@ def scaling_point(n: int, batch: int, device: str, threads: int) -> tuple[float,
     if device != "cpu":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    if device == "cpu":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    else:
-        peak = torch.cuda.max_memory_allocated() / 2**20
+    peak = _peak_rss_mib() if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
     return float(res.n_iter.sum()) / wall, peak
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory: ``VmHWM`` (reset by exec, unlike ``ru_maxrss``,
+    which a child started by ``subprocess`` inherits from its parent)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def scaling_table(args: argparse.Namespace, median_iters: float) -> None:
     """Each point in a fresh process, so that its peak memory is its own."""
     print(f"scaling ({SCALING_ITERS} LM iterations per point, each point a fresh process; fits/s assumes "
-          f"{median_iters:.0f} iterations per fit, the median of the main run):")
+          f"{median_iters:.0f} iterations per fit, the median of the main run; load average "
+          f"{os.getloadavg()[0]:.2f}):")
     print(f"  {'n':>7} {'batch':>5} {'iterations/s':>13} {'fits/s':>8} {'peak MiB':>9}")
     points = [(n, 16) for n in (1_000, 10_000, 100_000)] + [(1_000, b) for b in (1, 16, 64, 256)]
     for n, batch in dict.fromkeys(points):
@@ -143,6 +156,9 @@ def main(args: argparse.Namespace) -> None:
     if args.scaling_point:
         rate, peak = scaling_point(*args.scaling_point, args.device, args.threads)
         print(rate, peak)
+        return
+    if args.scaling_only is not None:
+        scaling_table(args, args.scaling_only)
         return
     setup = make_preset("softmax-linear", seed=args.seed)
     model = setup.fit_model
@@ -181,8 +197,7 @@ def main(args: argparse.Namespace) -> None:
             kinds[label] = kinds.get(label, 0) + 1
     print(f"    bounds hit (fits per label): {kinds or 'none'}")
     if dev == "cpu":
-        print(f"    peak memory (process max RSS after (a)): "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        print(f"    peak memory (process peak RSS after (a)): {_peak_rss_mib():.0f} MiB")
     else:
         print(f"    peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
