@@ -13,20 +13,21 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__: list[str] = []
+from hmoe_sim.rates import RATE_OVERSPECIFIED, RATE_PARAMETRIC  # noqa: E402
 
-
-def _new_figure(width: float = 6.0, height: float = 4.5) -> tuple[plt.Figure, plt.Axes]:
-    """A figure with one axes, laid out tightly."""
-    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
-    return fig, ax
+__all__ = [
+    "REFERENCE_SLOPES",
+    "plot_finetune_sample_efficiency",
+    "plot_inverse_bound",
+    "plot_rate_axes",
+    "plot_rate_panels",
+]
 
 
 # ---------------------------------------------------------------------- convergence rates (sweeps)
-__all__ += ["plot_rate_axes", "plot_rate_panels", "REFERENCE_SLOPES"]
 
 #: theorem reference slopes drawn dashed: parametric n^-1/2 and over-specified atoms n^-1/4
-REFERENCE_SLOPES: dict[str, float] = {"n^-1/2": -0.5, "n^-1/4": -0.25}
+REFERENCE_SLOPES: dict[str, float] = {"n^-1/2": RATE_PARAMETRIC, "n^-1/4": RATE_OVERSPECIFIED}
 
 
 def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str] | None = None,
@@ -117,7 +118,6 @@ def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | N
 
 
 # ---------------------------------------------------------------------- inverse-bound check
-__all__ += ["plot_inverse_bound"]
 
 
 def plot_inverse_bound(table, *, losses: tuple[tuple[str, float], ...] = (("D1", 1.0), ("D1", 2.0), ("D2", 1.0),
@@ -164,7 +164,6 @@ def plot_inverse_bound(table, *, losses: tuple[tuple[str, float], ...] = (("D1",
 
 
 # ---------------------------------------------------------------------- fine-tuning sample efficiency (hora)
-__all__ += ["plot_finetune_sample_efficiency"]
 
 
 def plot_finetune_sample_efficiency(table, *, metric: str = "test_mse") -> plt.Figure:
