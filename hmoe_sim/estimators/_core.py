@@ -7,7 +7,6 @@ mix them: every reduction runs over the sample axis or the parameter axis of one
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -151,5 +150,3 @@ class SolverOutput:
     converged: torch.Tensor
     diverged: torch.Tensor
 
-
-Solver = Callable[..., SolverOutput]

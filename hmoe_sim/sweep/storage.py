@@ -21,7 +21,6 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -122,6 +121,3 @@ class RunDir:
             raise ValueError(f"{str(f)!r} does not exist; run `hmoe-sim sweep` or `hmoe-sim report` first")
         return pd.read_csv(f)
 
-    def write_json(self, name: str, body: dict[str, Any]) -> None:
-        text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-        atomic_write(self.path / name, lambda p: p.write_text(text))
