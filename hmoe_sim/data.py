@@ -22,7 +22,7 @@ from hmoe_sim._validation import check_choice, check_positive_float, check_posit
 from hmoe_sim.devices import resolve_device
 from hmoe_sim.models.base import MixtureModel, Params
 
-__all__ = ["sample", "sample_batch", "cell_seed", "X_DISTRIBUTIONS", "SeedLike"]
+__all__ = ["sample", "sample_batch", "cell_seed", "draw_inputs", "X_DISTRIBUTIONS", "SeedLike"]
 
 X_DISTRIBUTIONS = ("uniform", "gaussian")
 SeedLike = int | np.random.SeedSequence | np.random.Generator
@@ -60,6 +60,16 @@ def _generator(seed: SeedLike) -> np.random.Generator:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, a SeedSequence or a Generator, got {seed!r}")
     return np.random.default_rng(int(seed))
+
+
+def draw_inputs(rng: np.random.Generator, n: int, d: int, x_dist: str = "uniform") -> np.ndarray:
+    """``(n, d)`` float64 inputs from ``Uniform([-1, 1]^d)`` or ``N(0, I_d)``, drawn from ``rng``.
+
+    The one input draw of the package: :func:`sample` and the fixed evaluation sample of
+    :func:`hmoe_sim.losses.eval_sample` both use it.
+    """
+    check_choice("x_dist", x_dist, X_DISTRIBUTIONS)
+    return rng.uniform(-1.0, 1.0, size=(n, d)) if x_dist == "uniform" else rng.standard_normal((n, d))
 
 
 def sample(
@@ -106,8 +116,7 @@ def sample(
     if model.batch_shape(truth) != torch.Size([]):
         raise ValueError(f"truth must be unbatched, got batch shape {tuple(model.batch_shape(truth))}")
     rng = _generator(seed)
-    d = model.input_dim
-    x = rng.uniform(-1.0, 1.0, size=(n, d)) if x_dist == "uniform" else rng.standard_normal((n, d))
+    x = draw_inputs(rng, n, model.input_dim, x_dist)
     noise = rng.standard_normal(n)
     X64 = torch.from_numpy(x)
     f = model.predict(model.cast(truth, device="cpu", dtype=torch.float64), X64)

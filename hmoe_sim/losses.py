@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
+from hmoe_sim.data import X_DISTRIBUTIONS, draw_inputs
 from hmoe_sim.models.base import MixtureModel, Params
 
 __all__ = [
@@ -244,12 +245,10 @@ def eval_sample(input_dim: int, n_eval: int = 10_000, seed: int = 0, x_dist: str
     """
     d = check_positive_int("input_dim", input_dim)
     n = check_positive_int("n_eval", n_eval)
-    check_choice("x_dist", x_dist, ("uniform", "gaussian"))
+    check_choice("x_dist", x_dist, X_DISTRIBUTIONS)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    rng = np.random.default_rng(int(seed))
-    x = rng.uniform(-1.0, 1.0, size=(n, d)) if x_dist == "uniform" else rng.standard_normal((n, d))
-    return torch.from_numpy(x)
+    return torch.from_numpy(draw_inputs(np.random.default_rng(int(seed)), n, d, x_dist))
 
 
 def l2_error(

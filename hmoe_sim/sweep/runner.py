@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -84,8 +85,6 @@ def series_setup(config: SweepConfig, series: dict[str, Any]) -> SeriesSetup:
 
 @lru_cache(maxsize=16)
 def _cached_setup(config_key: str, series_name: str) -> tuple[SweepConfig, dict[str, Any], SeriesSetup]:
-    import json
-
     config = SweepConfig(json.loads(config_key))
     series = next(s for s in config.series if s["name"] == series_name)
     return config, series, series_setup(config, series)
@@ -187,8 +186,6 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         column per loss, and the estimator's certificate fields (with ``boundary_params``:
         which bounds the fit ends at, e.g. ``"a:hi,beta0:lo"``).
     """
-    import json
-
     config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series)
     fit = series["fit"]
     root = config.data["root_seed"]
