@@ -266,12 +266,18 @@ class HMoE(AnalyticJacobian, MixtureModel):
         experts = torch.einsum("...td,hd->...ht", tokens, vc)
         return scores, experts
 
+    @staticmethod
+    def _adapter_logits_and_values(free: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter atoms' gating logits and expert values, each ``(*batch, n, H, L)``."""
+        logits = torch.einsum("...nd,...hld->...nhl", X, free["beta1"]) + free["beta0"].unsqueeze(-3)
+        values = torch.einsum("...nd,...hld->...nhl", X, free["a"]) + free["b"].unsqueeze(-3)
+        return logits, values
+
     def _head_outputs(self, free: Params, X: torch.Tensor) -> torch.Tensor:
         """``g_h(X)`` for every head, ``(*batch, n, H)``; ``free`` is a non-shared container."""
         scores, experts = self.known_scores_and_experts(X)
         if self.n_adapters:
-            logits = torch.einsum("...nd,...hld->...nhl", X, free["beta1"]) + free["beta0"].unsqueeze(-3)
-            values = torch.einsum("...nd,...hld->...nhl", X, free["a"]) + free["b"].unsqueeze(-3)
+            logits, values = self._adapter_logits_and_values(free, X)
             lead = torch.broadcast_shapes(scores.shape[:-1], logits.shape[:-1])
             scores = torch.cat([scores.expand(*lead, -1), logits.expand(*lead, -1)], dim=-1)
             experts = torch.cat([experts.expand(*lead, -1), values.expand(*lead, -1)], dim=-1)
@@ -304,8 +310,7 @@ class HMoE(AnalyticJacobian, MixtureModel):
         """
         free = self.to_nonshared(params)
         scores, known = self.known_scores_and_experts(X)
-        logits = torch.einsum("...nd,...hld->...nhl", X, free["beta1"]) + free["beta0"].unsqueeze(-3)
-        values = torch.einsum("...nd,...hld->...nhl", X, free["a"]) + free["b"].unsqueeze(-3)
+        logits, values = self._adapter_logits_and_values(free, X)
         lead = torch.broadcast_shapes(scores.shape[:-1], logits.shape[:-1])
         lse = torch.logsumexp(torch.cat([scores.expand(*lead, -1), logits.expand(*lead, -1)], -1), -1, keepdim=True)
         p = torch.exp(logits - lse)
