@@ -164,11 +164,17 @@ class FlatMoE(AnalyticJacobian, MixtureModel):
         return self._anchor_cache[key]
 
     # ------------------------------------------------------------------ evaluation
+    @staticmethod
+    def _logits_and_preactivations(params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gating scores ``beta_1^T x + beta_0`` and expert pre-activations ``a^T x + b``, ``(*batch, n, k)``."""
+        logits = torch.einsum("...nd,...kd->...nk", X, params["beta1"]) + params["beta0"].unsqueeze(-2)
+        pre = torch.einsum("...nd,...kd->...nk", X, params["a"]) + params["b"].unsqueeze(-2)
+        return logits, pre
+
     def _logits_and_experts(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gating scores and expert outputs, each ``(*batch, n, k)``."""
-        logits = torch.einsum("...nd,...kd->...nk", X, params["beta1"]) + params["beta0"].unsqueeze(-2)
-        experts = self._phi(torch.einsum("...nd,...kd->...nk", X, params["a"]) + params["b"].unsqueeze(-2))
-        return logits, experts
+        logits, pre = self._logits_and_preactivations(params, X)
+        return logits, self._phi(pre)
 
     def gate_values(self, params: Params, X: torch.Tensor) -> torch.Tensor:
         """Gate weights of the free atoms, ``(*batch, n, k)`` (anchors excluded).
@@ -216,8 +222,7 @@ class FlatMoE(AnalyticJacobian, MixtureModel):
         and ``df/du_k = sigma_k phi'(u_k)``. Then ``d/dbeta0 = df/dl``, ``d/dbeta1 = df/dl x``,
         ``d/da = df/du x``, ``d/db = df/du``.
         """
-        logits = torch.einsum("...nd,...kd->...nk", X, params["beta1"]) + params["beta0"].unsqueeze(-2)
-        pre = torch.einsum("...nd,...kd->...nk", X, params["a"]) + params["b"].unsqueeze(-2)
+        logits, pre = self._logits_and_preactivations(params, X)
         experts = self._phi(pre)
         slope = EXPERT_DERIVATIVES[self.expert](pre, experts)
         if self.gate == "sigmoid":
