@@ -2,21 +2,16 @@
 
 ``fit_batch`` fits many independent data sets at once (projected Levenberg-Marquardt by
 default, Adam, or the sibling papers' minibatch SGD) inside a box ``Theta`` and returns a
-:class:`FitResult` with a certificate per fit.
+:class:`FitResult` with a certificate per fit. Modules: :mod:`.api` (``fit_batch``,
+``fit_multistart``), :mod:`.result` (``FitResult``, certificates, best of starts),
+:mod:`.sklearn` (scikit-learn-style estimators), :mod:`.init` (starts), :mod:`.bounds`.
 """
 
-from hmoe_sim.estimators.api import (
-    METHODS,
-    ConvergenceWarning,
-    FitResult,
-    GaussianMLE,
-    LeastSquaresMoE,
-    auto_chunk_size,
-    fit_batch,
-    fit_multistart,
-)
+from hmoe_sim.estimators.api import METHODS, auto_chunk_size, fit_batch, fit_multistart
 from hmoe_sim.estimators.bounds import DEFAULT_BOUND, Bounds
 from hmoe_sim.estimators.init import init_near_truth, init_random, split_atoms
+from hmoe_sim.estimators.result import ConvergenceWarning, FitResult, best_of_starts
+from hmoe_sim.estimators.sklearn import GaussianMLE, LeastSquaresMoE
 
 __all__ = [
     "DEFAULT_BOUND",
@@ -27,6 +22,7 @@ __all__ = [
     "GaussianMLE",
     "LeastSquaresMoE",
     "auto_chunk_size",
+    "best_of_starts",
     "fit_batch",
     "fit_multistart",
     "init_near_truth",
