@@ -50,16 +50,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
-    from hmoe_sim.plotting import plot_rate_panels
+    from hmoe_sim.plotting import plot_forest, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
+    from hmoe_sim.sweep.storage import PER_TRUTH_FILE
 
     run = RunDir(run_dir)
     config = run.read_config()
-    summary = summary_table(run.read_results(), config)
-    title = f"{config.name}: {config.data['truth']['preset']}, {config.replications} replications per n"
-    fig = plot_rate_panels(summary, run.read_rates(), loss_columns(config), title=title)
     target = run_dir / f"{config.name}.png" if target is None else target
+    per_truth = run.path / PER_TRUTH_FILE
+    if len(config.truth_seeds) > 1 and per_truth.is_file():
+        title = (f"{config.name}: {len(config.truth_seeds)} truths of {config.data['truth']['preset']}, "
+                 f"{config.replications} replications per n")
+        fig = plot_forest(pd.read_csv(per_truth), [c for c in ("D1", "L2") if c in loss_columns(config)], title=title)
+    else:
+        summary = summary_table(run.read_results(), config)
+        title = f"{config.name}: {config.data['truth']['preset']}, {config.replications} replications per n"
+        fig = plot_rate_panels(summary, run.read_rates(), loss_columns(config), title=title)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)
     return target
@@ -68,6 +75,8 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
 def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFrame) -> str:
     from hmoe_sim.sweep.report import format_boundary, format_rates
 
+    if "control" in summary:
+        summary = summary[summary["control"].fillna("") == ""]
     counts = summary.groupby("series", sort=False)[["n_fits", "n_flagged", "n_on_boundary", "n_worse_than_truth"]
                                                    ].sum()
     lines = ["rates (slope of log loss on log n, bootstrap CI; flagged fits excluded from the main slope; "

@@ -18,6 +18,7 @@ from hmoe_sim.rates import RATE_OVERSPECIFIED, RATE_PARAMETRIC  # noqa: E402
 __all__ = [
     "REFERENCE_SLOPES",
     "plot_finetune_sample_efficiency",
+    "plot_forest",
     "plot_inverse_bound",
     "plot_rate_axes",
     "plot_rate_panels",
@@ -59,6 +60,11 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     """
     import numpy as np
 
+    if "control" in summary:
+        controls = summary[summary["control"].fillna("") != ""]
+        summary = summary[summary["control"].fillna("") == ""]
+    else:
+        controls = summary.iloc[0:0]
     names = list(dict.fromkeys(summary["series"])) if series is None else list(series)
     refs = REFERENCE_SLOPES if references is None else references
     anchor: tuple[float, float] | None = None
@@ -81,12 +87,15 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
             r = row.iloc[0]
             grid = np.geomspace(n.min(), n.max(), 50)
             label = f"{name}: slope {r['slope']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            if "verdict" in r:
+                label += f" ({r['verdict']})"
             inside = float(r.get("slope_inside", np.nan))
             if np.isfinite(inside) and int(r.get("n_used_inside", 0)) != int(r.get("n_used", 0)):
                 label += f"\n  (fits inside the box only: {inside:+.3f}, {int(r['n_used_inside'])} fits)"
             ax.plot(grid, np.exp(float(r["intercept"])) * grid ** float(r["slope"]), "-", color=color, label=label)
         else:
             ax.plot([], [], "o", color=color, label=f"{name}: no slope")
+        _draw_control(ax, controls[controls["series"] == name].sort_values("n"), loss, color, name)
     if anchor is not None:
         grid = np.geomspace(summary["n"].min(), summary["n"].max(), 50)
         for j, (text, slope) in enumerate(refs.items()):
@@ -95,9 +104,78 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sample size n")
-    ax.set_ylabel(f"{loss} (mean, +-2 SD)")
+    ax.set_ylabel(f"{loss} (mean, +-2 SD; faint: noise-free control median)")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="best")
+
+
+def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str) -> None:
+    """The noise-free control of a series: its median loss per n, faint, beside the series."""
+    import numpy as np
+
+    if part.empty:
+        return
+    n = part["n"].to_numpy(dtype=float)
+    med = part[f"{loss}_median"].to_numpy(dtype=float)
+    keep = np.isfinite(med) & (med > 0)
+    if keep.any():
+        ax.plot(n[keep], med[keep], "s:", color=color, alpha=0.4, ms=3, lw=1,
+                label=f"{name}, noise-free control (median)")
+
+
+def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> plt.Figure:
+    """Forest plot of a truth ensemble: per truth, each series' slope with its CI.
+
+    Parameters
+    ----------
+    per_truth : pandas.DataFrame
+        ``per_truth.csv`` (:func:`hmoe_sim.sweep.ensemble.per_truth_table`): columns ``truth, H,
+        series, loss, slope, ci_low, ci_high, verdict``.
+    losses : list of str
+        One panel column per loss; one panel row per ``H``.
+
+    Notes
+    -----
+    Filled markers: verdict ``rate``; open markers: any other verdict (named in the legend).
+    The dashed line is the parametric reference ``-1/2``.
+    """
+    import numpy as np
+
+    heads = sorted(per_truth["H"].unique())
+    fig, axes = plt.subplots(len(heads), len(losses), figsize=(4.6 * len(losses), 0.5 + 0.42 *
+                             max(per_truth.groupby("H")["truth"].nunique().max(), 2) * len(heads) + 1.2),
+                             layout="constrained", squeeze=False)
+    names = list(dict.fromkeys(per_truth["series"]))
+    for row, h in enumerate(heads):
+        for col, loss in enumerate(losses):
+            ax = axes[row][col]
+            part = per_truth[(per_truth["H"] == h) & (per_truth["loss"] == loss)]
+            truths = sorted(part["truth"].unique())
+            present = [nm for nm in names if (part["series"] == nm).any()]
+            for j, name in enumerate(present):
+                sub = part[part["series"] == name].set_index("truth")
+                for k, t in enumerate(truths):
+                    if t not in sub.index:
+                        continue
+                    r = sub.loc[t]
+                    y = k + (j - (len(present) - 1) / 2) * 0.22
+                    filled = r["verdict"] == "rate"
+                    ax.errorbar([r["slope"]], [y], xerr=[[r["slope"] - r["ci_low"]], [r["ci_high"] - r["slope"]]],
+                                fmt="o", color=f"C{j}", mfc=f"C{j}" if filled else "white", capsize=2, ms=5,
+                                label=name if k == 0 else None)
+            ax.axvline(-0.5, ls="--", color="0.5", lw=1)
+            ax.axvline(0.0, ls="-", color="0.8", lw=1)
+            ax.set_yticks(np.arange(len(truths)))
+            ax.set_yticklabels([f"truth {t}" for t in truths])
+            ax.invert_yaxis()
+            ax.set_xlabel(f"slope of log {loss} on log n (95% CI)")
+            ax.set_title(f"{loss}, H = {h}")
+            ax.grid(True, axis="x", alpha=0.25)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7, loc="best", title="open marker: verdict not 'rate'", title_fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | None = None,

@@ -35,6 +35,10 @@ __all__ = [
     "parametric_log_rate",
     "reference_curve",
     "REFERENCE_RATES",
+    "VERDICTS",
+    "ROUND_OFF_FRACTION",
+    "SPREAD_LIMIT",
+    "rate_verdict",
 ]
 
 #: exponent of ``n^-1/2`` (parametric rate)
@@ -216,3 +220,62 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
         tau_ci_high=float(thi), rss_power=float(rss_pow), rss_log=float(rss_log),
         preferred="power" if rss_pow <= rss_log else "log",
     )
+
+
+#: verdicts, in the order they are tested (the first that applies is given)
+VERDICTS = ("unchecked", "noise-free-artefact", "floor", "set-valued", "rate")
+#: a control loss at or below this fraction of the noisy loss (same n) has fallen to round-off
+ROUND_OFF_FRACTION = 1e-8
+#: identification spread ``median (max - min) / best`` above which the estimate is set-valued
+SPREAD_LIMIT = 0.5
+
+
+def _inside(value: float, low: float, high: float) -> bool:
+    return bool(np.isfinite(value) and np.isfinite(low) and np.isfinite(high) and low <= value <= high)
+
+
+def rate_verdict(*, checked: bool, slope: float, ci: tuple[float, float], control_ci: tuple[float, float],
+                 control_level: float, noisy_level: float, loss_floor: float, spread_ratio: float,
+                 worst_ci: tuple[float, float]) -> str:
+    """Whether a fitted slope is a statistical rate: the first of :data:`VERDICTS` that applies.
+
+    1. ``unchecked``: no noise-free control, or one start and no random starts (``checked``
+       false), or no slope could be fitted;
+    2. ``noise-free-artefact``: the noisy slope lies inside the noise-free control's CI and the
+       control's loss has not fallen to round-off (``control_level > 1e-8 * noisy_level``, both
+       medians at the largest n): the slope is made by the protocol, not by the noise;
+    3. ``floor``: the loss has a positive floor on exact representations of ``f*``
+       (``loss_floor > 0``) and the control stays above round-off: the estimator really lands
+       on a positive-loss exact representation;
+    4. ``set-valued``: the near-optimal starts disagree (``spread_ratio > 0.5``), or the CI of the
+       worst near-optimal loss contains 0 while the estimate's does not;
+    5. ``rate``: none of the above.
+
+    Parameters
+    ----------
+    checked : bool
+        A noise-free control was run and there were at least two starts.
+    slope, ci
+        The estimate's slope and its CI.
+    control_ci : (float, float)
+        CI of the noise-free control's slope.
+    control_level, noisy_level : float
+        Median control loss and median noisy loss at the largest n.
+    loss_floor : float
+        :func:`hmoe_sim.identifiability.loss_floor` of the loss on the model class.
+    spread_ratio : float
+        Median over fits of ``(max - min) / best`` over the near-optimal starts.
+    worst_ci : (float, float)
+        CI of the slope of the largest near-optimal loss.
+    """
+    if not checked or not np.isfinite(slope):
+        return "unchecked"
+    above_round_off = bool(np.isfinite(control_level) and control_level > ROUND_OFF_FRACTION * noisy_level)
+    if above_round_off and _inside(slope, *control_ci):
+        return "noise-free-artefact"
+    if above_round_off and np.isfinite(loss_floor) and loss_floor > 0:
+        return "floor"
+    best_excludes_zero = not _inside(0.0, *ci) and all(np.isfinite(ci))
+    if (np.isfinite(spread_ratio) and spread_ratio > SPREAD_LIMIT) or (best_excludes_zero and _inside(0.0, *worst_ci)):
+        return "set-valued"
+    return "rate"

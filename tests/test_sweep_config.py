@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from hmoe_sim.data import cell_seed
-from hmoe_sim.sweep.cells import Cell, data_seeds, init_seed, plan_cells
+from hmoe_sim.sweep.cells import data_seeds, plan_cells, start_seeds
 from hmoe_sim.sweep.config import load_config, parse_config
 from hmoe_sim.sweep.storage import RunDir, atomic_write
 
@@ -37,7 +37,10 @@ def test_defaults_are_filled_in_and_round_trip():
     cfg = parse_config(BASE)
     d = cfg.to_dict()
     assert d["root_seed"] == 0 and d["device"] == "cpu" and d["dtype"] == "float64"
-    assert d["sample"] == {"sizes": [200, 400], "replications": 3, "chunk": 2, "x_dist": "uniform"}
+    assert d["sample"] == {"sizes": [200, 400], "replications": 3, "chunk": 2, "x_dist": "uniform", "controls": []}
+    assert d["truth"]["seeds"] == [3] and d["allow_nonidentifiable"] is False
+    assert d["series"][0]["fit"]["random_starts"] == 0 and d["series"][0]["fit"]["near_optimal_loglik"] == 0.5
+    assert d["series"][0]["truth_seeds"] == [3]
     assert d["losses"] == {"kinds": ["D1", "D2"], "r": 1, "l2": True, "l2_n_eval": 10000}
     assert d["series"][0]["fit"]["method"] == "lm" and d["series"][1]["preset"] == "hmoe-shared"
     again = parse_config(json.loads(json.dumps(d)))
@@ -112,13 +115,54 @@ def test_plan_covers_every_replication_once():
 
 
 def test_seeds_depend_only_on_coordinates():
-    a = [s.generate_state(2).tolist() for s in data_seeds(7, 100, (0, 1))]
-    b = [cell_seed(7, "data", 100, r).generate_state(2).tolist() for r in (0, 1)]
+    a = [s.generate_state(2).tolist() for s in data_seeds(7, 1, 100, (0, 1))]
+    b = [cell_seed(7, "data", 1, 100, r).generate_state(2).tolist() for r in (0, 1)]
     assert a == b and a[0] != a[1]
-    c = Cell("shared", 100, 0, (0, 1))
-    assert init_seed(7, c) == init_seed(7, Cell("shared", 100, 0, (0, 1)))
-    assert init_seed(7, c) != init_seed(8, c) != init_seed(7, Cell("nonshared", 100, 0, (0, 1)))
-    assert 0 <= init_seed(7, c) < 2**63
+    assert data_seeds(7, 2, 100, (0,))[0].generate_state(2).tolist() != a[0]  # another truth, other data
+    starts = start_seeds(7, 1, 100, (0, 1, 2), 3)
+    assert len(starts) == 3 and all(len(row) == 3 for row in starts)
+    assert len({s for row in starts for s in row}) == 9  # every (replication, start) has its own seed
+    assert start_seeds(7, 1, 100, (2,), 3) == [starts[2]]  # independent of which cell holds the replication
+    assert all(0 <= s < 2**63 for row in starts for s in row)
+
+
+def test_plan_blocks_are_fixed_so_adding_replications_keeps_cells():
+    small = plan_cells(parse_config(with_change("sample.replications", 3)))
+    large = plan_cells(parse_config(with_change("sample.replications", 5)))
+    assert {c for c in small if len(c.reps) == 2} <= set(large)  # the full block [0, 1] is the same cell
+    assert max(len(c.reps) for c in large) == 2  # chunk = 2 is never shrunk to the replication count
+
+
+def test_truth_ensemble_and_controls_in_the_plan():
+    raw = with_change("truth", {"preset": "hmoe-shared", "seeds": [1, 2, 3]})
+    raw["sample"]["controls"] = ["noise_free"]
+    raw["series"][1]["truth_seeds"] = [2]
+    cells = plan_cells(parse_config(raw))
+    shared = {(c.truth, c.control) for c in cells if c.series == "shared"}
+    assert shared == {(t, k) for t in (1, 2, 3) for k in ("", "noise_free")}
+    assert {c.truth for c in cells if c.series == "nonshared"} == {2}
+    assert len({c.key for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (("truth.seeds", [1, 1]), "truth.seeds"),
+    (("truth.seeds", []), "truth.seeds"),
+    (("sample.controls", ["bootstrap"]), "sample.controls[0]"),
+    (("sample.controls", "noise_free"), "sample.controls"),
+    (("fit", {"n_starts": 0}), "fit.n_starts"),
+    (("fit", {"random_starts": -1}), "fit.random_starts"),
+    (("fit", {"near_optimal_loglik": -0.1}), "fit.near_optimal_loglik"),
+    (("series.1.truth_seeds", [9]), "series[1].truth_seeds"),
+    (("allow_nonidentifiable", "yes"), "allow_nonidentifiable"),
+])
+def test_new_keys_are_validated_before_any_fit(change: tuple[str, object], key: str):
+    with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(with_change(*change))
+
+
+def test_seed_and_seeds_are_exclusive():
+    with pytest.raises(ValueError, match="truth.seeds"):
+        parse_config(with_change("truth", {"preset": "hmoe-shared", "seed": 1, "seeds": [1, 2]}))
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path: Path):
@@ -143,7 +187,8 @@ def test_run_dir_cells_and_config(tmp_path: Path):
     cells = plan_cells(cfg)[:2]
     for i, c in enumerate(cells):
         assert not run.has_cell(cfg.fingerprint, c)
-        frame = pd.DataFrame({"series": c.series, "n": c.n, "replication": list(c.reps),
+        frame = pd.DataFrame({"truth": c.truth, "series": c.series, "control": c.control, "n": c.n,
+                              "replication": list(c.reps),
                               "x": np.arange(len(c.reps)) + i})
         run.write_cell(cfg.fingerprint, c, frame)
         assert run.has_cell(cfg.fingerprint, c)

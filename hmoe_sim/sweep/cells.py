@@ -1,14 +1,19 @@
 """The cell plan of a sweep and the seeds of every cell.
 
-A *cell* is one series, one sample size and one chunk of consecutive replications; it is the
-unit of work, of parallelism and of storage. Seeds come from
-:func:`hmoe_sim.data.cell_seed` and depend only on the root seed and the cell's coordinates,
-never on the order in which cells run:
+A *cell* is one truth, one series (or its noise-free control), one sample size and one block
+of consecutive replications; it is the unit of work, of parallelism and of storage. Blocks
+are fixed: block ``c`` holds replications ``c * chunk ... c * chunk + chunk - 1`` (fewer in
+the last block), so adding replications never changes an existing block's content. Seeds
+come from :func:`hmoe_sim.data.cell_seed` and depend only on the root seed and the
+coordinates of what they seed -- never on the series name, the block, the number of jobs or
+the order in which cells run:
 
-* data of replication ``r`` at size ``n``: ``cell_seed(root, "data", n, r)`` -- the same
-  for every series, so series fitted to the same truth see the same data sets (a paired
-  comparison);
-* the initialisation of a cell: ``cell_seed(root, "init", series, n, chunk)``;
+* data of replication ``r`` at size ``n`` for truth ``t``: ``cell_seed(root, "data", t, n, r)``
+  -- the same for every series, so every series of a truth sees the same data sets (a paired
+  comparison); a noise-free control uses the same inputs with the noise left out;
+* start ``s`` of that replication: ``cell_seed(root, "start", t, n, r, s)`` -- the same for
+  every series and its control, applied to each fitted structure's own parameters;
+* minibatch permutations (SGD) of that replication: ``cell_seed(root, "sgd", t, n, r)``;
 * the evaluation points of the L2 error: ``cell_seed(root, "l2")`` (one set for all fits).
 """
 
@@ -21,26 +26,32 @@ import numpy as np
 from hmoe_sim.data import cell_seed
 from hmoe_sim.sweep.config import SweepConfig
 
-__all__ = ["Cell", "plan_cells", "data_seeds", "init_seed", "l2_seed", "seed_int"]
+__all__ = ["Cell", "plan_cells", "data_seeds", "start_seeds", "sgd_seeds", "l2_seed", "seed_int"]
 
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One unit of work: ``series`` at sample size ``n``, replications ``reps``.
+    """One unit of work: ``series`` on truth ``truth`` at sample size ``n``, replications ``reps``.
 
     Attributes
     ----------
+    truth : int
+        Truth seed (one of ``truth.seeds``).
     series : str
         Series name (from the configuration).
+    control : str
+        ``""`` for the series itself, or the name of a control (``"noise_free"``).
     n : int
         Sample size.
     chunk : int
-        Chunk index (replications ``chunk * chunk_size ...``).
+        Block index (replications ``chunk * sample.chunk ...``).
     reps : tuple of int
         The replication indices of this cell.
     """
 
+    truth: int
     series: str
+    control: str
     n: int
     chunk: int
     reps: tuple[int, ...]
@@ -48,25 +59,33 @@ class Cell:
     @property
     def key(self) -> str:
         """File-name-safe identifier, unique within a sweep."""
-        return f"{self.series.replace('/', '__')}__n{self.n}__c{self.chunk}"
+        control = f"__{self.control}" if self.control else ""
+        return f"t{self.truth}__{self.series.replace('/', '__')}{control}__n{self.n}__c{self.chunk}"
 
 
 def plan_cells(config: SweepConfig) -> list[Cell]:
-    """Every cell of the sweep, in (series, n, chunk) order."""
+    """Every cell of the sweep, in (truth, series, control, n, block) order."""
     reps = config.replications
     size = int(config.data["sample"]["chunk"])
-    chunks = [tuple(range(start, min(start + size, reps))) for start in range(0, reps, size)]
-    return [Cell(s["name"], n, c, r) for s in config.series for n in config.sizes for c, r in enumerate(chunks)]
+    blocks = [tuple(range(start, min(start + size, reps))) for start in range(0, reps, size)]
+    controls = [""] + list(config.data["sample"]["controls"])
+    return [Cell(t, s["name"], c, n, b, r) for t in config.truth_seeds for s in config.series
+            if t in s["truth_seeds"] for c in controls for n in config.sizes for b, r in enumerate(blocks)]
 
 
-def data_seeds(root_seed: int, n: int, reps: tuple[int, ...]) -> list[np.random.SeedSequence]:
-    """Seeds of the data sets of replications ``reps`` at size ``n``."""
-    return [cell_seed(root_seed, "data", n, r) for r in reps]
+def data_seeds(root_seed: int, truth: int, n: int, reps: tuple[int, ...]) -> list[np.random.SeedSequence]:
+    """Seeds of the data sets of replications ``reps`` at size ``n`` for truth ``truth``."""
+    return [cell_seed(root_seed, "data", truth, n, r) for r in reps]
 
 
-def init_seed(root_seed: int, cell: Cell) -> int:
-    """Integer seed of a cell's initialisation (random perturbations or random starts)."""
-    return seed_int(cell_seed(root_seed, "init", cell.series, cell.n, cell.chunk))
+def start_seeds(root_seed: int, truth: int, n: int, reps: tuple[int, ...], n_starts: int) -> list[list[int]]:
+    """Integer seeds of every start: ``[replication][start]``."""
+    return [[seed_int(cell_seed(root_seed, "start", truth, n, r, s)) for s in range(n_starts)] for r in reps]
+
+
+def sgd_seeds(root_seed: int, truth: int, n: int, reps: tuple[int, ...]) -> list[np.random.SeedSequence]:
+    """Seeds of the minibatch permutations of each replication (SGD protocols)."""
+    return [cell_seed(root_seed, "sgd", truth, n, r) for r in reps]
 
 
 def l2_seed(root_seed: int) -> int:

@@ -1,8 +1,12 @@
 """Sweep configuration: a TOML file, validated in full before anything is fitted.
 
-A configuration names a truth (a preset of :mod:`hmoe_sim.models.presets` with its options),
-the sample sizes and replications, one or more *series* (a fitted structure and an estimator
-protocol; e.g. ``shared`` and ``nonshared``, or ``relu/sgd-paper``), and the losses to record.
+A configuration names a truth (a preset of :mod:`hmoe_sim.models.presets` with its options)
+or an ensemble of truths (``truth.seeds``, declared before anything runs), the sample sizes
+and replications, the controls fitted beside every series (``sample.controls``:
+``["noise_free"]`` adds a twin fitted to the same inputs without noise), one or more *series*
+(a fitted structure and an estimator protocol; e.g. ``shared`` and ``nonshared``, or
+``relu/sgd-paper``; ``fit.n_starts`` starts from ``fit.init`` plus ``fit.random_starts``
+random starts, all kept), and the losses to record.
 Every key is checked: an unknown key or a bad value raises ``ValueError`` naming the key
 (``series[1].fit.method``), and the resolved configuration -- every default filled in -- is a
 plain JSON-able dict (:meth:`SweepConfig.to_dict`) whose hash is the run's *fingerprint*.
@@ -16,15 +20,18 @@ Example
 
     [truth]
     preset = "hmoe-shared"
-    seed = 0
+    seeds = [1, 2, 3]          # or: seed = 0 (one truth)
     options = { gate_slope_std = 2.0 }
 
     [sample]
     sizes = [500, 1000, 2000]
     replications = 4
+    controls = ["noise_free"]
 
     [fit]
     method = "lm"
+    n_starts = 2               # near-truth starts per fit; the estimate is the one of least risk
+    random_starts = 0
 
     [[series]]
     name = "shared"
@@ -51,14 +58,15 @@ from hmoe_sim import __version__
 from hmoe_sim.data import X_DISTRIBUTIONS
 from hmoe_sim.models.presets import PRESETS, make_preset
 
-__all__ = ["SweepConfig", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS"]
+__all__ = ["SweepConfig", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
 
 LOSS_KINDS = ("D1", "D2")
 INIT_KINDS = ("near_truth", "random")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
 
 _TOP_KEYS = {"name", "description", "root_seed", "device", "dtype", "threads", "truth", "sample", "fit", "series",
-             "losses"}
+             "losses", "allow_nonidentifiable"}
+CONTROL_KINDS = ("noise_free",)
 _FIT_DEFAULTS: dict[str, Any] = {
     "method": "lm",
     "max_iter": 200,
@@ -66,11 +74,13 @@ _FIT_DEFAULTS: dict[str, Any] = {
     "init": "near_truth",
     "perturbation": 0.1,
     "n_starts": 1,
+    "random_starts": 0,
+    "near_optimal_loglik": 0.5,
     "bounds": {},
     "options": {},
 }
 _SAMPLE_DEFAULTS: dict[str, Any] = {"sizes": None, "grid": None, "replications": 20, "chunk": 10,
-                                    "x_dist": "uniform"}
+                                    "x_dist": "uniform", "controls": []}
 _LOSS_DEFAULTS: dict[str, Any] = {"kinds": ["D1", "D2"], "r": 1, "l2": True, "l2_n_eval": 10000}
 
 
@@ -156,6 +166,8 @@ def _fit(key: str, table: Mapping[str, Any], base: Mapping[str, Any]) -> dict[st
     f["init"] = _str(f"{key}.init", f["init"], INIT_KINDS)
     f["perturbation"] = _float(f"{key}.perturbation", f["perturbation"], positive=False)
     f["n_starts"] = _int(f"{key}.n_starts", f["n_starts"], 1)
+    f["random_starts"] = _int(f"{key}.random_starts", f["random_starts"], 0)
+    f["near_optimal_loglik"] = _float(f"{key}.near_optimal_loglik", f["near_optimal_loglik"], positive=False)
     for sub in ("bounds", "options"):
         if not isinstance(f[sub], Mapping):
             raise _fail(f"{key}.{sub}", f"must be a table, got {f[sub]!r}")
@@ -192,6 +204,16 @@ class SweepConfig:
     @property
     def series(self) -> list[dict[str, Any]]:
         return list(self.data["series"])
+
+    @property
+    def truth_seeds(self) -> list[int]:
+        """The truth seeds of the sweep (one for a single-truth run; ``1..T`` for an ensemble)."""
+        return list(self.data["truth"]["seeds"])
+
+    @property
+    def controls(self) -> list[str]:
+        """The controls fitted beside every series (``["noise_free"]`` or ``[]``)."""
+        return list(self.data["sample"]["controls"])
 
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the resolved configuration (JSON-able)."""
@@ -242,15 +264,16 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
     if not (out["device"] in ("cpu", "cuda", "gpu") or out["device"].startswith("cuda:")):
         raise _fail("device", f"unknown device {out['device']!r}; use 'cpu', 'cuda' or 'cuda:<index>'")
 
-    truth = _check_keys("truth", top.get("truth", {}), {"preset", "seed", "options"})
+    truth = _check_keys("truth", top.get("truth", {}), {"preset", "seed", "seeds", "options"})
     if "preset" not in truth:
         raise _fail("truth.preset", f"is required; one of {sorted(PRESETS)}")
     out["truth"] = {
         "preset": _str("truth.preset", truth["preset"], tuple(sorted(PRESETS))),
-        "seed": _int("truth.seed", truth.get("seed", 0), 0),
+        "seeds": _truth_seeds(truth),
         "options": dict(_check_keys("truth.options", truth.get("options", {}),
                                     set().union(*(PRESETS[p][1] for p in PRESETS)))),
     }
+    out["allow_nonidentifiable"] = _bool("allow_nonidentifiable", top.get("allow_nonidentifiable", False))
 
     sample = _check_keys("sample", top.get("sample", {}), _SAMPLE_DEFAULTS)
     sample = {**_SAMPLE_DEFAULTS, **sample}
@@ -258,8 +281,9 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
     out["sample"] = {
         "sizes": _sizes(sample),
         "replications": reps,
-        "chunk": min(_int("sample.chunk", sample["chunk"], 1), reps),
+        "chunk": _int("sample.chunk", sample["chunk"], 1),
         "x_dist": _str("sample.x_dist", sample["x_dist"], X_DISTRIBUTIONS),
+        "controls": _controls(sample["controls"]),
     }
 
     base_fit = _fit("fit", top.get("fit", {}), _FIT_DEFAULTS)
@@ -269,7 +293,7 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
     series: list[dict[str, Any]] = []
     for i, s in enumerate(raw_series):
         key = f"series[{i}]"
-        s = _check_keys(key, s, {"name", "preset", "truth_options", "structure", "fit"})
+        s = _check_keys(key, s, {"name", "preset", "truth_options", "structure", "fit", "truth_seeds"})
         if "name" not in s:
             raise _fail(f"{key}.name", "is required")
         preset = _str(f"{key}.preset", s.get("preset", out["truth"]["preset"]), tuple(sorted(PRESETS)))
@@ -286,7 +310,9 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
                                                 "draw the truth from 'hmoe-shared'")
         series.append({"name": _name(f"{key}.name", s["name"]), "preset": preset,
                        "truth_options": opts,
-                       "structure": structure, "fit": _fit(f"{key}.fit", s.get("fit", {}), base_fit)})
+                       "structure": structure, "fit": _fit(f"{key}.fit", s.get("fit", {}), base_fit),
+                       "truth_seeds": _series_truths(f"{key}.truth_seeds", s.get("truth_seeds"),
+                                                     out["truth"]["seeds"])})
     names = [s["name"] for s in series]
     if len(set(names)) != len(names):
         raise _fail("series", f"series names must be distinct, got {names}")
@@ -308,15 +334,59 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
 
     # Build every truth now, so that a bad preset option fails before any fitting.
     for i, s in enumerate(series):
-        try:
-            make_preset(s["preset"], seed=out["truth"]["seed"], **s["truth_options"])
-        except (ValueError, TypeError) as err:
-            raise _fail(f"series[{i}].truth_options", f"the truth cannot be built: {err}") from err
+        for seed in s["truth_seeds"]:
+            try:
+                make_preset(s["preset"], seed=seed, **s["truth_options"])
+            except (ValueError, TypeError) as err:
+                raise _fail(f"series[{i}].truth_options", f"the truth (seed {seed}) cannot be built: {err}") from err
     return SweepConfig(out)
 
 
 def _fail_bool(key: str, value: object) -> bool:
     raise _fail(key, f"must be true or false, got {value!r}")
+
+
+def _bool(key: str, value: object) -> bool:
+    return value if isinstance(value, bool) else _fail_bool(key, value)
+
+
+def _truth_seeds(truth: Mapping[str, Any]) -> list[int]:
+    """``truth.seed`` (one truth) or ``truth.seeds`` (an ensemble, declared before anything runs)."""
+    if "seed" in truth and "seeds" in truth:
+        raise _fail("truth.seeds", "give either truth.seed (one truth) or truth.seeds (an ensemble), not both")
+    if "seeds" not in truth:
+        return [_int("truth.seed", truth.get("seed", 0), 0)]
+    seeds = truth["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        raise _fail("truth.seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    out = [_int(f"truth.seeds[{i}]", v, 0) for i, v in enumerate(seeds)]
+    if len(set(out)) != len(out):
+        raise _fail("truth.seeds", f"seeds must be distinct, got {out}")
+    return out
+
+
+def _series_truths(key: str, value: object, seeds: list[int]) -> list[int]:
+    """A series' truths: every truth seed by default, or a declared subset of them."""
+    if value is None:
+        return list(seeds)
+    if not isinstance(value, list) or not value:
+        raise _fail(key, f"must be a non-empty list of truth seeds, got {value!r}")
+    out = [_int(f"{key}[{i}]", v, 0) for i, v in enumerate(value)]
+    missing = sorted(set(out) - set(seeds))
+    if missing:
+        raise _fail(key, f"seeds {missing} are not in truth.seeds={seeds}")
+    if len(set(out)) != len(out):
+        raise _fail(key, f"seeds must be distinct, got {out}")
+    return [t for t in seeds if t in out]
+
+
+def _controls(value: object) -> list[str]:
+    if not isinstance(value, list):
+        raise _fail("sample.controls", f"must be a list (e.g. [\"noise_free\"]), got {value!r}")
+    out = [_str(f"sample.controls[{i}]", v, CONTROL_KINDS) for i, v in enumerate(value)]
+    if len(set(out)) != len(out):
+        raise _fail("sample.controls", f"controls must be distinct, got {out}")
+    return out
 
 
 def load_config(path: str | Path) -> SweepConfig:

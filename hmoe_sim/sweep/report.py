@@ -18,14 +18,15 @@ from collections.abc import Collection
 import numpy as np
 import pandas as pd
 
-from hmoe_sim.rates import fit_rate
+from hmoe_sim.rates import fit_rate, rate_verdict
 from hmoe_sim.sweep.config import SweepConfig
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
-           "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth"]
+           "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
+           "loss_floors", "upper_half"]
 
 #: leading columns of ``rates.csv``
-RATE_COLUMNS = ["series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max"]
+RATE_COLUMNS = ["truth", "series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max"]
 
 #: Boundary kinds (``"name:side"``, e.g. ``"beta1:hi"``) that exclude a fit from means and the
 #: main slope. Empty: no kind does. ``beta0:lo`` (an atom switched off) and the shared gauge
@@ -108,46 +109,139 @@ def usable(results: pd.DataFrame, loss: str, *, fits: str = "policy",
 
 def _rate(part: pd.DataFrame, ok: pd.Series, loss: str, n_boot: int, level: float) -> dict[str, object]:
     if part.loc[ok, "n"].nunique() < 2:
-        return {k: np.nan for k in RATE_COLUMNS[2:]}
+        return {k: np.nan for k in RATE_COLUMNS[3:]}
     return fit_rate(part.loc[ok, "n"].to_numpy(), part.loc[ok, loss].to_numpy(dtype=float),
                     n_boot=n_boot, level=level, seed=0).as_dict()
 
 
-def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 2000, level: float = 0.95,
-                exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
-    """One row per (series, loss): the fitted log-log slope with its bootstrap CI.
+def _slope_columns(suffix: str, fit: dict[str, object]) -> dict[str, object]:
+    return {f"slope_{suffix}": fit["slope"], f"ci_low_{suffix}": fit["ci_low"], f"ci_high_{suffix}": fit["ci_high"]}
 
-    Columns: ``series, loss, slope, ci_low, ci_high, n_min, n_max`` then the rest of
+
+def _parts(results: pd.DataFrame, truth: int, series: str) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """The rows of one (truth, series): the series itself and each of its controls."""
+    rows = results[(results["truth"] == truth) & (results["series"] == series)]
+    control = rows["control"].fillna("").astype(str) if "control" in rows else pd.Series("", index=rows.index)
+    return rows[control == ""], {c: rows[control == c] for c in dict.fromkeys(control) if c}
+
+
+def _median_at(part: pd.DataFrame, loss: str, n: int) -> float:
+    """Median finite loss at size ``n`` (zeros included: a control may reach exact zero)."""
+    v = part.loc[part["n"] == n, loss].to_numpy(dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else np.nan
+
+
+def upper_half(sizes: list[int]) -> list[int]:
+    """The upper half of the n grid (``sizes[len // 2:]``), the rule fixed before any run."""
+    ordered = sorted(sizes)
+    return ordered[len(ordered) // 2:]
+
+
+def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
+    """:func:`hmoe_sim.identifiability.loss_floor` per (truth, series, loss); ``L2`` has floor 0."""
+    from hmoe_sim.identifiability import loss_floor
+    from hmoe_sim.sweep.runner import series_setup
+
+    out: dict[tuple[int, str, str], float] = {}
+    spec = config.data["losses"]
+    for s in config.series:
+        for t in s["truth_seeds"]:
+            setup = series_setup(config, s, t)
+            for loss in loss_columns(config):
+                out[(t, s["name"], loss)] = 0.0 if loss == "L2" else float(
+                    loss_floor(setup.fit_model, setup.score_model, setup.score_truth, loss, r=spec["r"]))
+    return out
+
+
+def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataFrame], loss: str,
+                 config: SweepConfig, n_boot: int, level: float) -> dict[str, object]:
+    """Upper-half, worst-case, spread and noise-free-control columns of one rates row."""
+    row: dict[str, object] = {}
+    upper = ok & main["n"].isin(upper_half(config.sizes))
+    row.update(_slope_columns("upper", _rate(main, upper, loss, n_boot, level)))
+    worst_col = f"{loss}_max"
+    if worst_col in main:
+        worst_ok = ok & np.isfinite(main[worst_col].to_numpy(dtype=float)) & (main[worst_col] > 0)
+        row.update(_slope_columns("worst", _rate(main, worst_ok, worst_col, n_boot, level)))
+        best = main.loc[ok, loss].to_numpy(dtype=float)
+        spread = (main.loc[ok, worst_col].to_numpy(dtype=float) - main.loc[ok, f"{loss}_min"].to_numpy(dtype=float))
+        row["spread_ratio"] = float(np.nanmedian(spread / best)) if len(best) else np.nan
+    else:
+        row.update(_slope_columns("worst", {"slope": np.nan, "ci_low": np.nan, "ci_high": np.nan}))
+        row["spread_ratio"] = np.nan
+    n_max = max(config.sizes)
+    row["noisy_level"] = _median_at(main, loss, n_max)
+    control = controls.get("noise_free")
+    if control is None or control.empty:
+        row.update({"control_slope": np.nan, "control_ci_low": np.nan, "control_ci_high": np.nan,
+                    "control_level": np.nan})
+    else:
+        c_ok = usable(control, loss, fits="all")
+        c_fit = _rate(control, c_ok, loss, n_boot, level)
+        row.update({"control_slope": c_fit["slope"], "control_ci_low": c_fit["ci_low"],
+                    "control_ci_high": c_fit["ci_high"], "control_level": _median_at(control, loss, n_max)})
+    return row
+
+
+def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 2000, level: float = 0.95,
+                exclude: Collection[str] = EXCLUDED_BOUNDARY,
+                floors: dict[tuple[int, str, str], float] | None = None) -> pd.DataFrame:
+    """One row per (truth, series, loss): the fitted log-log slope with its CI and its verdict.
+
+    Columns: ``truth, series, loss, slope, ci_low, ci_high, n_min, n_max`` then the rest of
     :meth:`hmoe_sim.rates.RateFit.as_dict` (power-law vs log-model comparison), then
     ``n_fits`` (rows of the series), ``n_used``, ``n_flagged`` (diverged or on the boundary at
     an excluded kind), ``n_bad_loss`` (unflagged fits whose loss is not finite and positive),
     ``n_diverged``, ``n_on_boundary`` (any kind), ``n_boundary_excluded``,
-    ``n_worse_than_truth`` (:func:`worse_than_truth`), and two sensitivity fits of the same
+    ``n_worse_than_truth`` (:func:`worse_than_truth`), two sensitivity fits of the same
     model, ``slope_S, ci_low_S, ci_high_S, preferred_S, n_used_S`` for ``S = all`` (every fit
-    of finite positive loss) and ``S = inside`` (only fits strictly inside the box).
+    of finite positive loss) and ``S = inside`` (only fits strictly inside the box); the
+    slope over the upper half of the n grid (``*_upper``, :func:`upper_half`); the
+    diagnostics of issue "rates that cannot be artefacts": ``slope_worst, ci_low_worst,
+    ci_high_worst`` (the rate of the largest near-optimal loss), ``spread_ratio`` (median over
+    fits of ``(max - min) / best`` over the near-optimal starts), ``control_slope,
+    control_ci_low, control_ci_high, control_level`` (the noise-free control; its median loss
+    at the largest n), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
+    (:func:`loss_floors`) and ``verdict`` (:func:`hmoe_sim.rates.rate_verdict`).
+
+    ``floors`` defaults to :func:`loss_floors` of ``config``.
     """
     rows = []
+    floors = loss_floors(config) if floors is None else floors
     bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
-    for s in config.series:
-        part = results[results["series"] == s["name"]]
-        idx = part.index
-        for loss in loss_columns(config):
-            ok = usable(part, loss, exclude=exclude)
-            counts = {"n_fits": len(part), "n_used": int(ok.sum()), "n_flagged": int(bad[idx].sum()),
-                      "n_bad_loss": int((~ok & ~bad[idx]).sum()),
-                      "n_diverged": int(part["diverged"].astype(bool).sum()) if "diverged" in part else 0,
-                      "n_on_boundary": int(part["on_boundary"].astype(bool).sum()) if "on_boundary" in part else 0,
-                      "n_boundary_excluded": int(excl[idx].sum()), "n_worse_than_truth": int(worse[idx].sum())}
-            row: dict[str, object] = {"series": s["name"], "loss": loss}
-            row.update({k: v for k, v in _rate(part, ok, loss, n_boot, level).items() if k not in row})
-            row.update(counts)
-            for which in ("all", "inside"):
-                chosen = usable(part, loss, fits=which)
-                sens = _rate(part, chosen, loss, n_boot, level)
-                row.update({f"slope_{which}": sens["slope"], f"ci_low_{which}": sens["ci_low"],
-                            f"ci_high_{which}": sens["ci_high"], f"preferred_{which}": sens.get("preferred", ""),
-                            f"n_used_{which}": int(chosen.sum())})
-            rows.append(row)
+    for truth in config.truth_seeds:
+        for s in config.series:
+            if truth not in s["truth_seeds"]:
+                continue
+            main, controls = _parts(results, truth, s["name"])
+            idx = main.index
+            checked = bool(controls) and s["fit"]["n_starts"] + s["fit"]["random_starts"] >= 2
+            for loss in loss_columns(config):
+                ok = usable(main, loss, exclude=exclude)
+                counts = {"n_fits": len(main), "n_used": int(ok.sum()), "n_flagged": int(bad[idx].sum()),
+                          "n_bad_loss": int((~ok & ~bad[idx]).sum()),
+                          "n_diverged": int(main["diverged"].astype(bool).sum()) if "diverged" in main else 0,
+                          "n_on_boundary": int(main["on_boundary"].astype(bool).sum()) if "on_boundary" in main
+                          else 0,
+                          "n_boundary_excluded": int(excl[idx].sum()), "n_worse_than_truth": int(worse[idx].sum())}
+                row: dict[str, object] = {"truth": truth, "series": s["name"], "loss": loss}
+                row.update({k: v for k, v in _rate(main, ok, loss, n_boot, level).items() if k not in row})
+                row.update(counts)
+                for which in ("all", "inside"):
+                    chosen = usable(main, loss, fits=which)
+                    sens = _rate(main, chosen, loss, n_boot, level)
+                    row.update(_slope_columns(which, sens))
+                    row.update({f"preferred_{which}": sens.get("preferred", ""), f"n_used_{which}": int(chosen.sum())})
+                row.update(_diagnostics(main, ok, controls, loss, config, n_boot, level))
+                row["loss_floor"] = floors.get((truth, s["name"], loss), np.nan)
+                row["verdict"] = rate_verdict(
+                    checked=checked, slope=float(row["slope"]), ci=(float(row["ci_low"]), float(row["ci_high"])),
+                    control_ci=(float(row["control_ci_low"]), float(row["control_ci_high"])),
+                    control_level=float(row["control_level"]), noisy_level=float(row["noisy_level"]),
+                    loss_floor=float(row["loss_floor"]), spread_ratio=float(row["spread_ratio"]),
+                    worst_ci=(float(row["ci_low_worst"]), float(row["ci_high_worst"])))
+                rows.append(row)
     table = pd.DataFrame(rows)
     rest = [c for c in table.columns if c not in RATE_COLUMNS]
     return table[RATE_COLUMNS + rest]
@@ -155,31 +249,44 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
 
 def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                   exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
-    """One row per (series, n): counts of fits (flagged, converged, ...) and loss statistics.
+    """One row per (truth, series, control, n): counts of fits (flagged, converged, ...) and loss statistics.
 
     For every loss ``L``: ``L_mean``, ``L_sd`` (ddof 1), ``L_median`` over the usable fits,
-    and ``L_median_inside`` over the fits strictly inside the box.
+    ``L_median_inside`` over the fits strictly inside the box, and ``L_max_median``, the
+    median of the largest near-optimal loss. Control rows (``control = "noise_free"``) use
+    every fit of finite loss (a control may reach round-off).
     """
     rows = []
     bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
-    for s in config.series:
-        for n in config.sizes:
-            part = results[(results["series"] == s["name"]) & (results["n"] == n)]
-            row: dict[str, object] = {"series": s["name"], "n": n, "n_fits": len(part),
-                                      "n_flagged": int(bad[part.index].sum())}
-            for col in ("diverged", "on_boundary", "converged"):
-                row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
-            row["n_boundary_excluded"] = int(excl[part.index].sum())
-            row["n_worse_than_truth"] = int(worse[part.index].sum())
-            for loss in loss_columns(config):
-                v = part.loc[usable(part, loss, exclude=exclude), loss].to_numpy(dtype=float)
-                v_in = part.loc[usable(part, loss, fits="inside"), loss].to_numpy(dtype=float)
-                row[f"{loss}_n"] = len(v)
-                row[f"{loss}_mean"] = float(v.mean()) if len(v) else np.nan
-                row[f"{loss}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
-                row[f"{loss}_median"] = float(np.median(v)) if len(v) else np.nan
-                row[f"{loss}_median_inside"] = float(np.median(v_in)) if len(v_in) else np.nan
-            rows.append(row)
+    for truth in config.truth_seeds:
+        for s in config.series:
+            if truth not in s["truth_seeds"]:
+                continue
+            main, controls = _parts(results, truth, s["name"])
+            for control, rows_of in [("", main), *controls.items()]:
+                for n in config.sizes:
+                    part = rows_of[rows_of["n"] == n]
+                    row: dict[str, object] = {"truth": truth, "series": s["name"], "control": control, "n": n,
+                                              "n_fits": len(part), "n_flagged": int(bad[part.index].sum())}
+                    for col in ("diverged", "on_boundary", "converged"):
+                        row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
+                    row["n_boundary_excluded"] = int(excl[part.index].sum())
+                    row["n_worse_than_truth"] = int(worse[part.index].sum())
+                    for loss in loss_columns(config):
+                        chosen = usable(part, loss, exclude=exclude) if not control else \
+                            pd.Series(np.isfinite(part[loss].to_numpy(dtype=float)), index=part.index)
+                        v = part.loc[chosen, loss].to_numpy(dtype=float)
+                        v_in = part.loc[usable(part, loss, fits="inside"), loss].to_numpy(dtype=float)
+                        row[f"{loss}_n"] = len(v)
+                        row[f"{loss}_mean"] = float(v.mean()) if len(v) else np.nan
+                        row[f"{loss}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
+                        row[f"{loss}_median"] = float(np.median(v)) if len(v) else np.nan
+                        row[f"{loss}_median_inside"] = float(np.median(v_in)) if len(v_in) else np.nan
+                        worst = part.loc[chosen, f"{loss}_max"].to_numpy(dtype=float) if f"{loss}_max" in part \
+                            else np.array([])
+                        worst = worst[np.isfinite(worst)]
+                        row[f"{loss}_max_median"] = float(np.median(worst)) if len(worst) else np.nan
+                    rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -215,12 +322,19 @@ def format_boundary(table: pd.DataFrame) -> str:
 
 
 def format_rates(rates: pd.DataFrame) -> str:
-    """The rates table as aligned text (what ``hmoe-sim report`` prints), with the sensitivity slopes."""
-    cols = [c for c in ["series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max", "preferred", "n_used",
-                        "n_flagged", "slope_all", "n_used_all", "slope_inside", "ci_low_inside", "ci_high_inside",
-                        "n_used_inside"] if c in rates]
+    """The rates table as aligned text (what ``hmoe-sim report`` prints): every slope with its verdict,
+    the worst-case and upper-half slopes, the spread and the noise-free control."""
+    cols = [c for c in ["truth", "series", "loss", "slope", "ci_low", "ci_high", "verdict", "n_used", "n_flagged",
+                        "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio",
+                        "control_slope", "control_level", "loss_floor", "slope_inside", "n_used_inside"] if c in rates]
+    if "truth" in cols and rates["truth"].nunique() == 1:
+        cols.remove("truth")
     shown = rates[cols].copy()
-    for c in ("slope", "ci_low", "ci_high", "slope_all", "slope_inside", "ci_low_inside", "ci_high_inside"):
+    for c in ("slope", "ci_low", "ci_high", "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst",
+              "control_slope", "slope_inside"):
         if c in shown:
             shown[c] = shown[c].map(lambda v: f"{v:+.3f}" if np.isfinite(v) else "nan")
+    for c in ("spread_ratio", "control_level", "loss_floor"):
+        if c in shown:
+            shown[c] = shown[c].map(lambda v: f"{v:.3g}")
     return shown.to_string(index=False)

@@ -33,13 +33,22 @@ from hmoe_sim.losses import l2_error, voronoi_losses_for
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.hmoe import HMoE
 from hmoe_sim.models.presets import make_preset
-from hmoe_sim.sweep.cells import Cell, data_seeds, init_seed, l2_seed, plan_cells, seed_int
+from hmoe_sim.sweep.cells import Cell, data_seeds, l2_seed, plan_cells, seed_int, sgd_seeds, start_seeds
 from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.ensemble import ensemble_table, per_truth_table, structure_pairs
 from hmoe_sim.sweep.report import boundary_table, rates_table, summary_table
-from hmoe_sim.sweep.storage import BOUNDARY_FILE, RATES_FILE, RESULTS_FILE, SUMMARY_FILE, RunDir
+from hmoe_sim.sweep.storage import (
+    BOUNDARY_FILE,
+    ENSEMBLE_FILE,
+    PER_TRUTH_FILE,
+    RATES_FILE,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    RunDir,
+)
 
 __all__ = ["SeriesSetup", "SweepOutcome", "run_cell", "run_sweep", "series_setup", "check_estimator_options",
-           "BACKENDS"]
+           "near_optimal", "write_tables", "BACKENDS"]
 
 BACKENDS = ("local", "dask")
 
@@ -70,9 +79,13 @@ class SeriesSetup:
     noise_std: float
 
 
-def series_setup(config: SweepConfig, series: dict[str, Any]) -> SeriesSetup:
-    """Build the models and truths of one series of ``config``."""
-    setup = make_preset(series["preset"], seed=config.data["truth"]["seed"], **series["truth_options"])
+def series_setup(config: SweepConfig, series: dict[str, Any], truth_seed: int | None = None) -> SeriesSetup:
+    """Build the models and truths of one series of ``config`` on truth ``truth_seed``.
+
+    ``truth_seed`` defaults to the configuration's first truth seed.
+    """
+    seed = config.truth_seeds[0] if truth_seed is None else truth_seed
+    setup = make_preset(series["preset"], seed=seed, **series["truth_options"])
     true_model, truth, fit_model = setup.true_model, setup.truth, setup.fit_model
     score_model, score_truth = true_model, truth
     structure = series.get("structure")
@@ -83,11 +96,12 @@ def series_setup(config: SweepConfig, series: dict[str, Any]) -> SeriesSetup:
     return SeriesSetup(true_model, truth, fit_model, score_model, score_truth, setup.noise_std)
 
 
-@lru_cache(maxsize=16)
-def _cached_setup(config_key: str, series_name: str) -> tuple[SweepConfig, dict[str, Any], SeriesSetup]:
+@lru_cache(maxsize=64)
+def _cached_setup(config_key: str, series_name: str, truth_seed: int
+                  ) -> tuple[SweepConfig, dict[str, Any], SeriesSetup]:
     config = SweepConfig(json.loads(config_key))
     series = next(s for s in config.series if s["name"] == series_name)
-    return config, series, series_setup(config, series)
+    return config, series, series_setup(config, series, truth_seed)
 
 
 def _bounds(spec: dict[str, Any]) -> Bounds:
@@ -123,7 +137,7 @@ def check_estimator_options(config: SweepConfig) -> None:
                              "known: default, limits, boundary_tol")
         try:
             bounds = _bounds(fit["bounds"])
-            bounds.check_names(series_setup(config, s).fit_model)
+            bounds.check_names(series_setup(config, s, s["truth_seeds"][0]).fit_model)
         except (TypeError, ValueError) as err:
             raise ValueError(f"config key {key + '.bounds'!r}: {err}") from err
         accepted = set(inspect.signature(fit_batch).parameters) - reserved
@@ -168,8 +182,48 @@ def _losses(model: MixtureModel, params: Params, setup: SeriesSetup, config: Swe
     return out
 
 
+def _starts(setup: SeriesSetup, fit: dict[str, Any], seeds: list[list[int]], bounds: Bounds,
+            dtype: torch.dtype) -> Params:
+    """Every start of a cell, batch shape ``(b, m)`` (or ``(b,)`` for one start).
+
+    Start ``s < n_starts`` follows ``fit.init``; starts ``n_starts ...`` are random starts.
+    Each start is drawn from its own seed, so a start does not depend on which cell holds it.
+    """
+    n_main = fit["n_starts"]
+
+    def one(s: int, seed: int) -> Params:
+        if s >= n_main or fit["init"] == "random":
+            return init_random(setup.fit_model, batch_shape=(), bounds=bounds, seed=seed, dtype=dtype)
+        return init_near_truth(setup.fit_model, setup.score_model, setup.score_truth, batch_shape=(),
+                               perturbation=fit["perturbation"], seed=seed, bounds=bounds, dtype=dtype)
+
+    per_rep = [[one(s, seed) for s, seed in enumerate(row)] for row in seeds]
+    stacked = {k: torch.stack([torch.stack([p[k] for p in row]) for row in per_rep]) for k in per_rep[0][0]}
+    return stacked if len(seeds[0]) > 1 else {k: v[:, 0] for k, v in stacked.items()}
+
+
+def near_optimal(risk: np.ndarray, best: np.ndarray, n: int, loglik_margin: float, scale: np.ndarray) -> np.ndarray:
+    """Which starts are statistically indistinguishable from the best one.
+
+    A start is *near-optimal* when its Gaussian log-likelihood is within ``loglik_margin`` of
+    the best start's: ``(n/2) log(RSS_s / RSS_best) <= margin``, used in its first-order form
+    ``risk_s - risk_best <= (2 margin / n) risk_best``; with noise-free data (``risk_best`` at
+    round-off) the margin is ``1e-20 * scale`` (``scale`` = mean square response), i.e. both
+    reproduce the data to round-off. Non-finite risks are never near-optimal.
+
+    Parameters
+    ----------
+    risk : array (b, m)
+        Empirical risks of every start.
+    best : array (b,)
+        The estimate's risk per data set.
+    """
+    slack = np.maximum(2.0 * loglik_margin / n * best, 1e-20 * scale)
+    return np.isfinite(risk) & (risk - best[:, None] <= slack[:, None])
+
+
 def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
-    """Fit every replication of one cell and score it: one row per fit.
+    """Fit every replication of one cell and score it: one row per replication.
 
     Parameters
     ----------
@@ -182,41 +236,58 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        Columns ``series, structure, n, replication, chunk, data_seed, init_seed``, one
-        column per loss, and the estimator's certificate fields (with ``boundary_params``:
-        which bounds the fit ends at, e.g. ``"a:hi,beta0:lo"``).
+        Columns ``truth, series, structure, control, n, replication, chunk, data_seed``, one
+        column per loss (the estimate: the start of least empirical risk), per loss ``L`` the
+        smallest and largest loss over the near-optimal starts (``L_min``, ``L_max``,
+        :func:`near_optimal`), ``n_starts`` and ``n_near_optimal``, and the estimator's
+        certificate fields (with ``boundary_params``: the bounds the fit ends at, e.g.
+        ``"a:hi,beta0:lo"``; ``start``: the index of the kept start).
     """
-    config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series)
+    config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series, cell.truth)
     fit = series["fit"]
     root = config.data["root_seed"]
     device = resolve_device(config.data["device"])
     dtype = resolve_dtype(config.data["dtype"])
+    b, m = len(cell.reps), fit["n_starts"] + fit["random_starts"]
+    noise = 0.0 if cell.control == "noise_free" else setup.noise_std
     with _torch_threads(config.data["threads"]):
-        seeds = data_seeds(root, cell.n, cell.reps)
-        X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, setup.noise_std, seeds,
+        seeds = data_seeds(root, cell.truth, cell.n, cell.reps)
+        X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, noise, seeds,
                             x_dist=config.data["sample"]["x_dist"], device=device, dtype=dtype)
         bounds = _bounds(fit["bounds"])
-        b = len(cell.reps)
-        shape = (b,) if fit["n_starts"] == 1 else (b, fit["n_starts"])
-        iseed = init_seed(root, cell)
-        if fit["init"] == "near_truth":
-            init = init_near_truth(setup.fit_model, setup.score_model, setup.score_truth, batch_shape=shape,
-                                   perturbation=fit["perturbation"], seed=iseed, bounds=bounds, dtype=dtype)
-        else:
-            init = init_random(setup.fit_model, batch_shape=shape, bounds=bounds, seed=iseed, dtype=dtype)
+        init = _starts(setup, fit, start_seeds(root, cell.truth, cell.n, cell.reps, m), bounds, dtype)
         result = fit_batch(setup.fit_model, X, y, init, method=fit["method"], bounds=bounds, max_iter=fit["max_iter"],
-                           tol=fit["tol"], device=device, dtype=dtype, truth=setup.score_truth, seed=iseed,
-                           **fit["options"])
-        losses = _losses(setup.fit_model, result.params, setup, config)
-    frame = result.certificate_frame().reset_index(drop=True)
+                           tol=fit["tol"], device=device, dtype=dtype, truth=setup.score_truth,
+                           seed=sgd_seeds(root, cell.truth, cell.n, cell.reps), **fit["options"])
+        every = result.all_starts if result.all_starts is not None else result
+        all_losses = {k: v.reshape(b, m) for k, v in _losses(setup.fit_model, every.params, setup, config).items()}
+        scale = y.square().mean(-1).to("cpu", torch.float64).numpy()
+    risk_all = every.risk.detach().to("cpu", torch.float64).numpy().reshape(b, m)
+    best = result.start.cpu().numpy()
+    near = near_optimal(risk_all, risk_all[np.arange(b), best], cell.n, fit["near_optimal_loglik"], scale)
+    near[np.arange(b), best] = True
+    losses: dict[str, np.ndarray] = {}
+    for name, values in all_losses.items():
+        losses[name] = values[np.arange(b), best]
+        inside = np.where(near, values, np.nan)
+        with np.errstate(all="ignore"):
+            losses[f"{name}_min"] = np.nanmin(np.where(np.isnan(inside), np.inf, inside), axis=1)
+            losses[f"{name}_max"] = np.nanmax(np.where(np.isnan(inside), -np.inf, inside), axis=1)
+        for extreme in ("min", "max"):
+            col = losses[f"{name}_{extreme}"]
+            col[~np.isfinite(col)] = np.nan
+    losses["n_starts"] = np.full(b, m, dtype=np.int64)
+    losses["n_near_optimal"] = near.sum(1).astype(np.int64)
+    frame = result.certificate_frame().drop(columns="fit")  # position in the batch: depends on the cut
     head = pd.DataFrame({
+        "truth": np.full(b, cell.truth, dtype=np.int64),
         "series": cell.series,
         "structure": series.get("structure") or "",
+        "control": cell.control,
         "n": np.full(b, cell.n, dtype=np.int64),
         "replication": np.asarray(cell.reps, dtype=np.int64),
         "chunk": np.full(b, cell.chunk, dtype=np.int64),
         "data_seed": np.asarray([seed_int(s) for s in seeds], dtype=np.int64),
-        "init_seed": np.full(b, iseed, dtype=np.int64),
     })
     loss_frame = pd.DataFrame(losses)
     frame = frame.drop(columns=[c for c in frame.columns if c in head.columns or c in loss_frame.columns])
@@ -363,10 +434,24 @@ def run_sweep(
                 bar.update(1)
     results = run.read_cells(fp, cells)
     results.insert(0, "fingerprint", fp)
+    rates, summary = write_tables(run, config, results)
+    return SweepOutcome(run, fp, len(cells), reused, len(todo), time.perf_counter() - start, results, rates, summary)
+
+
+def write_tables(run: RunDir, config: SweepConfig, results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write ``results.parquet``, ``rates.csv``, ``summary.csv``, ``boundary.csv`` and, for a
+    truth ensemble with shared / non-shared pairs, ``per_truth.csv`` and ``ensemble.csv``.
+
+    Returns the rates and summary tables.
+    """
     run.write_table(RESULTS_FILE, results)
     rates = rates_table(results, config)
     run.write_table(RATES_FILE, rates)
     summary = summary_table(results, config)
     run.write_table(SUMMARY_FILE, summary)
     run.write_table(BOUNDARY_FILE, boundary_table(results))
-    return SweepOutcome(run, fp, len(cells), reused, len(todo), time.perf_counter() - start, results, rates, summary)
+    if len(config.truth_seeds) > 1 and structure_pairs(config):
+        per_truth = per_truth_table(rates, config)
+        run.write_table(PER_TRUTH_FILE, per_truth)
+        run.write_table(ENSEMBLE_FILE, ensemble_table(per_truth, config))
+    return rates, summary

@@ -8,6 +8,8 @@
     DIR/rates.csv                 one row per (series, loss): fitted slope with its CI
     DIR/summary.csv               per (series, n): fit counts, flagged fits, loss means and SDs
     DIR/boundary.csv              per (series, boundary kind): fits that ended at that bound
+    DIR/per_truth.csv             truth ensembles: per (truth, H, series, loss) slope and verdict
+    DIR/ensemble.csv              truth ensembles: per (H, loss) shared vs non-shared over truths
 
 Cells live under their configuration's fingerprint, so a changed configuration never reads
 a stale cell. Every file is written to a temporary name in the same directory and moved in
@@ -34,6 +36,8 @@ RESULTS_FILE = "results.parquet"
 RATES_FILE = "rates.csv"
 SUMMARY_FILE = "summary.csv"
 BOUNDARY_FILE = "boundary.csv"
+PER_TRUTH_FILE = "per_truth.csv"
+ENSEMBLE_FILE = "ensemble.csv"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -94,10 +98,11 @@ class RunDir:
         atomic_write(self.cell_path(fingerprint, cell), lambda p: frame.to_parquet(p, index=False))
 
     def read_cells(self, fingerprint: str, cells: list[Cell]) -> pd.DataFrame:
-        """Concatenate stored cells (all must exist), sorted by series, n, replication."""
+        """Concatenate stored cells (all must exist), sorted by truth, series, control, n, replication."""
         frames = [pd.read_parquet(self.cell_path(fingerprint, c)) for c in cells]
         out = pd.concat(frames, ignore_index=True)
-        return out.sort_values(["series", "n", "replication"], kind="stable").reset_index(drop=True)
+        return out.sort_values(["truth", "series", "control", "n", "replication"], kind="stable"
+                               ).reset_index(drop=True)
 
     # ------------------------------------------------------------------ tables
     def write_table(self, name: str, frame: pd.DataFrame) -> Path:
