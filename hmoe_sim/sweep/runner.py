@@ -16,11 +16,12 @@ then ``config.resolved.json``, then the cells, then the tables (:func:`write_tab
 Stopping a sweep. Ctrl-C (SIGINT) or SIGTERM stops the worker processes, keeps every
 finished cell and raises :class:`SweepInterrupted` ("interrupted; N of M cells done, rerun
 the same command to resume"); no child process outlives the sweep. SIGKILL cannot be
-caught: the lock is released by the kernel, and each worker process checks twice a second
-that its parent is alive and exits when it is not, so no worker outlives a killed sweep by
-more than about a second (the dask backend's LocalCluster has its own nanny, which does the
-same). The next sweep into the directory takes over the stale lock with a notice and removes
-the partial temporary files the killed one may have left.
+caught: the kernel releases the lock and kills the worker processes with their parent (Linux
+``PR_SET_PDEATHSIG``; elsewhere each worker checks twice a second that its parent is alive and
+exits when it is not), and the pool's resource tracker exits once they are gone. A dask
+LocalCluster's workers are watched by their nannies, which exit when the sweep is gone. The
+next sweep into the directory takes over the stale lock with a notice and removes the partial
+temporary files the killed one may have left.
 """
 
 from __future__ import annotations
@@ -372,10 +373,29 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+
 def _worker_init(parent_pid: int) -> None:
-    """Set up a worker process: Ctrl-C is the parent's business; exit when the parent is gone."""
+    """Set up a worker process: Ctrl-C is the parent's business; never outlive the parent.
+
+    The kernel kills the worker when its parent dies (Linux); elsewhere, and as a fallback, a
+    daemon thread exits the worker once its parent pid changes.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="hmoe-sim-parent-watch",
                      daemon=True).start()
 
