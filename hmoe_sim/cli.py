@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from hmoe_sim import __version__
 from hmoe_sim.data import sample
 from hmoe_sim.models.presets import PRESETS, make_preset
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DESCRIPTION"]
+
+DESCRIPTION = """\
+hmoe-sim: simulation checks of the HoRA theory, which reads multi-head LoRA as a hierarchical
+mixture of experts. `sweep` fits over-specified mixture models to simulated data at a range of
+sample sizes, many replications per size, and estimates the convergence rate of each parameter
+loss (Voronoi losses D1, D2 and the L2 error) as the slope of log loss on log n; `report` and
+`plot` read a finished run directory; `demo` samples from a model preset."""
+
+EPILOG = """\
+Configuration reference (every key with its type, default and meaning):
+experiments/configs/README.md. Exit status: 0 success, 2 bad input or a failed check (one line
+on stderr; --debug adds the traceback), 1 an unexpected error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM); an interrupted sweep keeps its finished cells and resumes when rerun."""
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -56,7 +72,7 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     from hmoe_sim.sweep.storage import PER_TRUTH_FILE
 
     run = RunDir(run_dir)
-    config = run.read_config()
+    config, results = run.read_checked()
     target = run_dir / f"{config.name}.png" if target is None else target
     per_truth = run.path / PER_TRUTH_FILE
     if len(config.truth_seeds) > 1 and per_truth.is_file():
@@ -64,7 +80,7 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
                  f"{config.replications} replications per n")
         fig = plot_forest(pd.read_csv(per_truth), [c for c in ("D1", "L2") if c in loss_columns(config)], title=title)
     else:
-        summary = summary_table(run.read_results(), config)
+        summary = summary_table(results, config)
         title = f"{config.name}: {config.data['truth']['preset']}, {config.replications} replications per n"
         fig = plot_rate_panels(summary, run.read_rates(), loss_columns(config), title=title)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,65 +114,133 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    """Recompute rates.csv and summary.csv from results.parquet and print them."""
+    """Recompute rates.csv, summary.csv and boundary.csv from results.parquet and print them.
+
+    The tables are rewritten when the directory is writable; a read-only directory is only
+    read (a notice on stderr says the files were left as they are).
+    """
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import boundary_table, rates_table, summary_table
     from hmoe_sim.sweep.storage import BOUNDARY_FILE, RATES_FILE, SUMMARY_FILE
 
     run = RunDir(args.dir)
-    config = run.read_config()
-    results = run.read_results()
+    config, results = run.read_checked()
     rates, summary = rates_table(results, config), summary_table(results, config)
-    run.write_table(RATES_FILE, rates)
-    run.write_table(SUMMARY_FILE, summary)
     boundary = boundary_table(results)
-    run.write_table(BOUNDARY_FILE, boundary)
-    print(f"{config.name} ({len(results)} fits, fingerprint {config.fingerprint})")
+    if run.writable():
+        try:
+            for name, table in ((RATES_FILE, rates), (SUMMARY_FILE, summary), (BOUNDARY_FILE, boundary)):
+                run.write_table(name, table)
+        except OSError as err:
+            print(f"hmoe-sim: note: tables not rewritten ({err.strerror or err}); printing only", file=sys.stderr)
+    else:
+        print(f"hmoe-sim: note: {str(run.path)!r} is read-only; tables not rewritten, printing only",
+              file=sys.stderr)
+    print(f"{config.name} ({len(results)} fits, fingerprint {run.stored_fingerprint()})")
     print(_report_text(rates, summary, boundary))
     return 0
 
 
+def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, print the full traceback as well as the one-line message")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hmoe-sim``."""
-    parser = argparse.ArgumentParser(prog="hmoe-sim", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sample data from a preset and print a summary")
-    demo.add_argument("--preset", default="hmoe-shared", choices=sorted(PRESETS))
-    demo.add_argument("--n", type=int, default=1000)
-    demo.add_argument("--seed", type=int, default=0)
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="hmoe-sim", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the package version and exit")
+    _add_debug(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="sample data from a preset and print a summary",
+                          description="Sample data from a model preset and print a summary of the truth and the data.")
+    demo.add_argument("--preset", default="hmoe-shared", choices=sorted(PRESETS),
+                      help="model preset to sample from (default hmoe-shared)")
+    demo.add_argument("--n", type=int, default=1000, help="sample size (default 1000)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the truth and of the data (default 0)")
+    _add_debug(demo, argparse.SUPPRESS)
     demo.set_defaults(func=_cmd_demo)
 
-    sweep = sub.add_parser("sweep", help="run (or resume) a convergence-rate sweep from a TOML config")
-    sweep.add_argument("config", help="TOML configuration (see experiments/configs/)")
-    sweep.add_argument("--out", required=True, help="run directory (cells found there are reused)")
-    sweep.add_argument("--device", default=None, help="cpu, cuda or cuda:<i> (overrides the config)")
-    sweep.add_argument("--jobs", type=int, default=1, help="cells run in parallel (default 1)")
+    sweep = sub.add_parser(
+        "sweep", help="run (or resume) a convergence-rate sweep from a TOML config",
+        description="Run or resume a convergence-rate sweep. Every check runs before any work; the run directory "
+                    "is locked while the sweep runs; finished cells are verified and reused, so a stopped sweep "
+                    "resumes when the same command is run again.",
+        epilog="Configuration reference: experiments/configs/README.md.")
+    sweep.add_argument("config", help="TOML configuration file (examples in experiments/configs/)")
+    sweep.add_argument("--out", required=True,
+                       help="run directory: created if missing; verified cells found there are reused")
+    sweep.add_argument("--device", default=None, help="cpu, cuda or cuda:<i> (overrides the config's device)")
+    sweep.add_argument("--jobs", type=int, default=1,
+                       help="cells computed in parallel: worker processes, or dask workers (default 1)")
     sweep.add_argument("--backend", choices=("local", "dask"), default="local",
-                       help="joblib in-process/loky (local) or a dask.distributed cluster")
-    sweep.add_argument("--scheduler", default=None, help="address of a running dask scheduler (with --backend dask)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+                       help="local: in-process or a process pool (default); dask: a dask.distributed cluster")
+    sweep.add_argument("--scheduler", default=None,
+                       help="address of a running dask scheduler, e.g. tcp://host:8786 (with --backend dask; "
+                            "default: start a local cluster)")
+    sweep.add_argument("--no-progress", action="store_true",
+                       help="no progress output (default: a bar on a terminal, else a plain line at most every 30 s)")
+    _add_debug(sweep, argparse.SUPPRESS)
     sweep.set_defaults(func=_cmd_sweep)
 
-    plot = sub.add_parser("plot", help="draw a sweep's log-log figure (DIR/<name>.png)")
+    plot = sub.add_parser("plot", help="draw a sweep's log-log figure (DIR/<name>.png)",
+                          description="Redraw a finished sweep's figure from its tables.")
     plot.add_argument("dir", help="run directory written by `hmoe-sim sweep`")
     plot.add_argument("--output", default=None, help="PNG path (default DIR/<config name>.png)")
+    _add_debug(plot, argparse.SUPPRESS)
     plot.set_defaults(func=_cmd_plot)
 
-    report = sub.add_parser("report", help="recompute and print a sweep's rates table")
+    report = sub.add_parser("report", help="recompute and print a sweep's rates table",
+                            description="Recompute rates.csv, summary.csv and boundary.csv from results.parquet "
+                                        "and print them (a read-only directory is only read).")
     report.add_argument("dir", help="run directory written by `hmoe-sim sweep`")
+    _add_debug(report, argparse.SUPPRESS)
     report.set_defaults(func=_cmd_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status.
+
+    Errors are one line on stderr (``hmoe-sim: error: ...``) with exit status 2 for bad input
+    and failed checks (``ValueError``, ``OSError``), 1 for anything unexpected; ``--debug``
+    adds the traceback. Ctrl-C ends with 130, SIGTERM during a sweep with 143.
+    """
+    from hmoe_sim.sweep.runner import SweepInterrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args))
-    except ValueError as err:
-        print(f"hmoe-sim: error: {err}", file=sys.stderr)
+    except SweepInterrupted as err:
+        print(f"hmoe-sim: {err}", file=sys.stderr)
+        return 128 + int(err.signal_number)
+    except KeyboardInterrupt:
+        print("hmoe-sim: interrupted", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
+    except (ValueError, OSError) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"hmoe-sim: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # the last line of defence: one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"hmoe-sim: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (an OSError with its file name)."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename!r}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from hmoe_sim.data import cell_seed
-from hmoe_sim.sweep.cells import data_seeds, plan_cells, start_seeds
+from hmoe_sim.sweep.cells import cell_hash, data_seeds, plan_cells, start_seeds
 from hmoe_sim.sweep.config import load_config, parse_config
 from hmoe_sim.sweep.storage import RunDir, atomic_write
 
@@ -183,18 +183,21 @@ def test_run_dir_cells_and_config(tmp_path: Path):
     cfg = parse_config(BASE)
     run = RunDir(tmp_path / "run")
     run.write_config(cfg)
-    assert run.read_config().fingerprint == cfg.fingerprint
+    assert run.read_config().fingerprint == cfg.fingerprint == run.stored_fingerprint()
     cells = plan_cells(cfg)[:2]
+    losses = ["D1", "D2", "L2"]
     for i, c in enumerate(cells):
-        assert not run.has_cell(cfg.fingerprint, c)
+        h = cell_hash(cfg, c)
+        assert not run.has_cell(c, h)
         frame = pd.DataFrame({"truth": c.truth, "series": c.series, "control": c.control, "n": c.n,
                               "replication": list(c.reps),
-                              "x": np.arange(len(c.reps)) + i})
-        run.write_cell(cfg.fingerprint, c, frame)
-        assert run.has_cell(cfg.fingerprint, c)
-    assert not run.has_cell("0" * 16, cells[0])
-    table = run.read_cells(cfg.fingerprint, cells)
-    assert table["replication"].tolist() == [0, 1, 2]
+                              "x": np.arange(len(c.reps)) + i, **{k: 0.5 for k in losses}})
+        run.write_cell(c, h, frame, cfg.fingerprint)
+        assert run.has_cell(c, h)
+        pd.testing.assert_frame_equal(run.load_cell(c, h, losses), frame)
+    assert not run.has_cell(cells[0], "0" * 16)
+    with pytest.raises(FileNotFoundError):
+        run.load_cell(cells[0], "0" * 16, losses)
     with pytest.raises(ValueError, match="not a sweep directory"):
         RunDir(tmp_path / "empty").read_config()
 

@@ -74,7 +74,7 @@ def test_kill_and_resume(tmp_path: Path, reference: pd.DataFrame, monkeypatch: p
     cfg = parse_config(TINY)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, tmp_path, progress=False, log=quiet)
-    stored = list((tmp_path / "cells" / cfg.fingerprint).iterdir())
+    stored = list((tmp_path / "cells").iterdir())
     assert len(stored) == 3 and all(p.suffix == ".parquet" for p in stored)
     assert not (tmp_path / "results.parquet").exists()
     monkeypatch.setattr(runner, "run_cell", real)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,37 @@ def _seed_list(seed: SeedLike | Sequence[SeedLike], count: int) -> list[np.rando
     return [np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, b)) for b in range(count)]
 
 
+#: dtypes the estimators compute in (the Cholesky and triangular solves need one of these)
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {dtype}; the estimators support {', '.join(map(str, SUPPORTED_DTYPES))} "
+                        "(convert with .double() or pass dtype='float64')")
+    return dtype
+
+
+def _check_finite_data(name: str, value: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise naming ``name`` and the first index (within ``mask``) that holds NaN or inf.
+
+    ``value`` is ``y`` (same shape as ``mask``) or ``X`` (one more trailing axis).
+    """
+    bad = ~torch.isfinite(value)
+    rows = (bad.any(-1) if value.dim() == mask.dim() + 1 else bad) & mask
+    if not bool(rows.any()):
+        return
+    first = tuple(torch.nonzero(rows)[0].tolist())
+    entry = value[first]
+    if entry.dim():
+        column = int(torch.nonzero(~torch.isfinite(entry))[0])
+        first, entry = (*first, column), entry[column]
+    raise ValueError(f"{name} contains non-finite values (first at index {first}: {entry.item()!r}); "
+                     "remove or impute them before fitting")
+
+
 def _check_data(model: MixtureModel, X: object, y: object, mask: object) -> tuple[torch.Tensor, ...]:
+    """Shapes, dtype and finiteness of a batch of data sets (entries outside ``mask`` are not read)."""
     X = check_float_tensor("X", X)
     y = check_float_tensor("y", y)
     if X.dim() != 3 or X.shape[-1] != model.input_dim:
@@ -96,7 +127,32 @@ def _check_data(model: MixtureModel, X: object, y: object, mask: object) -> tupl
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError(f"mask leaves data set(s) {torch.nonzero(counts == 0).squeeze(-1).tolist()} empty")
+    _check_finite_data("X", X, mask.to(X.device))
+    _check_finite_data("y", y, mask.to(y.device))
     return X, y, mask
+
+
+def _check_init_in_box(model: MixtureModel, theta0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Raise naming the first parameter (and entry) of a start outside the box ``[lo, hi]``.
+
+    Rows of ``theta0`` are flattened starts (``model.flatten`` order); NaN counts as outside.
+    """
+    outside = ~((theta0 >= lo) & (theta0 <= hi))
+    if not bool(outside.any()):
+        return
+    row, col = (int(v) for v in torch.nonzero(outside)[0])
+    start = 0
+    for name, shape in model.param_shapes().items():
+        size = math.prod(shape)
+        if col < start + size:
+            entry = tuple(int(i) for i in np.unravel_index(col - start, shape)) if shape else ()
+            value = float(theta0[row, col])
+            side = f"lower bound {float(lo[col])!r}" if not value >= float(lo[col]) else \
+                f"upper bound {float(hi[col])!r}"
+            raise ValueError(f"init: parameter {name!r} entry {entry} of start {row} is {value!r}, outside the box "
+                             f"(beyond its {side}; box [{float(lo[col])!r}, {float(hi[col])!r}]); give a start "
+                             "inside the bounds, e.g. with Bounds.project")
+        start += size
 
 
 def fit_batch(
@@ -165,6 +221,14 @@ def fit_batch(
     Returns
     -------
     FitResult
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, NaN or inf in ``X`` or ``y`` (naming the array and the first bad index),
+        or a start outside the box (naming the parameter and the bound it crosses).
+    TypeError
+        ``X`` of a dtype other than float32 / float64 (e.g. float16) without a ``dtype``.
     """
     if not isinstance(model, MixtureModel):
         raise TypeError(f"model must be a MixtureModel, got {type(model).__name__}")
@@ -175,7 +239,7 @@ def fit_batch(
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     X, y, mask = _check_data(model, X, y, mask)
     dev = X.device if device is None else resolve_device(device)
-    dt = X.dtype if dtype is None else resolve_dtype(dtype)
+    dt = _check_dtype("X", X.dtype) if dtype is None else resolve_dtype(dtype)
     box = _as_bounds(bounds)
     box.check_names(model)
     B = X.shape[0]
@@ -190,6 +254,7 @@ def fit_batch(
     seeds = [s for s in _seed_list(seed, B) for _ in range(n_starts)]
     truth_model, truth_theta = _truth_vector(model, truth, B, n_starts, dev, dt)
     lo, hi = box.vectors(model, dtype=dt, device=dev)
+    _check_init_in_box(model, theta0, lo, hi)
     zero = torch.zeros((), dtype=dt, device=dev)  # masked samples are zeroed and carry weight 0
     X, y = torch.where(mask.unsqueeze(-1) > 0, X, zero), torch.where(mask > 0, y, zero)
     size = chunk_size if chunk_size is not None else auto_chunk_size(

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hmoe_sim._validation import check_choice, check_nonnegative_int, check_positive_int
+from hmoe_sim._validation import check_choice, check_finite_tensor, check_nonnegative_int, check_positive_int
 from hmoe_sim.hora.lora import AdapterLinear, HoRALinear, LoRALinear, MultiHeadLoRALinear
 
 __all__ = ["ADAPTER_KINDS", "PROJECTIONS", "MultiHeadAttention", "adapter_parameter_count"]
@@ -174,7 +174,8 @@ class MultiHeadAttention(nn.Module):
         Raises
         ------
         ValueError
-            For ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``.
+            For ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``,
+            or NaN / inf in any of its weights or biases (naming the tensor).
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
@@ -182,6 +183,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"kdim={mha.kdim}, vdim={mha.vdim} differ from embed_dim={mha.embed_dim}; unsupported")
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported")
+        for name, tensor in mha.named_parameters():
+            check_finite_tensor(f"mha.{name}", tensor)
         w = mha.in_proj_weight.detach()
         has_bias = mha.in_proj_bias is not None
         module = cls(mha.embed_dim, mha.num_heads, bias=has_bias, dtype=w.dtype, device=w.device, **options)

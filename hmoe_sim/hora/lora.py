@@ -25,7 +25,7 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from hmoe_sim._validation import check_positive_float, check_positive_int
+from hmoe_sim._validation import check_finite_tensor, check_positive_float, check_positive_int
 
 __all__ = ["AdapterLinear", "LoRALinear", "MultiHeadLoRALinear", "HoRALinear"]
 
@@ -33,6 +33,9 @@ __all__ = ["AdapterLinear", "LoRALinear", "MultiHeadLoRALinear", "HoRALinear"]
 def _check_base(base: object) -> nn.Linear:
     if not isinstance(base, nn.Linear):
         raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+    check_finite_tensor("base.weight", base.weight)
+    if base.bias is not None:
+        check_finite_tensor("base.bias", base.bias)
     return base
 
 
@@ -108,6 +111,19 @@ class AdapterLinear(nn.Module):
         return w if self.merged else w + self.get_delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(*, in_features)`` -> ``(*, out_features)``.
+
+        Raises
+        ------
+        ValueError
+            If the last axis of ``x`` is not ``in_features`` wide (naming both widths).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            width = x.shape[-1] if x.dim() else None
+            raise ValueError(f"{type(self).__name__} expects inputs of width in_features={self.in_features} "
+                             f"(last axis), got width {width} (shape {tuple(x.shape)})")
         out = self.base_layer(x)
         if self.merged:
             return out
@@ -238,6 +254,8 @@ class MultiHeadLoRALinear(_PerHeadLinear):
     def from_factors(cls, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float | None = None,
                      dropout: float = 0.0) -> MultiHeadLoRALinear:
         """An MH-LoRA layer holding copies of given factors ``A (H, r, in)``, ``B (H, out/H, r)``."""
+        check_finite_tensor("A", A)
+        check_finite_tensor("B", B)
         if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
             raise ValueError(f"factors A {tuple(A.shape)} and B {tuple(B.shape)} must be (H, r, in) and (H, dh, r)")
         layer = cls(base, n_heads=A.shape[0], rank=A.shape[1], alpha=alpha, dropout=dropout)
@@ -289,6 +307,8 @@ class HoRALinear(_PerHeadLinear):
         elif not isinstance(head_embeddings, nn.Parameter) or tuple(head_embeddings.shape) != (self.n_heads, m):
             raise ValueError(f"head_embeddings must be an nn.Parameter of shape ({self.n_heads}, {m}), got "
                              f"{type(head_embeddings).__name__} {tuple(getattr(head_embeddings, 'shape', ()))}")
+        else:
+            check_finite_tensor("head_embeddings", head_embeddings)
         self.head_embeddings = head_embeddings
         bound = 1 / math.sqrt(self.in_features)
         self.shared_A = _uniform((self.rank, self.in_features), bound, w, generator)

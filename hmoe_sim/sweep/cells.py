@@ -15,18 +15,32 @@ the order in which cells run:
   every series and its control, applied to each fitted structure's own parameters;
 * minibatch permutations (SGD) of that replication: ``cell_seed(root, "sgd", t, n, r)``;
 * the evaluation points of the L2 error: ``cell_seed(root, "l2")`` (one set for all fits).
+
+Every cell has a *cell hash* (:func:`cell_hash`) over everything that determines its numbers
+(:func:`cell_spec`); storage keys finished cells by ``cell.key`` and that hash, so a change
+that leaves a cell's numbers alone (the ``description``, another ``n``, more replications)
+reuses it, and any change that could move them recomputes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from hmoe_sim import __version__
 from hmoe_sim.data import cell_seed
 from hmoe_sim.sweep.config import SweepConfig
 
-__all__ = ["Cell", "plan_cells", "data_seeds", "start_seeds", "sgd_seeds", "l2_seed", "seed_int"]
+__all__ = ["CELL_SCHEMA_VERSION", "Cell", "cell_hash", "cell_spec", "plan_cells", "data_seeds", "start_seeds",
+           "sgd_seeds", "l2_seed", "seed_int"]
+
+#: version of the cell layout and of :func:`cell_spec`; raising it recomputes every stored cell
+CELL_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True, order=True)
@@ -71,6 +85,51 @@ def plan_cells(config: SweepConfig) -> list[Cell]:
     controls = [""] + list(config.data["sample"]["controls"])
     return [Cell(t, s["name"], c, n, b, r) for t in config.truth_seeds for s in config.series
             if t in s["truth_seeds"] for c in controls for n in config.sizes for b, r in enumerate(blocks)]
+
+
+def cell_spec(config: SweepConfig, cell: Cell) -> dict[str, Any]:
+    """Everything that determines the numbers of ``cell`` (a JSON-able dict).
+
+    The root seed, device, dtype and torch threads; the truth section without the list of
+    truth seeds (the cell's own truth seed is ``cell.truth``); the cell's series
+    (preset, truth options, structure, fit protocol; not its name, which the cell carries, nor
+    its list of truths);
+    the input distribution ``sample.x_dist``; the losses section; every field of the cell
+    (:func:`dataclasses.asdict`, so fields added to :class:`Cell` enter automatically); the
+    package version and :data:`CELL_SCHEMA_VERSION`. Not in it: ``name``, ``description``,
+    the other sizes, the replication count and ``sample.chunk`` (the cell's replications are
+    its own field).
+
+    Raises
+    ------
+    ValueError
+        If ``cell.series`` is not a series of ``config``.
+    """
+    data = config.data
+    series = [s for s in data["series"] if s["name"] == cell.series]
+    if not series:
+        raise ValueError(f"cell {cell.key!r}: series {cell.series!r} is not in the configuration "
+                         f"(series: {[s['name'] for s in data['series']]})")
+    spec = {
+        "schema": CELL_SCHEMA_VERSION,
+        "version": __version__,
+        "root_seed": data["root_seed"],
+        "device": data["device"],
+        "dtype": data["dtype"],
+        "threads": data["threads"],
+        "truth": {k: v for k, v in data["truth"].items() if k != "seeds"},  # the cell's own seed is cell.truth
+        "series": {k: v for k, v in series[0].items() if k not in ("name", "truth_seeds")},
+        "x_dist": data["sample"]["x_dist"],
+        "losses": data["losses"],
+        "cell": dataclasses.asdict(cell),
+    }
+    return json.loads(json.dumps(spec, sort_keys=True))
+
+
+def cell_hash(config: SweepConfig, cell: Cell) -> str:
+    """SHA-256 (first 16 hex digits) of :func:`cell_spec`: the key a stored cell is checked against."""
+    payload = json.dumps(cell_spec(config, cell), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def data_seeds(root_seed: int, truth: int, n: int, reps: tuple[int, ...]) -> list[np.random.SeedSequence]:

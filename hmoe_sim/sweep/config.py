@@ -56,6 +56,7 @@ from typing import Any
 
 from hmoe_sim import __version__
 from hmoe_sim.data import X_DISTRIBUTIONS
+from hmoe_sim.estimators.api import LOSSES, METHODS
 from hmoe_sim.models.presets import PRESETS, make_preset
 
 __all__ = ["SweepConfig", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
@@ -138,13 +139,13 @@ def _sizes(sample: dict[str, Any]) -> list[int]:
     if sizes is not None:
         if not isinstance(sizes, list) or not sizes:
             raise _fail("sample.sizes", f"must be a non-empty list of integers, got {sizes!r}")
-        out = [_int(f"sample.sizes[{i}]", s, 1) for i, s in enumerate(sizes)]
+        out = [_int(f"sample.sizes[{i}]", s, 2) for i, s in enumerate(sizes)]
     else:
         g = _check_keys("sample.grid", grid, {"min", "max", "points"})
         missing = sorted({"min", "max", "points"} - set(g))
         if missing:
             raise _fail("sample.grid", f"missing {missing}")
-        lo, hi = _int("sample.grid.min", g["min"], 1), _int("sample.grid.max", g["max"], 1)
+        lo, hi = _int("sample.grid.min", g["min"], 2), _int("sample.grid.max", g["max"], 2)
         pts = _int("sample.grid.points", g["points"], 2)
         if hi <= lo:
             raise _fail("sample.grid.max", f"must exceed sample.grid.min={lo}, got {hi}")
@@ -160,9 +161,9 @@ def _fit(key: str, table: Mapping[str, Any], base: Mapping[str, Any]) -> dict[st
     t = _check_keys(key, table, _FIT_DEFAULTS)
     f = copy.deepcopy(dict(base))
     f.update(copy.deepcopy(t))
-    f["method"] = _str(f"{key}.method", f["method"])
+    f["method"] = _str(f"{key}.method", f["method"], METHODS)
     f["max_iter"] = _int(f"{key}.max_iter", f["max_iter"], 1)
-    f["tol"] = _float(f"{key}.tol", f["tol"], positive=False)
+    f["tol"] = _float(f"{key}.tol", f["tol"])
     f["init"] = _str(f"{key}.init", f["init"], INIT_KINDS)
     f["perturbation"] = _float(f"{key}.perturbation", f["perturbation"], positive=False)
     f["n_starts"] = _int(f"{key}.n_starts", f["n_starts"], 1)
@@ -172,7 +173,40 @@ def _fit(key: str, table: Mapping[str, Any], base: Mapping[str, Any]) -> dict[st
         if not isinstance(f[sub], Mapping):
             raise _fail(f"{key}.{sub}", f"must be a table, got {f[sub]!r}")
         f[sub] = dict(f[sub])
+    f["options"] = _fit_options(f"{key}.options", f["options"])
     return f
+
+
+def _number(key: str, value: object, *, minimum: float, strict: bool) -> float:
+    """A finite number ``> minimum`` (``strict``) or ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(key, f"must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise _fail(key, f"must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+#: checks of the known ``fit.options`` (keyword arguments of ``fit_batch``); unknown names are
+#: rejected by ``hmoe_sim.sweep.runner.check_estimator_options`` against fit_batch's signature
+_OPTION_CHECKS: dict[str, Any] = {
+    "epochs": lambda k, v: _int(k, v, 1),
+    "batch_size": lambda k, v: _int(k, v, 1),
+    "chunk_size": lambda k, v: _int(k, v, 1),
+    "lr": lambda k, v: _number(k, v, minimum=0.0, strict=True),
+    "ftol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
+    "xtol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
+    "gtol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
+    "loss": lambda k, v: _str(k, v, LOSSES),
+}
+
+
+def _fit_options(key: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Type and range checks of the known estimator options (values kept as given)."""
+    for name, value in options.items():
+        check = _OPTION_CHECKS.get(name)
+        if check is not None:
+            check(f"{key}.{name}", value)
+    return options
 
 
 @dataclass(frozen=True)
@@ -392,10 +426,16 @@ def _controls(value: object) -> list[str]:
 def load_config(path: str | Path) -> SweepConfig:
     """Read and validate a TOML sweep configuration (the name defaults to the file's stem)."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"config path {str(p)!r} is a directory, not a TOML file")
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist")
     try:
-        raw = tomllib.loads(p.read_text())
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {str(p)!r} cannot be read: {err}") from err
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"config file {str(p)!r} is not valid TOML: {err}") from err
     return parse_config(raw, default_name=p.stem)

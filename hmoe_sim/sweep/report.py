@@ -119,8 +119,13 @@ def _slope_columns(suffix: str, fit: dict[str, object]) -> dict[str, object]:
 
 
 def _parts(results: pd.DataFrame, truth: int, series: str) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """The rows of one (truth, series): the series itself and each of its controls."""
-    rows = results[(results["truth"] == truth) & (results["series"] == series)]
+    """The rows of one (truth, series): the series itself and each of its controls.
+
+    Results without a ``truth`` column (a single-truth table) are taken whole for every truth.
+    """
+    rows = results[results["series"] == series]
+    if "truth" in rows:
+        rows = rows[rows["truth"] == truth]
     control = rows["control"].fillna("").astype(str) if "control" in rows else pd.Series("", index=rows.index)
     return rows[control == ""], {c: rows[control == c] for c in dict.fromkeys(control) if c}
 

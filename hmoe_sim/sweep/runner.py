@@ -1,12 +1,27 @@
-"""Run a sweep: one cell's fits and losses, and the fan-out of cells over joblib or dask.
+"""Run a sweep: one cell's fits and losses, and the fan-out of cells over processes or dask.
 
 Inside a cell the replications are fitted as one batch on the configured device
-(``fit_batch`` over ``(R, n, D)`` data). Cells run through joblib: in-process for one job,
-loky worker processes for several, or a dask.distributed cluster through joblib's dask
-backend. Every cell sets the number of torch threads to ``config.threads`` while it runs, so
-its numbers do not depend on the backend or on the number of jobs (results are identical bit
-for bit on the CPU). Finished cells are written by the calling process, each atomically, as
-they arrive; a rerun computes only the missing cells of the same configuration fingerprint.
+(``fit_batch`` over ``(R, n, D)`` data). Cells run in-process for one job, in a pool of
+worker processes for several (``concurrent.futures.ProcessPoolExecutor``, spawned), or on a
+dask.distributed cluster through joblib's dask backend. Every cell sets the number of torch
+threads to ``config.threads`` while it runs, so its numbers do not depend on the backend or
+on the number of jobs (results are identical bit for bit on the CPU). Finished cells are
+written by the calling process, each atomically, as they arrive; a rerun verifies the stored
+cells and computes only the missing or invalid ones (see :mod:`hmoe_sim.sweep.storage`).
+
+Order of work in :func:`run_sweep`: every check first (arguments, configuration, estimator
+options, memory, the output directory, the dask scheduler), then the run directory's lock,
+then ``config.resolved.json``, then the cells, then the tables (:func:`write_tables`).
+
+Stopping a sweep. Ctrl-C (SIGINT) or SIGTERM stops the worker processes, keeps every
+finished cell and raises :class:`SweepInterrupted` ("interrupted; N of M cells done, rerun
+the same command to resume"); no child process outlives the sweep. SIGKILL cannot be
+caught: the kernel releases the lock and kills the worker processes with their parent (Linux
+``PR_SET_PDEATHSIG``; elsewhere each worker checks twice a second that its parent is alive and
+exits when it is not), and the pool's resource tracker exits once they are gone. A dask
+LocalCluster's workers are watched by their nannies, which exit when the sweep is gone. The
+next sweep into the directory takes over the stale lock with a notice and removes the partial
+temporary files the killed one may have left.
 """
 
 from __future__ import annotations
@@ -14,9 +29,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import multiprocessing
+import os
+import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,28 +51,34 @@ import torch
 from hmoe_sim.data import sample_batch
 from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth, init_random
+from hmoe_sim.estimators.api import _ANALYTIC_JACOBIAN_COPIES, _JACOBIAN_COPIES
 from hmoe_sim.losses import l2_error, voronoi_losses_for
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.hmoe import HMoE
 from hmoe_sim.models.presets import make_preset
-from hmoe_sim.sweep.cells import Cell, data_seeds, l2_seed, plan_cells, seed_int, sgd_seeds, start_seeds
+from hmoe_sim.sweep.cells import Cell, cell_hash, data_seeds, l2_seed, plan_cells, seed_int, sgd_seeds, start_seeds
 from hmoe_sim.sweep.config import SweepConfig
 from hmoe_sim.sweep.ensemble import ensemble_table, per_truth_table, structure_pairs
-from hmoe_sim.sweep.report import boundary_table, rates_table, summary_table
+from hmoe_sim.sweep.report import boundary_table, loss_columns, rates_table, summary_table
 from hmoe_sim.sweep.storage import (
     BOUNDARY_FILE,
     ENSEMBLE_FILE,
     PER_TRUTH_FILE,
     RATES_FILE,
-    RESULTS_FILE,
     SUMMARY_FILE,
+    CellInvalid,
     RunDir,
 )
 
-__all__ = ["SeriesSetup", "SweepOutcome", "run_cell", "run_sweep", "series_setup", "check_estimator_options",
-           "near_optimal", "write_tables", "BACKENDS"]
+__all__ = ["SeriesSetup", "SweepInterrupted", "SweepOutcome", "run_cell", "run_sweep", "series_setup",
+           "check_estimator_options", "check_memory", "near_optimal", "write_tables", "BACKENDS",
+           "PLAIN_PROGRESS_SECONDS"]
 
 BACKENDS = ("local", "dask")
+#: without a terminal, a plain progress line at most this often (and after the last cell)
+PLAIN_PROGRESS_SECONDS = 30.0
+#: how often a worker process checks that the sweep that started it is still alive
+ORPHAN_POLL_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -118,7 +146,8 @@ def check_estimator_options(config: SweepConfig) -> None:
 
     Checks ``fit.bounds`` (keys ``default``, ``limits``, ``boundary_tol``; names must be
     parameters of the fitted model) and ``fit.options`` (extra keyword arguments of
-    ``fit_batch`` / ``fit_multistart``), and that the device exists.
+    ``fit_batch`` / ``fit_multistart``), that the device exists, and that one cell can fit
+    in the device's memory (:func:`check_memory`).
 
     Raises
     ------
@@ -135,9 +164,10 @@ def check_estimator_options(config: SweepConfig) -> None:
         if unknown:
             raise ValueError(f"unknown config key(s) {[f'{key}.bounds.{u}' for u in unknown]}; "
                              "known: default, limits, boundary_tol")
+        setup = series_setup(config, s, s["truth_seeds"][0])
         try:
             bounds = _bounds(fit["bounds"])
-            bounds.check_names(series_setup(config, s, s["truth_seeds"][0]).fit_model)
+            bounds.check_names(setup.fit_model)
         except (TypeError, ValueError) as err:
             raise ValueError(f"config key {key + '.bounds'!r}: {err}") from err
         accepted = set(inspect.signature(fit_batch).parameters) - reserved
@@ -145,6 +175,49 @@ def check_estimator_options(config: SweepConfig) -> None:
         if bad:
             raise ValueError(f"unknown config key(s) {[f'{key}.options.{b}' for b in bad]}; "
                              f"fit_batch accepts {sorted(accepted)}")
+        check_memory(config, s, setup)
+
+
+def _device_memory(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup) -> None:
+    """Raise when one cell of ``series`` plainly cannot fit in the device's memory.
+
+    The lower bound used: the data of one cell at the largest ``n`` (``min(sample.chunk,
+    replications) * n_starts`` data sets of ``n * (D + 1)`` float64 numbers) plus the Jacobian
+    work of a single fit (``copies * n * P`` numbers of the fit dtype, as in
+    :func:`~hmoe_sim.estimators.auto_chunk_size`), and the L2 evaluation sample of the cell;
+    this is compared with the device's total memory (physical RAM for the CPU).
+
+    Raises
+    ------
+    ValueError
+        Naming ``sample.sizes`` (or ``losses.l2_n_eval``), the value and the memory needed.
+    """
+    device = resolve_device(config.data["device"])
+    itemsize = torch.empty((), dtype=resolve_dtype(config.data["dtype"])).element_size()
+    available = _device_memory(device)
+    batch = min(int(config.data["sample"]["chunk"]), config.replications) * int(series["fit"]["n_starts"])
+    dim = setup.fit_model.input_dim
+    copies = _ANALYTIC_JACOBIAN_COPIES if hasattr(setup.fit_model, "value_and_jacobian") else _JACOBIAN_COPIES
+    n = max(config.sizes)
+    need = 8 * batch * n * (dim + 1) + itemsize * copies * n * max(setup.fit_model.n_params, 1)
+    gib = 1024**3
+    where = f"{device.type} memory ({available / gib:.1f} GiB)"
+    if need > available:
+        raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {need / gib:.1f} GiB for one cell of "
+                         f"series {series['name']!r} ({batch} data sets and one fit's Jacobian), more than the "
+                         f"{where}")
+    n_eval = int(config.data["losses"]["l2_n_eval"]) if config.data["losses"]["l2"] else 0
+    need_l2 = 8 * batch * n_eval * (dim + 1)
+    if need_l2 > available:
+        raise ValueError(f"config key 'losses.l2_n_eval': {n_eval} evaluation points need at least "
+                         f"{need_l2 / gib:.1f} GiB for one cell, more than the {where}")
 
 
 @contextlib.contextmanager
@@ -305,7 +378,7 @@ class SweepOutcome:
     fingerprint : str
         The configuration's fingerprint.
     n_cells, reused, computed : int
-        Cells in the plan, cells found on disk, cells computed now.
+        Cells in the plan, verified cells found on disk, cells computed now.
     seconds : float
         Wall time of the call.
     results, rates, summary : pandas.DataFrame
@@ -323,27 +396,158 @@ class SweepOutcome:
     summary: pd.DataFrame = field(repr=False)
 
 
-def _local_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int) -> Iterator[tuple[Cell, pd.DataFrame]]:
-    if jobs == 1:
-        for cell in todo:
-            yield cell, run_cell(config_dict, cell)
-        return
-    from joblib import Parallel, delayed
+class SweepInterrupted(KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C (SIGINT) or SIGTERM; its finished cells are kept.
 
-    parallel = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
-    yield from parallel(delayed(_run_pair)(config_dict, c) for c in todo)
+    Attributes
+    ----------
+    done, total, computed : int
+        Cells on disk now, cells in the plan, cells computed by the interrupted call.
+    signal_number : int
+        ``signal.SIGINT`` or ``signal.SIGTERM``.
+    """
+
+    def __init__(self, done: int, total: int, computed: int, signal_number: int = signal.SIGINT) -> None:
+        super().__init__(done, total, computed, signal_number)
+        self.done, self.total, self.computed, self.signal_number = done, total, computed, signal_number
+
+    def __str__(self) -> str:
+        how = "terminated (SIGTERM)" if self.signal_number == signal.SIGTERM else "interrupted"
+        return (f"{how}; {self.done} of {self.total} cells done ({self.computed} this run), "
+                "rerun the same command to resume")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn the first SIGTERM into :class:`_Terminated` (main thread only; a second one kills)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise _Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(ORPHAN_POLL_SECONDS)
+    os._exit(1)
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Set up a worker process: Ctrl-C is the parent's business; never outlive the parent.
+
+    The kernel kills the worker when its parent dies (Linux); elsewhere, and as a fallback, a
+    daemon thread exits the worker once its parent pid changes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="hmoe-sim-parent-watch",
+                     daemon=True).start()
 
 
 def _run_pair(config_dict: dict[str, Any], cell: Cell) -> tuple[Cell, pd.DataFrame]:
     return cell, run_cell(config_dict, cell)
 
 
-def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, scheduler: str | None,
-                  processes: bool) -> Iterator[tuple[Cell, pd.DataFrame]]:
+def _inline_results(todo: list[Cell], config_dict: dict[str, Any]) -> Iterator[tuple[Cell, pd.DataFrame]]:
+    for cell in todo:
+        yield cell, run_cell(config_dict, cell)
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes now (running cells are abandoned) and reap them."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    executor.shutdown(wait=True, cancel_futures=True)
+    for p in processes:
+        p.join(5)
+        if p.is_alive():  # pragma: no cover - a worker ignoring SIGTERM
+            p.kill()
+            p.join(5)
+
+
+def _process_results(todo: list[Cell], config_dict: dict[str, Any],
+                     jobs: int) -> Iterator[tuple[Cell, pd.DataFrame]]:
+    """Cells computed by ``jobs`` spawned worker processes, in order of completion.
+
+    Closing the generator early (an exception in the caller, Ctrl-C, SIGTERM) terminates the
+    workers and waits for them; a normal end shuts the pool down cleanly.
+    """
+    context = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context,
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+    finished = False
     try:
-        from dask.distributed import Client, LocalCluster
+        pending: set[Future[tuple[Cell, pd.DataFrame]]] = {executor.submit(_run_pair, config_dict, c) for c in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    yield future.result()
+                except BrokenProcessPool as err:
+                    raise RuntimeError("a worker process died while computing a cell (killed from outside, or out "
+                                       "of memory?); finished cells are kept, rerun to resume") from err
+        finished = True
+    finally:
+        if finished:
+            executor.shutdown(wait=True)
+        else:
+            _stop_workers(executor)
+
+
+def _check_dask(scheduler: str | None) -> None:
+    """Fail early when dask.distributed is missing or the scheduler address cannot be reached."""
+    try:
+        import dask.distributed  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the installation
         raise ValueError("backend 'dask' needs dask.distributed: pip install 'hmoe-sim[dist]'") from err
+    if scheduler is None:
+        return
+    protocol, _, rest = scheduler.rpartition("://")
+    if protocol not in ("", "tcp", "tls"):
+        return
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"dask scheduler address {scheduler!r} is not of the form tcp://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot reach the dask scheduler at {scheduler!r}: {err.strerror or err}") from err
+
+
+def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, scheduler: str | None,
+                  processes: bool) -> Iterator[tuple[Cell, pd.DataFrame]]:
+    from dask.distributed import Client, LocalCluster
     from joblib import Parallel, delayed, parallel_config
 
     with contextlib.ExitStack() as stack:
@@ -352,11 +556,68 @@ def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, sche
                                                        dashboard_address=None))
             client = stack.enter_context(Client(cluster))
         else:
-            client = stack.enter_context(Client(scheduler))
+            try:
+                client = stack.enter_context(Client(scheduler, timeout="20s"))
+            except (OSError, TimeoutError) as err:
+                raise ValueError(f"cannot connect to the dask scheduler at {scheduler!r}: {err}") from err
         with parallel_config(backend="dask", wait_for_workers_timeout=60):
             parallel = Parallel(return_as="generator_unordered")
             yield from parallel(delayed(_run_pair)(config_dict, c) for c in todo)
         del client
+
+
+class _Progress:
+    """Progress over the cells computed now: a tqdm bar, plain lines, or nothing."""
+
+    def __init__(self, name: str, total: int, progress: bool | None, say: Callable[[str], None]) -> None:
+        terminal = sys.stderr.isatty()
+        self.bar_on = terminal if progress is None else progress
+        self.lines_on = progress is None and not terminal
+        self.name, self.total, self.say, self.done = name, total, say, 0
+        self.start = self.last = time.monotonic()
+        self.bar: Any = None
+        if self.bar_on:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=name, unit="cell")
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        now = time.monotonic()
+        if self.lines_on and (now - self.last >= PLAIN_PROGRESS_SECONDS or self.done == self.total):
+            elapsed = now - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            self.say(f"{self.name}: {self.done}/{self.total} cells computed, {elapsed:.0f} s elapsed, "
+                     f"about {left:.0f} s left")
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_tables(run: RunDir, config: SweepConfig, results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write ``results.parquet`` and the tables derived from it; return ``(rates, summary)``.
+
+    ``results`` holds one row per fit with the run fingerprint in its first column; the
+    fingerprint is also stored in ``results.parquet``'s metadata (``report`` and ``plot``
+    check it against ``config.resolved.json``). Besides ``rates.csv``, ``summary.csv`` and
+    ``boundary.csv``, a truth ensemble with shared / non-shared pairs gets ``per_truth.csv``
+    and ``ensemble.csv`` (:mod:`hmoe_sim.sweep.ensemble`).
+    """
+    run.write_results(results, config.fingerprint)
+    rates = rates_table(results, config)
+    run.write_table(RATES_FILE, rates)
+    summary = summary_table(results, config)
+    run.write_table(SUMMARY_FILE, summary)
+    run.write_table(BOUNDARY_FILE, boundary_table(results))
+    if len(config.truth_seeds) > 1 and structure_pairs(config):
+        per_truth = per_truth_table(rates, config)
+        run.write_table(PER_TRUTH_FILE, per_truth)
+        run.write_table(ENSEMBLE_FILE, ensemble_table(per_truth, config))
+    return rates, summary
 
 
 def run_sweep(
@@ -378,28 +639,40 @@ def run_sweep(
     config : SweepConfig
         The validated configuration.
     out : str or Path
-        Run directory; cells of the same configuration fingerprint found there are reused.
+        Run directory; verified cells of the same cell hash found there are reused.
     device : str, optional
         Overrides ``config.device`` (part of the fingerprint: a fit on another device is
         another result).
     jobs : int
-        Parallel cells (worker processes for ``local``, workers of a new LocalCluster for
-        ``dask``).
+        Parallel cells (spawned worker processes for ``local``, workers of a new
+        LocalCluster for ``dask``).
     backend : {"local", "dask"}
-        joblib (in-process / loky) or a dask.distributed cluster through joblib.
+        In-process / a process pool, or a dask.distributed cluster through joblib.
     scheduler : str, optional
         Address of a running dask scheduler (``backend="dask"`` only); default: start a
         LocalCluster.
     progress : bool, optional
-        tqdm progress bar over cells; default: on when stderr is a terminal.
+        ``True``: a tqdm bar over cells; ``False``: no progress output; default: the bar
+        when stderr is a terminal, otherwise a plain line through ``log`` at most every
+        :data:`PLAIN_PROGRESS_SECONDS` and after the last cell.
     dask_processes : bool
         Whether a LocalCluster uses worker processes (threads when ``False``).
     log : callable, optional
-        Receives one-line messages (reuse counts); default prints to stderr.
+        Receives one-line messages (reuse counts, recomputed cells, progress lines);
+        default prints to stderr.
 
     Returns
     -------
     SweepOutcome
+
+    Raises
+    ------
+    ValueError
+        Any bad argument, configuration or output directory, before anything is written.
+    RunLocked
+        Another sweep holds the run directory (a ``ValueError``).
+    SweepInterrupted
+        Ctrl-C or SIGTERM; the finished cells are on disk, and no worker process is left.
     """
     start = time.perf_counter()
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
@@ -413,45 +686,75 @@ def run_sweep(
         config = config.with_overrides(device=device)
     check_estimator_options(config)
     run = RunDir(out)
-    run.write_config(config)
+    run.check_writable()
+    if backend == "dask":
+        _check_dask(scheduler)
+
     fp = config.fingerprint
     cells = plan_cells(config)
-    todo = [c for c in cells if not run.has_cell(fp, c)]
-    reused = len(cells) - len(todo)
-    say(f"sweep {config.name!r} (fingerprint {fp}): {len(cells)} cells, reusing {reused}, computing {len(todo)}")
-    if todo:
-        from tqdm.auto import tqdm
-
-        show = sys.stderr.isatty() if progress is None else progress
-        config_dict = config.to_dict()
-        if backend == "local":
-            stream = _local_results(todo, config_dict, jobs)
-        else:
-            stream = _dask_results(todo, config_dict, jobs, scheduler, dask_processes)
-        with tqdm(total=len(todo), disable=not show, desc=config.name, unit="cell") as bar:
-            for cell, frame in stream:
-                run.write_cell(fp, cell, frame)
-                bar.update(1)
-    results = run.read_cells(fp, cells)
-    results.insert(0, "fingerprint", fp)
-    rates, summary = write_tables(run, config, results)
+    counts = {"done": 0, "computed": 0}
+    try:
+        with _sigterm_raises(), run.lock(notify=say):
+            run.write_config(config)
+            frames, todo = _verified_cells(run, config, cells, say)
+            counts["done"] = len(frames)
+            reused = len(frames)
+            say(f"sweep {config.name!r} (fingerprint {fp}): {len(cells)} cells, reusing {reused}, "
+                f"computing {len(todo)}")
+            if todo:
+                _compute(run, config, todo, frames, counts, jobs=jobs, backend=backend, scheduler=scheduler,
+                         dask_processes=dask_processes, progress=progress, say=say)
+            results = pd.concat([frames[c] for c in cells], ignore_index=True)
+            results = results.sort_values(["truth", "series", "control", "n", "replication"], kind="stable"
+                                          ).reset_index(drop=True)
+            results.insert(0, "fingerprint", fp)
+            rates, summary = write_tables(run, config, results)
+    except SweepInterrupted:
+        raise
+    except KeyboardInterrupt as err:
+        number = signal.SIGTERM if isinstance(err, _Terminated) else signal.SIGINT
+        raise SweepInterrupted(counts["done"], len(cells), counts["computed"], number) from err
     return SweepOutcome(run, fp, len(cells), reused, len(todo), time.perf_counter() - start, results, rates, summary)
 
 
-def write_tables(run: RunDir, config: SweepConfig, results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write ``results.parquet``, ``rates.csv``, ``summary.csv``, ``boundary.csv`` and, for a
-    truth ensemble with shared / non-shared pairs, ``per_truth.csv`` and ``ensemble.csv``.
+def _verified_cells(run: RunDir, config: SweepConfig, cells: list[Cell],
+                    say: Callable[[str], None]) -> tuple[dict[Cell, pd.DataFrame], list[Cell]]:
+    """The stored cells that pass verification, and the cells to compute (missing or invalid)."""
+    losses = loss_columns(config)
+    frames: dict[Cell, pd.DataFrame] = {}
+    todo: list[Cell] = []
+    for cell in cells:
+        try:
+            frames[cell] = run.load_cell(cell, cell_hash(config, cell), losses)
+        except FileNotFoundError:
+            todo.append(cell)
+        except CellInvalid as err:
+            say(f"cell {cell.key}: stored file {err}; recomputing it")
+            todo.append(cell)
+    return frames, todo
 
-    Returns the rates and summary tables.
-    """
-    run.write_table(RESULTS_FILE, results)
-    rates = rates_table(results, config)
-    run.write_table(RATES_FILE, rates)
-    summary = summary_table(results, config)
-    run.write_table(SUMMARY_FILE, summary)
-    run.write_table(BOUNDARY_FILE, boundary_table(results))
-    if len(config.truth_seeds) > 1 and structure_pairs(config):
-        per_truth = per_truth_table(rates, config)
-        run.write_table(PER_TRUTH_FILE, per_truth)
-        run.write_table(ENSEMBLE_FILE, ensemble_table(per_truth, config))
-    return rates, summary
+
+def _compute(run: RunDir, config: SweepConfig, todo: list[Cell], frames: dict[Cell, pd.DataFrame],
+             counts: dict[str, int], *, jobs: int, backend: str, scheduler: str | None, dask_processes: bool,
+             progress: bool | None, say: Callable[[str], None]) -> None:
+    """Compute ``todo``, write each cell as it arrives and add its verified frame to ``frames``."""
+    config_dict = config.to_dict()
+    losses = loss_columns(config)
+    hashes = {c: cell_hash(config, c) for c in todo}
+    if backend == "dask":
+        stream = _dask_results(todo, config_dict, jobs, scheduler, dask_processes)
+    elif jobs == 1 or len(todo) == 1:
+        stream = _inline_results(todo, config_dict)
+    else:
+        stream = _process_results(todo, config_dict, jobs)
+    bar = _Progress(config.name, len(todo), progress, say)
+    try:
+        with contextlib.closing(stream):
+            for cell, frame in stream:
+                run.write_cell(cell, hashes[cell], frame, config.fingerprint)
+                frames[cell] = run.load_cell(cell, hashes[cell], losses)
+                counts["done"] += 1
+                counts["computed"] += 1
+                bar.update()
+    finally:
+        bar.close()

@@ -1,35 +1,60 @@
-"""On-disk layout of a sweep run directory, with atomic writes.
+"""On-disk layout of a sweep run directory: atomic writes, a lock, verified cells.
 
 ::
 
-    DIR/config.resolved.json      the resolved configuration (every default) + fingerprint
-    DIR/cells/<fingerprint>/<cell key>.parquet   one finished cell (written atomically)
-    DIR/results.parquet           one row per fit: the cells of the current fingerprint, sorted
+    DIR/.hmoe-sim.lock            held by the running sweep (pid, host, start time)
+    DIR/config.resolved.json      the resolved configuration (every default) + run fingerprint
+    DIR/cells/<cell key>__<cell hash>.parquet   one finished cell (written atomically)
+    DIR/results.parquet           one row per fit, with the run fingerprint (column + metadata)
     DIR/rates.csv                 one row per (series, loss): fitted slope with its CI
     DIR/summary.csv               per (series, n): fit counts, flagged fits, loss means and SDs
     DIR/boundary.csv              per (series, boundary kind): fits that ended at that bound
     DIR/per_truth.csv             truth ensembles: per (truth, H, series, loss) slope and verdict
     DIR/ensemble.csv              truth ensembles: per (H, loss) shared vs non-shared over truths
 
-Cells live under their configuration's fingerprint, so a changed configuration never reads
-a stale cell. Every file is written to a temporary name in the same directory and moved in
-place with ``os.replace``; a sweep killed at any moment leaves only whole files behind.
+Two fingerprints. The *run fingerprint* (:attr:`SweepConfig.fingerprint`, over the whole
+resolved configuration) names the run: it is stored in ``config.resolved.json`` and with
+``results.parquet``, and ``report`` / ``plot`` refuse a directory where the two differ
+(:meth:`RunDir.read_checked`). The *cell hash* (:func:`~hmoe_sim.sweep.cells.cell_hash`, over
+what determines one cell's numbers) names a cell file, so a change of ``description``, an added
+size or added replications reuse every cell whose numbers cannot have changed. Every cell file
+carries its key, its hash and the run fingerprint that wrote it in the parquet metadata, and is
+verified before reuse (:meth:`RunDir.load_cell`): readable, the key and hash it claims, the
+key columns and every loss column, and one row per replication of the cell with the cell's
+coordinates.
+
+Every file is written to a temporary name in the same directory (created with mode ``0666``
+less the umask, like any other file) and moved in place with ``os.replace``; a sweep killed at
+any moment leaves only whole files behind, plus at most some ``.*.tmp`` files that the next
+sweep into the directory removes.
+
+The lock is an ``flock`` on ``DIR/.hmoe-sim.lock``, which also records the holder. The kernel
+drops an ``flock`` when its process ends, however it ends; a lock file still naming a holder
+when the lock is free was left by a killed sweep and is taken over with a notice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import os
-import tempfile
-from collections.abc import Callable
+import secrets
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from hmoe_sim.sweep.cells import Cell
+from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell
 from hmoe_sim.sweep.config import SweepConfig, parse_config
 
-__all__ = ["RunDir", "atomic_write"]
+__all__ = ["CellInvalid", "RunDir", "RunLocked", "atomic_write"]
 
 CONFIG_FILE = "config.resolved.json"
 RESULTS_FILE = "results.parquet"
@@ -38,19 +63,78 @@ SUMMARY_FILE = "summary.csv"
 BOUNDARY_FILE = "boundary.csv"
 PER_TRUTH_FILE = "per_truth.csv"
 ENSEMBLE_FILE = "ensemble.csv"
+LOCK_FILE = ".hmoe-sim.lock"
+CELLS_DIR = "cells"
+#: parquet key-value metadata key of the hmoe-sim record in cell files and results.parquet
+METADATA_KEY = b"hmoe_sim"
+#: columns every cell file must have (besides the configured loss columns)
+CELL_KEY_COLUMNS = ("truth", "series", "control", "n", "replication")
+
+
+class RunLocked(ValueError):
+    """The run directory is locked by another sweep (the message names the holder)."""
+
+
+class CellInvalid(ValueError):
+    """A stored cell file failed verification (the message says why)."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` and move it in place atomically."""
+    """Write ``path`` through ``write(tmp_path)`` and move it in place atomically.
+
+    The temporary file is created with mode ``0666`` less the process umask (the mode any
+    newly created file gets), never ``0600``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        os.close(fd)
+        break
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame, record: dict[str, Any]) -> None:
+    """Write ``frame`` (no index) to parquet with ``record`` as JSON in the schema metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = dict(table.schema.metadata or {})
+    metadata[METADATA_KEY] = json.dumps(record, sort_keys=True).encode()
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+def _parquet_record(path: Path) -> dict[str, Any] | None:
+    """The hmoe-sim metadata record of a parquet file (``None`` when it has none)."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(METADATA_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe_holder(info: dict[str, Any]) -> str:
+    pid = info.get("pid", "?")
+    host = info.get("host", "?")
+    return f"pid {pid} on {host}, started {info.get('started', '?')}"
 
 
 class RunDir:
@@ -68,6 +152,112 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
+    # ------------------------------------------------------------------ checks before any work
+    def check_writable(self) -> None:
+        """Raise ``ValueError`` if the directory cannot be a writable run directory.
+
+        Fails when the path is an existing file (or its nearest existing ancestor is), or when
+        the directory (or, if it does not exist yet, that ancestor) is not writable.
+        """
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out {str(p)!r} is an existing file, not a directory")
+        probe = p
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise ValueError(f"--out {str(p)!r} cannot be created: {str(probe)!r} is a file")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            what = "the run directory" if probe == p else "its parent directory"
+            raise ValueError(f"--out {str(p)!r} is not writable: no write permission on {what} {str(probe)!r}")
+
+    def writable(self) -> bool:
+        """Whether files can be written in the (existing) directory."""
+        return self.path.is_dir() and os.access(self.path, os.W_OK | os.X_OK)
+
+    # ------------------------------------------------------------------ lock
+    @contextlib.contextmanager
+    def lock(self, notify: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the directory's exclusive lock for the duration of the ``with`` block.
+
+        Raises
+        ------
+        RunLocked
+            When another process holds it; the message names that process (pid, host and
+            start time).
+
+        Notes
+        -----
+        A lock file left by a sweep that was killed (its ``flock`` is gone with it) is taken
+        over with a notice through ``notify``, and the temporary files such a sweep may have
+        left (``.*.tmp``) are removed.
+        """
+        say = notify if notify is not None else (lambda msg: None)
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / LOCK_FILE
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = self._read_lock_info(lock_path)
+                who = _describe_holder(holder) if holder else "a process that has not recorded itself yet"
+                raise RunLocked(f"run directory {str(self.path)!r} is in use by another sweep ({who}); "
+                                "wait for it to finish or stop it, or choose another --out") from None
+            # the holder we waited on may have removed the file after we opened it: retry on the new one
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            previous = self._read_lock_info(lock_path)
+            if previous:
+                pid = previous.get("pid")
+                gone = "that process is gone" if isinstance(pid, int) and not _pid_alive(pid) else \
+                    "it no longer holds the lock"
+                say(f"taking over the stale lock of a killed sweep ({_describe_holder(previous)}; {gone})")
+                self._remove_temporary_files(say)
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            os.fsync(fd)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            os.close(fd)
+
+    @staticmethod
+    def _read_lock_info(lock_path: Path) -> dict[str, Any]:
+        try:
+            text = lock_path.read_text()
+        except OSError:
+            return {}
+        try:
+            info = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def lock_holder(self) -> dict[str, Any]:
+        """What the lock file records (``{}`` when there is none): ``pid``, ``host``, ``started``."""
+        return self._read_lock_info(self.path / LOCK_FILE)
+
+    def _remove_temporary_files(self, say: Callable[[str], None]) -> None:
+        leftovers = [p for d in (self.path, self.path / CELLS_DIR) if d.is_dir() for p in d.glob(".*.tmp")]
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        if leftovers:
+            say(f"removed {len(leftovers)} partial file(s) the killed sweep left behind")
+
     # ------------------------------------------------------------------ configuration
     def write_config(self, config: SweepConfig) -> None:
         """Store the resolved configuration and its fingerprint."""
@@ -75,38 +265,85 @@ class RunDir:
         text = json.dumps(body, indent=2, sort_keys=True) + "\n"
         atomic_write(self.path / CONFIG_FILE, lambda p: p.write_text(text))
 
-    def read_config(self) -> SweepConfig:
-        """The configuration stored by :meth:`write_config` (validated again)."""
+    def _config_body(self) -> dict[str, Any]:
         f = self.path / CONFIG_FILE
         if not f.is_file():
             raise ValueError(f"{str(self.path)!r} is not a sweep directory: {CONFIG_FILE} is missing")
-        body = json.loads(f.read_text())
-        return parse_config(body["config"])
+        try:
+            body = json.loads(f.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{str(f)!r} is not valid JSON ({err}); rerun the sweep to rewrite it") from err
+        if not isinstance(body, dict) or "config" not in body:
+            raise ValueError(f"{str(f)!r} is not a resolved sweep configuration; rerun the sweep to rewrite it")
+        return body
+
+    def read_config(self) -> SweepConfig:
+        """The configuration stored by :meth:`write_config` (validated again)."""
+        return parse_config(self._config_body()["config"])
+
+    def stored_fingerprint(self) -> str:
+        """The run fingerprint recorded in ``config.resolved.json`` when it was written."""
+        return str(self._config_body().get("fingerprint", ""))
 
     # ------------------------------------------------------------------ cells
-    def cell_dir(self, fingerprint: str) -> Path:
-        return self.path / "cells" / fingerprint
+    def cell_dir(self) -> Path:
+        return self.path / CELLS_DIR
 
-    def cell_path(self, fingerprint: str, cell: Cell) -> Path:
-        return self.cell_dir(fingerprint) / f"{cell.key}.parquet"
+    def cell_path(self, cell: Cell, cell_hash: str) -> Path:
+        """``DIR/cells/<cell key>__<cell hash>.parquet``."""
+        return self.cell_dir() / f"{cell.key}__{cell_hash}.parquet"
 
-    def has_cell(self, fingerprint: str, cell: Cell) -> bool:
-        return self.cell_path(fingerprint, cell).is_file()
+    def has_cell(self, cell: Cell, cell_hash: str) -> bool:
+        """Whether a file for this cell and hash exists (not whether it is valid: see :meth:`load_cell`)."""
+        return self.cell_path(cell, cell_hash).is_file()
 
-    def write_cell(self, fingerprint: str, cell: Cell, frame: pd.DataFrame) -> None:
-        """Store one finished cell atomically."""
-        atomic_write(self.cell_path(fingerprint, cell), lambda p: frame.to_parquet(p, index=False))
+    def write_cell(self, cell: Cell, cell_hash: str, frame: pd.DataFrame, fingerprint: str) -> None:
+        """Store one finished cell atomically, with its key, hash and run fingerprint as metadata."""
+        record = {"cell_key": cell.key, "cell_hash": cell_hash, "fingerprint": fingerprint,
+                  "schema": CELL_SCHEMA_VERSION, "rows": len(frame)}
+        atomic_write(self.cell_path(cell, cell_hash), lambda p: _write_parquet(p, frame, record))
 
-    def read_cells(self, fingerprint: str, cells: list[Cell]) -> pd.DataFrame:
-        """Concatenate stored cells (all must exist), sorted by truth, series, control, n, replication."""
-        frames = [pd.read_parquet(self.cell_path(fingerprint, c)) for c in cells]
-        out = pd.concat(frames, ignore_index=True)
-        return out.sort_values(["truth", "series", "control", "n", "replication"], kind="stable"
-                               ).reset_index(drop=True)
+    def load_cell(self, cell: Cell, cell_hash: str, loss_columns: Sequence[str]) -> pd.DataFrame:
+        """Read one stored cell and verify it.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file for this cell and hash.
+        CellInvalid
+            The file is unreadable (e.g. truncated), claims another key or hash, lacks a key
+            column (``truth, series, control, n, replication``) or a loss column, or does not hold exactly one
+            row per replication of ``cell`` with the cell's coordinates.
+        """
+        path = self.cell_path(cell, cell_hash)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        try:
+            record = _parquet_record(path)
+            frame = pq.read_table(path).to_pandas()
+        except (OSError, pa.ArrowException, ValueError) as err:
+            raise CellInvalid(f"unreadable ({type(err).__name__}: {str(err)[:120]})") from err
+        if record is None:
+            raise CellInvalid("carries no cell key or hash (written by an older version)")
+        if record.get("cell_key") != cell.key or record.get("cell_hash") != cell_hash:
+            raise CellInvalid(f"belongs to cell {record.get('cell_key')!r} with hash {record.get('cell_hash')!r}, "
+                              f"not {cell.key!r} with hash {cell_hash!r}")
+        missing = [c for c in (*CELL_KEY_COLUMNS, *loss_columns) if c not in frame.columns]
+        if missing:
+            raise CellInvalid(f"lacks column(s) {missing}")
+        if len(frame) != len(cell.reps):
+            raise CellInvalid(f"has {len(frame)} rows for {len(cell.reps)} replications")
+        if sorted(frame["replication"].tolist()) != sorted(cell.reps):
+            raise CellInvalid(f"holds replications {sorted(frame['replication'].tolist())}, "
+                              f"not {sorted(cell.reps)}")
+        for name, value in vars(cell).items():
+            if name in frame.columns and isinstance(value, str | int) and not (frame[name] == value).all():
+                raise CellInvalid(f"column {name!r} is not {value!r} in every row")
+        return frame
 
     # ------------------------------------------------------------------ tables
     def write_table(self, name: str, frame: pd.DataFrame) -> Path:
-        """Write ``results.parquet`` (parquet) or a ``.csv`` table atomically."""
+        """Write a ``.parquet`` or ``.csv`` table atomically."""
         target = self.path / name
         if name.endswith(".parquet"):
             atomic_write(target, lambda p: frame.to_parquet(p, index=False))
@@ -114,15 +351,52 @@ class RunDir:
             atomic_write(target, lambda p: frame.to_csv(p, index=False, float_format="%.6g"))
         return target
 
+    def write_results(self, frame: pd.DataFrame, fingerprint: str) -> Path:
+        """Write ``results.parquet`` with the run fingerprint in its metadata."""
+        target = self.path / RESULTS_FILE
+        atomic_write(target, lambda p: _write_parquet(p, frame, {"fingerprint": fingerprint}))
+        return target
+
+    def results_fingerprint(self) -> str | None:
+        """The run fingerprint stored with ``results.parquet`` (metadata, else the column)."""
+        f = self.path / RESULTS_FILE
+        record = _parquet_record(f)
+        if record is not None and "fingerprint" in record:
+            return str(record["fingerprint"])
+        if "fingerprint" in pq.read_schema(f).names:
+            values = pq.read_table(f, columns=["fingerprint"]).column("fingerprint").unique().to_pylist()
+            return str(values[0]) if len(values) == 1 else None
+        return None
+
     def read_results(self) -> pd.DataFrame:
         f = self.path / RESULTS_FILE
         if not f.is_file():
             raise ValueError(f"{str(f)!r} does not exist; run `hmoe-sim sweep` first")
         return pd.read_parquet(f)
 
+    def read_checked(self) -> tuple[SweepConfig, pd.DataFrame]:
+        """The configuration and the results, after checking that they belong together.
+
+        Raises
+        ------
+        ValueError
+            When ``config.resolved.json`` and ``results.parquet`` carry different run
+            fingerprints (a later sweep into the directory did not finish), with how to recover.
+        """
+        config = self.read_config()
+        results = self.read_results()
+        stored = self.stored_fingerprint()
+        found = self.results_fingerprint()
+        if found is None or found != stored:
+            raise ValueError(
+                f"{str(self.path)!r}: {CONFIG_FILE} (fingerprint {stored}, config {config.name!r}) does not describe "
+                f"{RESULTS_FILE} (fingerprint {found}): a later sweep into this directory did not finish. Rerun that "
+                f"sweep to completion (`hmoe-sim sweep CONFIG --out {self.path}`: finished cells are reused), or "
+                "rerun the sweep that wrote these results")
+        return config, results
+
     def read_rates(self) -> pd.DataFrame:
         f = self.path / RATES_FILE
         if not f.is_file():
             raise ValueError(f"{str(f)!r} does not exist; run `hmoe-sim sweep` or `hmoe-sim report` first")
         return pd.read_csv(f)
-
