@@ -16,11 +16,12 @@ from hmoe_sim.estimators.api import (
     fit_multistart,
 )
 from hmoe_sim.estimators.bounds import DEFAULT_BOUND, Bounds
-from hmoe_sim.estimators.init import init_near_truth, init_random, split_atoms
+from hmoe_sim.estimators.init import PAPER_NOISE, init_near_truth, init_paper, init_random, split_atoms
 
 __all__ = [
     "DEFAULT_BOUND",
     "METHODS",
+    "PAPER_NOISE",
     "Bounds",
     "ConvergenceWarning",
     "FitResult",
@@ -30,6 +31,7 @@ __all__ = [
     "fit_batch",
     "fit_multistart",
     "init_near_truth",
+    "init_paper",
     "init_random",
     "split_atoms",
 ]
