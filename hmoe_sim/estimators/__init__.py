@@ -9,13 +9,14 @@ default, Adam, or the sibling papers' minibatch SGD) inside a box ``Theta`` and 
 
 from hmoe_sim.estimators.api import METHODS, auto_chunk_size, fit_batch, fit_multistart
 from hmoe_sim.estimators.bounds import DEFAULT_BOUND, Bounds
-from hmoe_sim.estimators.init import init_near_truth, init_random, split_atoms
+from hmoe_sim.estimators.init import PAPER_NOISE, init_near_truth, init_paper, init_random, split_atoms
 from hmoe_sim.estimators.result import ConvergenceWarning, FitResult, best_of_starts
 from hmoe_sim.estimators.sklearn import GaussianMLE, LeastSquaresMoE
 
 __all__ = [
     "DEFAULT_BOUND",
     "METHODS",
+    "PAPER_NOISE",
     "Bounds",
     "ConvergenceWarning",
     "FitResult",
@@ -26,6 +27,7 @@ __all__ = [
     "fit_batch",
     "fit_multistart",
     "init_near_truth",
+    "init_paper",
     "init_random",
     "split_atoms",
 ]

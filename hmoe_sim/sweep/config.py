@@ -57,12 +57,13 @@ from typing import Any
 from hmoe_sim import __version__
 from hmoe_sim.data import X_DISTRIBUTIONS
 from hmoe_sim.estimators.api import LOSSES, METHODS
+from hmoe_sim.estimators.init import PAPER_NOISE
 from hmoe_sim.models.presets import PRESETS, make_preset
 
 __all__ = ["SweepConfig", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
 
 LOSS_KINDS = ("D1", "D2")
-INIT_KINDS = ("near_truth", "random")
+INIT_KINDS = ("near_truth", "random", "paper")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
 
 _TOP_KEYS = {"name", "description", "root_seed", "device", "dtype", "threads", "truth", "sample", "fit", "series",
@@ -77,6 +78,7 @@ _FIT_DEFAULTS: dict[str, Any] = {
     "n_starts": 1,
     "random_starts": 0,
     "near_optimal_loglik": 0.5,
+    "paper_noise": "per_atom",
     "bounds": {},
     "options": {},
 }
@@ -169,6 +171,7 @@ def _fit(key: str, table: Mapping[str, Any], base: Mapping[str, Any]) -> dict[st
     f["n_starts"] = _int(f"{key}.n_starts", f["n_starts"], 1)
     f["random_starts"] = _int(f"{key}.random_starts", f["random_starts"], 0)
     f["near_optimal_loglik"] = _float(f"{key}.near_optimal_loglik", f["near_optimal_loglik"], positive=False)
+    f["paper_noise"] = _str(f"{key}.paper_noise", f["paper_noise"], PAPER_NOISE)
     for sub in ("bounds", "options"):
         if not isinstance(f[sub], Mapping):
             raise _fail(f"{key}.{sub}", f"must be a table, got {f[sub]!r}")

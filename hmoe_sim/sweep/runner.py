@@ -50,8 +50,9 @@ import torch
 
 from hmoe_sim.data import sample_batch
 from hmoe_sim.devices import resolve_device, resolve_dtype
-from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth, init_random
+from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth, init_paper, init_random
 from hmoe_sim.estimators.api import _ANALYTIC_JACOBIAN_COPIES, _JACOBIAN_COPIES
+from hmoe_sim.identifiability import nonidentifiable_reason
 from hmoe_sim.losses import l2_error, voronoi_losses_for
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.hmoe import HMoE
@@ -146,8 +147,10 @@ def check_estimator_options(config: SweepConfig) -> None:
 
     Checks ``fit.bounds`` (keys ``default``, ``limits``, ``boundary_tol``; names must be
     parameters of the fitted model) and ``fit.options`` (extra keyword arguments of
-    ``fit_batch`` / ``fit_multistart``), that the device exists, and that one cell can fit
-    in the device's memory (:func:`check_memory`).
+    ``fit_batch`` / ``fit_multistart``), that the device exists, that one cell can fit
+    in the device's memory (:func:`check_memory`), and that every series' truth is
+    identifiable at its true size (:func:`hmoe_sim.identifiability.nonidentifiable_reason`,
+    checked on the series' first truth seed) unless ``allow_nonidentifiable = true``.
 
     Raises
     ------
@@ -176,6 +179,12 @@ def check_estimator_options(config: SweepConfig) -> None:
             raise ValueError(f"unknown config key(s) {[f'{key}.options.{b}' for b in bad]}; "
                              f"fit_batch accepts {sorted(accepted)}")
         check_memory(config, s, setup)
+        if not config.data["allow_nonidentifiable"]:
+            reason = nonidentifiable_reason(s["preset"], s["truth_options"], seed=s["truth_seeds"][0])
+            if reason is not None:
+                raise ValueError(f"series[{i}] ({s['name']!r}, preset {s['preset']!r}) is not identifiable at its "
+                                 f"true size: {reason}; a rate measured on it is not a rate of its parameters. "
+                                 "Set allow_nonidentifiable = true to run it anyway")
 
 
 def _device_memory(device: torch.device) -> int:
@@ -255,11 +264,12 @@ def _losses(model: MixtureModel, params: Params, setup: SeriesSetup, config: Swe
     return out
 
 
-def _starts(setup: SeriesSetup, fit: dict[str, Any], seeds: list[list[int]], bounds: Bounds,
+def _starts(setup: SeriesSetup, fit: dict[str, Any], n: int, seeds: list[list[int]], bounds: Bounds,
             dtype: torch.dtype) -> Params:
     """Every start of a cell, batch shape ``(b, m)`` (or ``(b,)`` for one start).
 
-    Start ``s < n_starts`` follows ``fit.init``; starts ``n_starts ...`` are random starts.
+    Start ``s < n_starts`` follows ``fit.init`` (``near_truth``, ``random`` or ``paper``: the
+    group's start, whose noise shrinks with ``n``); starts ``n_starts ...`` are random starts.
     Each start is drawn from its own seed, so a start does not depend on which cell holds it.
     """
     n_main = fit["n_starts"]
@@ -267,6 +277,9 @@ def _starts(setup: SeriesSetup, fit: dict[str, Any], seeds: list[list[int]], bou
     def one(s: int, seed: int) -> Params:
         if s >= n_main or fit["init"] == "random":
             return init_random(setup.fit_model, batch_shape=(), bounds=bounds, seed=seed, dtype=dtype)
+        if fit["init"] == "paper":
+            return init_paper(setup.fit_model, setup.score_model, setup.score_truth, n, batch_shape=(), seed=seed,
+                              noise=fit["paper_noise"], bounds=bounds, dtype=dtype)
         return init_near_truth(setup.fit_model, setup.score_model, setup.score_truth, batch_shape=(),
                                perturbation=fit["perturbation"], seed=seed, bounds=bounds, dtype=dtype)
 
@@ -328,7 +341,7 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, noise, seeds,
                             x_dist=config.data["sample"]["x_dist"], device=device, dtype=dtype)
         bounds = _bounds(fit["bounds"])
-        init = _starts(setup, fit, start_seeds(root, cell.truth, cell.n, cell.reps, m), bounds, dtype)
+        init = _starts(setup, fit, cell.n, start_seeds(root, cell.truth, cell.n, cell.reps, m), bounds, dtype)
         result = fit_batch(setup.fit_model, X, y, init, method=fit["method"], bounds=bounds, max_iter=fit["max_iter"],
                            tol=fit["tol"], device=device, dtype=dtype, truth=setup.score_truth,
                            seed=sgd_seeds(root, cell.truth, cell.n, cell.reps), **fit["options"])
