@@ -28,9 +28,11 @@ Sigmoid regimes [Sigmoid; ``paper_notes/07_diagnostics.md``, "Sigmoid regimes"]:
   drawn. The zero-slope atom has a constant gate: with ReLU or linear experts its
   ``sigmoid(beta_0)`` trades against the scale of its expert (one zero Jacobian direction),
   so only tanh experts are identifiable at the true size. The drawn slopes must carry a
-  signal: at the sibling default ``gate_slope_std = 0.1/sqrt(D)`` the gate logits vary over
-  the inputs by a standard deviation of about 0.06 (the gates are nearly constant, close to
-  Regime 1); calibration runs use ``gate_slope_std`` of order 1 or more.
+  signal. A gate logit ``beta_1^T x`` varies over uniform inputs with standard deviation
+  ``||beta_1|| / sqrt(3)``, about ``gate_slope_std * sqrt(D / 3)``: at the sibling default
+  ``gate_slope_std = 0.1/sqrt(D)`` that is about 0.05 (measured by
+  ``experiments/identifiability.py``), so the gates are nearly constant and the model is
+  close to Regime 1. Calibration runs use ``gate_slope_std`` of order 1 or more.
 
 :func:`hmoe_sim.identifiability.nonidentifiable_reason` names the zero directions of a
 preset at its true size, or returns ``None``.
