@@ -284,7 +284,7 @@ def test_init_protocols_are_seeded_and_bounded():
 
 def test_multistart_keeps_the_best_start_per_data_set():
     s, model, X, y = _data("softmax-linear", 2, 200)
-    init = init_random(model, batch_shape=(2, 3), seed=5, scale=0.5, bounds=box)
+    init = init_random(model, batch_shape=(2, 3), seed=5, scale=0.5)
     best = fit_multistart(model, X, y, n_starts=3, init=init, max_iter=40)
     for b in range(2):
         singles = [fit_batch(model, X[b : b + 1], y[b : b + 1], {k: v[b, j : j + 1] for k, v in init.items()},
