@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -221,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hmoe-sim: interrupted", file=sys.stderr)
         return 128 + int(signal.SIGINT)
+    except BrokenPipeError:  # output piped into e.g. `head`, which has exited: stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError) as err:
         if debug:
             traceback.print_exc()

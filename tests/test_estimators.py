@@ -182,8 +182,9 @@ def test_float32_fit_agrees_with_float64(name):
 # ------------------------------------------------------------------ bounds
 def test_bounds_are_enforced_and_boundary_is_flagged():
     s, model, X, y = _data("softmax-linear", 2, 200)
-    init = init_near_truth(model, s.true_model, s.truth, batch_shape=2, perturbation=0.1, seed=10)
     box = Bounds({"a": (-0.05, 0.05)})
+    # starts must lie in the box (fit_batch refuses others): init_near_truth clips into it
+    init = init_near_truth(model, s.true_model, s.truth, batch_shape=2, perturbation=0.1, seed=10, bounds=box)
     res = fit_batch(model, X, y, init, bounds=box, max_iter=30)
     assert (res.params["a"].abs() <= 0.05).all()
     assert res.on_boundary.all()  # true |a| entries exceed 0.05, so the fit presses on the box
@@ -194,9 +195,9 @@ def test_bounds_are_enforced_and_boundary_is_flagged():
 
 def test_boundary_params_name_the_bound_that_was_hit():
     s, model, X, y = _data("softmax-linear", 3, 200)
-    init = init_near_truth(model, s.true_model, s.truth, batch_shape=3, perturbation=0.1, seed=10)
     # a's upper side binds on every fit; beta0's lower side on none (its box is wide)
     box = Bounds({"a": (-10.0, 0.05), "beta1": (-0.5, 0.5)})
+    init = init_near_truth(model, s.true_model, s.truth, batch_shape=3, perturbation=0.1, seed=10, bounds=box)
     res = fit_batch(model, X, y, init, bounds=box, max_iter=30)
     theta = model.flatten(res.params)
     lo, hi = box.vectors(model)
@@ -230,7 +231,7 @@ def test_boundary_params_name_the_bound_that_was_hit():
 def test_boundary_params_survive_chunks_and_multistart():
     s, model, X, y = _data("softmax-linear", 2, 150)
     box = Bounds({"a": (-0.05, 0.05)})
-    init = init_random(model, batch_shape=(2, 3), seed=5, scale=0.5)
+    init = init_random(model, batch_shape=(2, 3), seed=5, scale=0.5, bounds=box)
     best = fit_multistart(model, X, y, n_starts=3, init=init, max_iter=20, bounds=box, chunk_size=2)
     for b in range(2):
         j = int(best.start[b])

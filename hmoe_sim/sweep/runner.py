@@ -197,11 +197,13 @@ def _device_memory(device: torch.device) -> int:
 def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup) -> None:
     """Raise when one cell of ``series`` plainly cannot fit in the device's memory.
 
-    The lower bound used: the data of one cell at the largest ``n`` (``min(sample.chunk,
-    replications) * n_starts`` data sets of ``n * (D + 1)`` float64 numbers) plus the Jacobian
-    work of a single fit (``copies * n * P`` numbers of the fit dtype, as in
-    :func:`~hmoe_sim.estimators.auto_chunk_size`), and the L2 evaluation sample of the cell;
-    this is compared with the device's total memory (physical RAM for the CPU).
+    A lower bound of what one cell needs at the largest ``n``: its data (``min(sample.chunk,
+    replications)`` data sets of ``n * (D + 1)`` float64 numbers, drawn at once) plus the
+    Jacobian work of a single fit (``copies * n * P`` numbers of the fit dtype, as in
+    :func:`~hmoe_sim.estimators.auto_chunk_size`); separately, the L2 evaluation sample of the
+    cell (the points and the fitted values there). Each is compared with the device's total
+    memory (physical RAM for the CPU), so only a configuration that cannot run on this
+    machine at all is refused.
 
     Raises
     ------
@@ -211,7 +213,7 @@ def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup
     device = resolve_device(config.data["device"])
     itemsize = torch.empty((), dtype=resolve_dtype(config.data["dtype"])).element_size()
     available = _device_memory(device)
-    batch = min(int(config.data["sample"]["chunk"]), config.replications) * int(series["fit"]["n_starts"])
+    batch = min(int(config.data["sample"]["chunk"]), config.replications)
     dim = setup.fit_model.input_dim
     copies = _ANALYTIC_JACOBIAN_COPIES if hasattr(setup.fit_model, "value_and_jacobian") else _JACOBIAN_COPIES
     n = max(config.sizes)
@@ -223,7 +225,7 @@ def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup
                          f"series {series['name']!r} ({batch} data sets and one fit's Jacobian), more than the "
                          f"{where}")
     n_eval = int(config.data["losses"]["l2_n_eval"]) if config.data["losses"]["l2"] else 0
-    need_l2 = 8 * batch * n_eval * (dim + 1)
+    need_l2 = 8 * n_eval * (dim + batch)  # the evaluation sample and the cell's fitted values on it
     if need_l2 > available:
         raise ValueError(f"config key 'losses.l2_n_eval': {n_eval} evaluation points need at least "
                          f"{need_l2 / gib:.1f} GiB for one cell, more than the {where}")
