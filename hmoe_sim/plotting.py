@@ -17,6 +17,7 @@ from hmoe_sim.rates import RATE_OVERSPECIFIED, RATE_PARAMETRIC  # noqa: E402
 
 __all__ = [
     "REFERENCE_SLOPES",
+    "plot_finetune_pretrained",
     "plot_finetune_sample_efficiency",
     "plot_forest",
     "plot_inverse_bound",
@@ -356,4 +357,55 @@ def plot_finetune_sample_efficiency(table, *, metric: str = "test_mse") -> plt.F
         ax.set_title(f"teacher: {teacher}")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(metric.replace("_", " ") + " (mean +- 2 SE)")
+    return fig
+
+
+def plot_finetune_pretrained(table) -> plt.Figure:
+    """Test MSE and cosine similarity to the teacher against training sentences, per teacher (log x).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per fit with columns ``teacher, teacher_shift, label, n_params, n, test_mse,
+        base_test_mse, test_cosine, base_test_cosine`` (the output of
+        :func:`hmoe_sim.hora.finetune_pretrained.run_pretrained_sample_efficiency`).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Top row: test MSE (log scale); bottom row: mean cosine similarity; one column per
+        teacher. Points are means over replicates with +-2 standard errors; the legend gives
+        each student's exact trainable-parameter count; the dotted line is the frozen model.
+        Non-finite values are dropped.
+    """
+    teachers = list(dict.fromkeys(table["teacher"]))
+    fig, axes = plt.subplots(2, len(teachers), figsize=(5.0 * len(teachers), 7.4), layout="constrained",
+                             squeeze=False, sharex=True)
+    for col, teacher in enumerate(teachers):
+        sub = table[table["teacher"] == teacher]
+        for row, (metric, base_column) in enumerate((("test_mse", "base_test_mse"),
+                                                     ("test_cosine", "base_test_cosine"))):
+            ax = axes[row][col]
+            finite = sub[sub[metric].notna() & (sub[metric].abs() < float("inf"))]
+            for label, group in finite.groupby("label", sort=False):
+                stats = group.groupby("n")[metric].agg(["mean", "std", "count"]).reset_index()
+                se = stats["std"].fillna(0.0) / stats["count"] ** 0.5
+                lower = 2 * se if metric != "test_mse" else (2 * se).clip(upper=stats["mean"] * 0.999)
+                ax.errorbar(stats["n"], stats["mean"], yerr=[lower, 2 * se], marker="o", capsize=3,
+                            label=f"{label}: {int(group['n_params'].iloc[0])} params")
+            if len(sub):
+                ax.axhline(float(sub[base_column].iloc[0]), color="grey", linestyle=":", label="frozen MiniLM")
+            ax.set_xscale("log")
+            grid = sorted(sub["n"].unique())
+            ax.set_xticks(grid, [str(int(n)) for n in grid])
+            ax.minorticks_off()
+            if metric == "test_mse":
+                ax.set_yscale("log")
+                shift = float(sub["teacher_shift"].iloc[0]) if len(sub) else float("nan")
+                ax.set_title(f"teacher: {teacher} (embedding shift {shift:.2f})")
+                ax.legend(fontsize=8)
+            else:
+                ax.set_xlabel("training sentences n")
+        axes[0][col].set_ylabel("test MSE to teacher (mean +- 2 SE)")
+        axes[1][col].set_ylabel("cosine similarity to teacher")
     return fig

@@ -5,9 +5,22 @@
 * :mod:`hmoe_sim.hora.theory_link` -- the layer-exact regression function and the exact maps
   to :class:`hmoe_sim.models.hmoe.HMoE`.
 * :mod:`hmoe_sim.hora.finetune` -- the sample-efficiency fine-tuning experiment.
+* :mod:`hmoe_sim.hora.inject` -- adapters put on an existing model's attention, in place
+  (Hugging Face BERT-family self-attention and ``nn.MultiheadAttention``).
+* :mod:`hmoe_sim.hora.pretrained` -- all-MiniLM-L6-v2 and the ``pydoc_data`` sentences, offline
+  (optional extra ``real``); :mod:`hmoe_sim.hora.finetune_pretrained` -- the experiment on it.
 """
 
 from hmoe_sim.hora.attention import ADAPTER_KINDS, PROJECTIONS, MultiHeadAttention, adapter_parameter_count
+from hmoe_sim.hora.inject import (
+    INJECT_KINDS,
+    MultiheadAttentionAdapter,
+    attention_blocks,
+    inject_adapters,
+    merge_adapters,
+    trainable_parameters,
+    unmerge_adapters,
+)
 from hmoe_sim.hora.lora import AdapterLinear, HoRALinear, LoRALinear, MultiHeadLoRALinear
 from hmoe_sim.hora.theory_link import (
     HeadWeights,
@@ -20,6 +33,7 @@ from hmoe_sim.hora.theory_link import (
 
 __all__ = [
     "ADAPTER_KINDS",
+    "INJECT_KINDS",
     "PROJECTIONS",
     "AdapterLinear",
     "HeadWeights",
@@ -27,10 +41,16 @@ __all__ = [
     "LoRALinear",
     "MultiHeadAttention",
     "MultiHeadLoRALinear",
+    "MultiheadAttentionAdapter",
     "adapter_parameter_count",
+    "attention_blocks",
     "head_weights",
+    "inject_adapters",
     "layer_regression_function",
+    "merge_adapters",
     "row_one_readout",
     "to_frozen_attention",
     "to_hmoe",
+    "trainable_parameters",
+    "unmerge_adapters",
 ]
