@@ -38,6 +38,7 @@ __all__ = [
     "VERDICTS",
     "ROUND_OFF_FRACTION",
     "SPREAD_LIMIT",
+    "FLOOR_TOLERANCE",
     "rate_verdict",
 ]
 
@@ -228,6 +229,8 @@ VERDICTS = ("unchecked", "noise-free-artefact", "floor", "set-valued", "rate")
 ROUND_OFF_FRACTION = 1e-8
 #: identification spread ``median (max - min) / best`` above which the estimate is set-valued
 SPREAD_LIMIT = 0.5
+#: a loss floor at or below this is round-off of an exact zero (losses are of order one at the truths' scales)
+FLOOR_TOLERANCE = 1e-10
 
 
 def _inside(value: float, low: float, high: float) -> bool:
@@ -245,7 +248,8 @@ def rate_verdict(*, checked: bool, slope: float, ci: tuple[float, float], contro
        control's loss has not fallen to round-off (``control_level > 1e-8 * noisy_level``, both
        medians at the largest n): the slope is made by the protocol, not by the noise;
     3. ``floor``: the loss has a positive floor on exact representations of ``f*``
-       (``loss_floor > 0``) and the control stays above round-off: the estimator really lands
+       (``loss_floor > 1e-10``, :data:`FLOOR_TOLERANCE`: a floor of ``2e-16`` is round-off of an
+       exact zero) and the control stays above round-off: the estimator really lands
        on a positive-loss exact representation;
     4. ``set-valued``: the near-optimal starts disagree (``spread_ratio > 0.5``), or the CI of the
        worst near-optimal loss contains 0 while the estimate's does not;
@@ -273,7 +277,7 @@ def rate_verdict(*, checked: bool, slope: float, ci: tuple[float, float], contro
     above_round_off = bool(np.isfinite(control_level) and control_level > ROUND_OFF_FRACTION * noisy_level)
     if above_round_off and _inside(slope, *control_ci):
         return "noise-free-artefact"
-    if above_round_off and np.isfinite(loss_floor) and loss_floor > 0:
+    if above_round_off and np.isfinite(loss_floor) and loss_floor > FLOOR_TOLERANCE:
         return "floor"
     best_excludes_zero = not _inside(0.0, *ci) and all(np.isfinite(ci))
     if (np.isfinite(spread_ratio) and spread_ratio > SPREAD_LIMIT) or (best_excludes_zero and _inside(0.0, *worst_ci)):

@@ -119,6 +119,8 @@ BASE_VERDICT = dict(checked=True, slope=-0.5, ci=(-0.6, -0.4), control_ci=(-3.0,
     ({"loss_floor": 0.3, "control_level": 0.03}, "floor"),
     # a positive floor on the class, but the control reached round-off: the class alone never earns 'floor'
     ({"loss_floor": 0.3}, "rate"),
+    # a floor at round-off (e.g. 2e-16 from duplicated codes) is an exact zero
+    ({"loss_floor": 2e-16, "control_level": 0.03}, "rate"),
     ({"spread_ratio": 0.8}, "set-valued"),
     ({"worst_ci": (-0.3, 0.2)}, "set-valued"),
 ])
