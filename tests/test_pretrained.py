@@ -214,7 +214,7 @@ def test_tiny_pretrained_experiment_runs_and_learns(minilm):
     from hmoe_sim.hora.finetune_pretrained import PretrainedFinetuneConfig, run_pretrained_sample_efficiency
 
     model, tokenizer, *_ = minilm
-    config = PretrainedFinetuneConfig(n_grid=(4,), n_seeds=1, n_test=8, max_iter=4, teacher_shift=0.3,
+    config = PretrainedFinetuneConfig(n_grid=(4,), n_seeds=1, n_test=8, n_calibration=8, max_iter=4, teacher_shift=0.3,
                                       students=(StudentSpec("hora", 1, 2),))
     table = run_pretrained_sample_efficiency(config, teachers=("shared",), model=model, tokenizer=tokenizer)
     assert len(table) == 1
