@@ -271,6 +271,19 @@ def test_injected_multihead_attention_agrees_with_the_package_module(kind, batch
     assert trainable_parameters(holder)["total"] == reference.trainable_parameters()["total"]
 
 
+def test_injected_multihead_attention_on_device(device):
+    """Injection keeps the model's device; the result equals the CPU one (float64)."""
+    holder = _Holder(batch_first=True, seed=3)
+    on_device = copy.deepcopy(holder).to(device)
+    x = torch.randn(2, 5, 16, dtype=F64, generator=torch.Generator().manual_seed(16))
+    for model in (holder, on_device):
+        inject_adapters(model, "hora", 2, seed=17, hyper_dim=2)
+        _randomize(model, seed=18, scale=0.5)
+    assert all(p.device.type == torch.device(device).type for p in on_device.parameters())
+    with torch.no_grad():
+        assert float((on_device(x.to(device)).cpu() - holder(x)).abs().max()) < 1e-10
+
+
 def test_injected_multihead_attention_masks_follow_torch():
     """Padding and attention masks give torch's results, with the adapters merged into torch's weights."""
     holder = _Holder(batch_first=True, seed=1)
