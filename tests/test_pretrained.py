@@ -214,7 +214,7 @@ def test_tiny_pretrained_experiment_runs_and_learns(minilm):
     from hmoe_sim.hora.finetune_pretrained import PretrainedFinetuneConfig, run_pretrained_sample_efficiency
 
     model, tokenizer, *_ = minilm
-    config = PretrainedFinetuneConfig(n_grid=(4,), n_seeds=1, n_test=8, max_iter=4, teacher_shift=0.3,
+    config = PretrainedFinetuneConfig(n_grid=(4,), n_seeds=1, n_test=8, n_calibration=8, max_iter=4, teacher_shift=0.3,
                                       students=(StudentSpec("hora", 1, 2),))
     table = run_pretrained_sample_efficiency(config, teachers=("shared",), model=model, tokenizer=tokenizer)
     assert len(table) == 1
@@ -269,6 +269,19 @@ def test_injected_multihead_attention_agrees_with_the_package_module(kind, batch
     assert float((out - unadapted).abs().max()) > 1e-3  # the random adapters matter
     assert float((weights - reference_weights).abs().max()) < 1e-12
     assert trainable_parameters(holder)["total"] == reference.trainable_parameters()["total"]
+
+
+def test_injected_multihead_attention_on_device(device):
+    """Injection keeps the model's device; the result equals the CPU one (float64)."""
+    holder = _Holder(batch_first=True, seed=3)
+    on_device = copy.deepcopy(holder).to(device)
+    x = torch.randn(2, 5, 16, dtype=F64, generator=torch.Generator().manual_seed(16))
+    for model in (holder, on_device):
+        inject_adapters(model, "hora", 2, seed=17, hyper_dim=2)
+        _randomize(model, seed=18, scale=0.5)
+    assert all(p.device.type == torch.device(device).type for p in on_device.parameters())
+    with torch.no_grad():
+        assert float((on_device(x.to(device)).cpu() - holder(x)).abs().max()) < 1e-10
 
 
 def test_injected_multihead_attention_masks_follow_torch():

@@ -11,8 +11,8 @@ English sentences (the ``pydoc_data`` corpus of :func:`hmoe_sim.hora.pretrained.
   on one line, structure shared across heads); ``"independent"``: an MH-LoRA update (rank 1,
   independent factors per head). ``A``-type factors are ``N(0, 1/E)``, ``B``-type factors
   ``N(0, s^2)`` (split evenly between the shared and generated parts for HoRA) and the scale
-  ``s`` is solved for so that the teacher moves the mean-pooled embeddings of the training
-  sentences (all replicates' pools) by ``teacher_shift`` (:func:`embedding_shift`).
+  ``s`` is solved for so that the teacher moves the mean-pooled embeddings of the first
+  ``n_calibration`` training sentences by ``teacher_shift`` (:func:`embedding_shift`).
 * **Students**: the base with freshly injected ``lora`` / ``mh-lora`` / ``hora`` adapters
   (zero ``B``), fitted by full-batch L-BFGS to the teacher's mean-pooled last hidden states
   (sentence embeddings before normalisation) of the first ``n`` sentences of one shuffled
@@ -69,6 +69,9 @@ class PretrainedFinetuneConfig:
         Test sentences (the first ones of the test split that fit ``max_tokens``).
     teacher_shift : float
         Size of the teacher's update: :func:`embedding_shift` of its embeddings from the base's.
+    n_calibration : int
+        The shift is measured on the first this many training sentences (a fixed set, so the
+        teacher does not depend on ``n_grid`` or ``n_seeds``).
     max_iter : int
         L-BFGS iteration cap per fit.
     grad_tol : float
@@ -87,6 +90,7 @@ class PretrainedFinetuneConfig:
     n_seeds: int = 3
     n_test: int = 256
     teacher_shift: float = 0.5
+    n_calibration: int = 256
     max_iter: int = 50
     grad_tol: float = 1e-6
     chunk_size: int = 128
@@ -94,7 +98,8 @@ class PretrainedFinetuneConfig:
     students: tuple[StudentSpec, ...] = field(default_factory=_default_students)
 
     def __post_init__(self) -> None:
-        for name in ("n_adapted_layers", "max_tokens", "n_seeds", "n_test", "max_iter", "chunk_size"):
+        for name in ("n_adapted_layers", "max_tokens", "n_seeds", "n_test", "n_calibration", "max_iter",
+                     "chunk_size"):
             check_positive_int(name, getattr(self, name))
         if not self.n_grid:
             raise ValueError("n_grid must hold at least one training-set size")
@@ -301,17 +306,20 @@ def run_pretrained_sample_efficiency(config: PretrainedFinetuneConfig, *, teache
     train = _filter_by_tokens(tokenizer, load_sentences("train"), config.max_tokens)
     test = _filter_by_tokens(tokenizer, load_sentences("test"), config.max_tokens)[:config.n_test]
     n_max = max(config.n_grid)
-    if n_max > len(train) or len(test) < config.n_test:
-        raise ValueError(f"n_grid up to {n_max} and n_test={config.n_test} need that many sentences of at most "
-                         f"{config.max_tokens} tokens; the corpus has {len(train)} train and {len(test)} test")
+    if max(n_max, config.n_calibration) > len(train) or len(test) < config.n_test:
+        raise ValueError(f"n_grid up to {n_max}, n_calibration={config.n_calibration} and n_test={config.n_test} "
+                         f"need that many sentences of at most {config.max_tokens} tokens; the corpus has "
+                         f"{len(train)} train and {len(test)} test")
     pools = []
     for rep in range(config.n_seeds):
         gen = torch.Generator().manual_seed(_seed(config, "pool", rep))
         pools.append(torch.randperm(len(train), generator=gen)[:n_max])
-    used = torch.unique(torch.cat(pools))  # only the sentences some replicate trains on are encoded
+    calibration = torch.arange(config.n_calibration)
+    used = torch.unique(torch.cat([*pools, calibration]))  # only these training sentences are encoded
     position = torch.full((len(train),), -1, dtype=torch.long)
     position[used] = torch.arange(len(used))
     pools = [position[pool].to(device) for pool in pools]
+    calib_index = position[calibration].to(device)
     train_data = encode_sentences(model, tokenizer, [train[i] for i in used.tolist()], first,
                                   max_tokens=config.max_tokens)
     test_data = encode_sentences(model, tokenizer, test, first, max_tokens=config.max_tokens)
@@ -319,7 +327,6 @@ def run_pretrained_sample_efficiency(config: PretrainedFinetuneConfig, *, teache
     for p in base.parameters():
         p.requires_grad_(False)
     test_index = torch.arange(len(test), device=device)
-    calib_index = torch.arange(len(train_data), device=device)  # the teacher is scaled on the training sentences
     base_test = _embed_all(base, test_data, test_index, config.chunk_size)
     base_calib = _embed_all(base, train_data, calib_index, config.chunk_size)
 
