@@ -108,7 +108,10 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     ax.set_xlabel("sample size n")
     ax.set_ylabel(f"{loss} (mean, +-2 SD; faint: noise-free control median)")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="best")
+    if len(names) > 3:  # many series: the legend goes under the axes, where it hides no point
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(0.0, -0.16), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=7, loc="best")
 
 
 def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str) -> None:
@@ -188,7 +191,10 @@ def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | N
     """
     if not losses:
         raise ValueError("losses must name at least one loss column")
-    fig, axes = plt.subplots(1, len(losses), figsize=(5.2 * len(losses), 4.3), layout="constrained", squeeze=False)
+    n_series = len(series) if series is not None else summary["series"].nunique()
+    height = 4.3 if n_series <= 3 else 4.3 + 0.42 * n_series * (2 if "control" in summary else 1)
+    fig, axes = plt.subplots(1, len(losses), figsize=(5.6 * len(losses), height), layout="constrained",
+                             squeeze=False)
     for ax, loss in zip(axes[0], losses, strict=True):
         plot_rate_axes(ax, summary, rates, loss, series=series, references=references)
         ax.set_title(loss)
