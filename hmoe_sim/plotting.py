@@ -159,6 +159,8 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> pl
             present = [nm for nm in names if (part["series"] == nm).any()]
             for j, name in enumerate(present):
                 sub = part[part["series"] == name].set_index("truth")
+                kind = str(sub["structure"].iloc[0]) if "structure" in sub and len(sub) else ""
+                color = {"shared": "C0", "nonshared": "C3"}.get(kind, f"C{j}")
                 for k, t in enumerate(truths):
                     if t not in sub.index:
                         continue
@@ -166,7 +168,7 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> pl
                     y = k + (j - (len(present) - 1) / 2) * 0.22
                     filled = r["verdict"] == "rate"
                     ax.errorbar([r["slope"]], [y], xerr=[[r["slope"] - r["ci_low"]], [r["ci_high"] - r["slope"]]],
-                                fmt="o", color=f"C{j}", mfc=f"C{j}" if filled else "white", capsize=2, ms=5,
+                                fmt="o", color=color, mfc=color if filled else "white", capsize=2, ms=5,
                                 label=name if k == 0 else None)
             ax.axvline(-0.5, ls="--", color="0.5", lw=1)
             ax.axvline(0.0, ls="-", color="0.8", lw=1)
@@ -176,7 +178,7 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> pl
             ax.set_xlabel(f"slope of log {loss} on log n (95% CI)")
             ax.set_title(f"{loss}, H = {h}")
             ax.grid(True, axis="x", alpha=0.25)
-            if row == 0 and col == 0:
+            if col == 0:
                 ax.legend(fontsize=7, loc="best", title="open marker: verdict not 'rate'", title_fontsize=7)
     if title:
         fig.suptitle(title)
