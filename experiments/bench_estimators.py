@@ -1,16 +1,28 @@
-"""Benchmark: batched LM (hmoe-sim) against a loop of scipy.optimize.least_squares.
+"""Benchmark: batched LM (hmoe-sim) against scipy.optimize.least_squares, and its roofline.
 
 Setup (issue 4): flat softmax MoE with linear experts and one known anchor expert
 (preset ``softmax-linear``), D = 8, k* = 2 true atoms, k = 3 fitted, near-truth starts;
-the same data sets, starts, box and tolerance for both. Last line printed: the speedup.
+the same data sets, starts, box and tolerance for every method. Three methods, one run:
 
-    python experiments/bench_estimators.py                       # 64 data sets, n = 10^4
-    python experiments/bench_estimators.py --scipy-sets 16       # scipy on 16 of them, extrapolated
-    python experiments/bench_estimators.py --n-sets 8 --n 2000   # reduced
-    python experiments/bench_estimators.py --scaling             # also fits/s vs n and batch
+(a) the batched projected LM of hmoe-sim (``fit_batch``);
+(b) the strong anchor: ``least_squares`` (trf) with an exact NumPy Jacobian, one fit per
+    process in a pool of ``--threads`` processes with one BLAS thread each, on every data set;
+(c) a loop of ``least_squares`` (trf) with a 2-point finite-difference Jacobian on the first
+    ``--scipy-sets`` data sets (default 2), its time extrapolated to all of them.
 
-``--threads`` sets the threads of both methods (torch intra-op threads; OpenBLAS/OpenMP/MKL
-threads of NumPy and SciPy, through the environment before NumPy loads).
+The roofline line compares the fit's effective rate (problem-iterations/s x 2 n P^2) with a
+same-shape batched ``J^T J`` matmul on the same device and dtype. The last line printed is
+the speedup over the strong anchor.
+
+    python experiments/bench_estimators.py --n-sets 16 --n 10000 --threads 2
+    python experiments/bench_estimators.py --n-sets 16 --n 10000 --device cuda --scipy-sets 0
+    python experiments/bench_estimators.py --memory-only           # peak memory at d=32, k=9, n=1e5
+    python experiments/bench_estimators.py --scaling-only 181       # fits/s against n and batch
+
+``--threads`` sets the threads of every method (torch intra-op threads; OpenBLAS/OpenMP/MKL
+threads of NumPy and SciPy, through the environment before NumPy loads; the anchor's pool size).
+``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (set it in the environment to override).
+With ``--device cuda`` the batched LM also runs on the CPU in the same run, for the ratio.
 """
 
 from __future__ import annotations
@@ -27,22 +39,47 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tol", type=float, default=1e-8)
     ap.add_argument("--max-iter", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="threads for both methods (default: all cores)")
-    ap.add_argument("--scipy-sets", type=int, default=None,
-                    help="run the scipy loop on the first m data sets only and extrapolate its time")
+                    help="threads for every method and processes of the anchor's pool (default: all cores)")
+    ap.add_argument("--scipy-sets", type=int, default=2,
+                    help="run the finite-difference scipy loop on the first m data sets only and extrapolate "
+                         "its time (0: skip it)")
+    ap.add_argument("--max-memory", type=int, default=None, metavar="BYTES",
+                    help="memory budget of the batched LM's chunks (fit_batch max_memory)")
+    ap.add_argument("--reference-rss", metavar="JSON",
+                    help="per-fit RSS of an earlier batched run ({'rss': [...]}) to compare with (1e-10 relative)")
+    ap.add_argument("--save-rss", metavar="JSON", help="write this run's batched per-fit RSS and iterations")
+    ap.add_argument("--json", metavar="PATH", help="also write the measured numbers as JSON")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled share of time outside torch")
+    ap.add_argument("--profile-table", type=int, metavar="ROWS", default=0,
+                    help="also print the top ROWS operators (by input shape) of 20 profiled LM iterations")
+    ap.add_argument("--profile-only", action="store_true", help="only the profile table (ROWS default 14)")
     ap.add_argument("--scaling", action="store_true", help="also fits/s against n and batch size")
     ap.add_argument("--scaling-only", type=float, metavar="ITERS_PER_FIT", default=None,
                     help="only the scaling table, fits/s computed with this many LM iterations per fit")
+    ap.add_argument("--memory", action="store_true",
+                    help="also peak memory at the papers' full size (d=32, k*=8, k=9, n=1e5)")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory report")
+    ap.add_argument("--memory-n", type=int, default=100_000, help=argparse.SUPPRESS)
     ap.add_argument("--scaling-point", nargs=2, type=int, metavar=("N", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-point", nargs=2, type=int, metavar=("BATCH", "BUDGET"), help=argparse.SUPPRESS)
     return ap
 
 
-ARGS = _parser().parse_args()
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(ARGS.threads)
+if __name__ == "__main__":
+    # before NumPy loads; the anchor's worker processes (spawned, __name__ != "__main__") keep the
+    # one-thread environment they are started with
+    ARGS = _parser().parse_args()
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = str(ARGS.threads)
+    # OpenMP threads that sleep at a barrier instead of spinning: on a shared machine a spinning
+    # thread waits for a descheduled sibling for its whole time slice (5x slower here, measured)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -52,11 +89,15 @@ import torch  # noqa: E402
 from scipy.optimize import least_squares  # noqa: E402
 
 from hmoe_sim import make_preset, sample_batch  # noqa: E402
-from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth  # noqa: E402
+from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth  # noqa: E402
 
 SCALING_ITERS = 20
+#: the papers' full size (theory.md section 6) for the memory report
+FULL_SIZE = dict(input_dim=32, n_true=8, n_fit=9)
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+# ------------------------------------------------------------------ scipy: the model in NumPy
 def numpy_model(model, anchors):
     """What a user would write: the same regression function in NumPy (softmax via logsumexp)."""
     k, d = model.n_atoms, model.input_dim
@@ -74,40 +115,155 @@ def numpy_model(model, anchors):
     return f
 
 
-def run_scipy(f, X, y, theta0, lo, hi, tol):
-    """One ``least_squares`` per data set: (RSS, nfev, status, seconds, parameters at a bound)."""
+class AnalyticResidual:
+    """Residual ``f(theta; X) - y`` of the softmax-linear model and its exact Jacobian, in NumPy.
+
+    What a careful user would write: the Jacobian columns from ``df/dl_j = p_j (e_j - f)`` and
+    ``df/du_j = p_j`` (``p`` the softmax over anchor and free atoms, ``e`` the experts), and the
+    softmax of the last point kept, since ``least_squares`` asks for the Jacobian at the point
+    whose residual it has just evaluated.
+    """
+
+    def __init__(self, k: int, d: int, anchors: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> None:
+        self.k, self.d, self.X, self.y = k, d, X, y
+        self.anchor_logits = X @ anchors["beta1"].T + anchors["beta0"]
+        self.anchor_experts = X @ anchors["a"].T + anchors["b"]
+        self._last: tuple[bytes, tuple[np.ndarray, ...]] | None = None
+
+    def _parts(self, theta: np.ndarray) -> tuple[np.ndarray, ...]:
+        key = theta.tobytes()
+        if self._last is None or self._last[0] != key:
+            k, d, X = self.k, self.d, self.X
+            beta0, beta1 = theta[:k], theta[k : k + k * d].reshape(k, d)
+            a, b = theta[k + k * d : k + 2 * k * d].reshape(k, d), theta[k + 2 * k * d :]
+            logits = np.concatenate([self.anchor_logits, X @ beta1.T + beta0], axis=1)
+            experts = np.concatenate([self.anchor_experts, X @ a.T + b], axis=1)
+            w = np.exp(logits - logits.max(axis=1, keepdims=True))
+            f = (w * experts).sum(1) / w.sum(1)
+            m = self.anchor_logits.shape[1]
+            p = w[:, m:] / w.sum(1, keepdims=True)
+            self._last = (key, (f, p, experts[:, m:]))
+        return self._last[1]
+
+    def residual(self, theta: np.ndarray) -> np.ndarray:
+        return self._parts(theta)[0] - self.y
+
+    def jacobian(self, theta: np.ndarray) -> np.ndarray:
+        f, p, e = self._parts(theta)
+        k, d, X = self.k, self.d, self.X
+        d_logit, d_pre = p * (e - f[:, None]), p
+        J = np.empty((X.shape[0], k * (2 * d + 2)))
+        J[:, :k] = d_logit
+        J[:, k : k + k * d] = (d_logit[:, :, None] * X[:, None, :]).reshape(-1, k * d)
+        J[:, k + k * d : k + 2 * k * d] = (d_pre[:, :, None] * X[:, None, :]).reshape(-1, k * d)
+        J[:, k + 2 * k * d :] = d_pre
+        return J
+
+
+def _at_bound(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[str]:
+    return [f"theta[{j}]" for j in np.nonzero((x <= lo + 1e-6 * (1 + abs(lo))) | (x >= hi - 1e-6 * (1 + abs(hi))))[0]]
+
+
+def anchor_fit(task: tuple) -> tuple[float, int, int, float, list[str], float]:
+    """One ``least_squares`` fit with the exact Jacobian: (RSS, nfev, status, seconds, at bound,
+    CPU seconds of the worker)."""
+    k, d, anchors, X, y, theta0, lo, hi, tol = task
+    t0, c0 = time.perf_counter(), time.process_time()
+    res_fn = AnalyticResidual(k, d, anchors, X, y)
+    res = least_squares(res_fn.residual, theta0, jac=res_fn.jacobian, bounds=(lo, hi), ftol=tol, xtol=tol,
+                        gtol=tol, method="trf")
+    return (2 * res.cost, int(res.nfev), int(res.status), time.perf_counter() - t0, _at_bound(res.x, lo, hi),
+            time.process_time() - c0)
+
+
+def anchor_costs(task: tuple, reps: int = 10) -> tuple[float, float, float]:
+    """Milliseconds (CPU, this worker) of one residual, one Jacobian and one SVD of the ``n x P``
+    Jacobian (what trf's exact trust-region solver does every iteration) at the start of ``task``."""
+    k, d, anchors, X, y, theta0 = task[:6]
+    res_fn = AnalyticResidual(k, d, anchors, X, y)
+    out = []
+    for what in ("residual", "jacobian", "svd"):
+        J = res_fn.jacobian(theta0)
+        c0 = time.process_time()
+        for _ in range(reps):
+            if what == "residual":
+                res_fn._last = None
+                res_fn.residual(theta0)
+            elif what == "jacobian":
+                res_fn.jacobian(theta0)
+            else:
+                np.linalg.svd(J, full_matrices=False)
+        out.append((time.process_time() - c0) / reps * 1e3)
+    return out[0], out[1], out[2]
+
+
+def run_anchor(tasks: list[tuple], processes: int) -> tuple[list[tuple], float, tuple[float, float, float]]:
+    """The anchor on every data set, one fit per task in a pool of ``processes`` spawned workers with
+    one BLAS/OpenMP thread each. The pool is started and warmed up (one short fit per worker)
+    before the clock starts, as the batched LM is warmed up before its own."""
+    saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+    os.environ.update({v: "1" for v in _THREAD_VARS})
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(processes)
+    finally:
+        for v, val in saved.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
+    with pool:
+        warm = [(*t[:3], t[3][:50], t[4][:50], *t[5:]) for t in tasks[:1]] * processes
+        pool.map(anchor_fit, warm, chunksize=1)
+        costs = pool.apply(anchor_costs, (tasks[0],))
+        t0 = time.perf_counter()
+        out = pool.map(anchor_fit, tasks, chunksize=1)
+        return out, time.perf_counter() - t0, costs
+
+
+def run_fd_loop(f, X, y, theta0, lo, hi, tol):
+    """One ``least_squares`` per data set, 2-point Jacobian: (RSS, nfev, status, seconds, at bound)."""
     out, t0 = [], time.perf_counter()
     for b in range(X.shape[0]):
         t1 = time.perf_counter()
         res = least_squares(lambda t, b=b: f(t, X[b]) - y[b], theta0[b], bounds=(lo, hi),
                             ftol=tol, xtol=tol, gtol=tol, method="trf")
-        at = [f"theta[{j}]" for j in np.nonzero((res.x <= lo + 1e-6 * (1 + abs(lo)))
-                                                 | (res.x >= hi - 1e-6 * (1 + abs(hi))))[0]]
-        out.append((2 * res.cost, res.nfev, res.status, time.perf_counter() - t1, at))
+        out.append((2 * res.cost, res.nfev, res.status, time.perf_counter() - t1, _at_bound(res.x, lo, hi)))
     return out, time.perf_counter() - t0
 
 
-def scaling_point(n: int, batch: int, device: str, threads: int) -> tuple[float, float]:
-    """LM iterations per second (summed over the batch) and this process's peak memory (MiB).
+# ------------------------------------------------------------------ timing helpers
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
 
-    ``SCALING_ITERS`` LM iterations with every fit kept active (``tol`` far below reach), so
-    the figure is the cost of one iteration; fits/s = this / iterations per fit.
-    """
-    setup = make_preset("softmax-linear")
-    model = setup.fit_model
-    X, y = sample_batch(setup.true_model, setup.truth, n, setup.noise_std, list(range(batch)), device=device)
-    init = init_near_truth(model, setup.true_model, setup.truth, batch_shape=batch, seed=1, device=device)
-    fit_batch(model, X[:1], y[:1], {k: v[:1] for k, v in init.items()}, max_iter=2)  # warm-up
+
+def timed_fit(model, X, y, init, device: str, dtype: torch.dtype, **kwargs):
+    """Warm up on one problem, then time ``fit_batch`` on all of them: (result, seconds, CPU seconds
+    of this process, all its threads)."""
+    Xd, yd = X.to(device, dtype), y.to(device, dtype)
+    initd = model.cast(init, device=device, dtype=dtype)
+    fit_batch(model, Xd[:1], yd[:1], {k: v[:1] for k, v in initd.items()}, max_iter=2)
+    _sync(device)
     if device != "cpu":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    res = fit_batch(model, X, y, init, max_iter=SCALING_ITERS, tol=1e-300)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    peak = _peak_rss_mib() if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
-    return float(res.n_iter.sum()) / wall, peak
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = fit_batch(model, Xd, yd, initd, **kwargs)
+    _sync(device)
+    return res, time.perf_counter() - t0, time.process_time() - c0
+
+
+def matmul_rate(batch: int, n: int, P: int, device: str, dtype: torch.dtype, reps: int = 5) -> float:
+    """GFLOP/s of the same-shape batched ``J^T J``: ``(batch, P, n) @ (batch, n, P)``, best of ``reps``."""
+    Jt = torch.randn(batch, P, n, dtype=dtype, device=device)
+    Jt @ Jt.mT
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        Jt @ Jt.mT
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * P * P * batch / best / 1e9
 
 
 def _peak_rss_mib() -> float:
@@ -123,6 +279,28 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _child(args: argparse.Namespace, *extra: str) -> list[str]:
+    cmd = [sys.executable, __file__, *extra, "--device", args.device, "--threads", str(args.threads),
+           "--dtype", args.dtype]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+
+
+# ------------------------------------------------------------------ scaling
+def scaling_point(n: int, batch: int, device: str) -> tuple[float, float]:
+    """LM iterations per second (summed over the batch) and this process's peak memory (MiB).
+
+    ``SCALING_ITERS`` LM iterations with every fit kept active (``tol`` far below reach), so
+    the figure is the cost of one iteration; fits/s = this / iterations per fit.
+    """
+    setup = make_preset("softmax-linear")
+    model = setup.fit_model
+    X, y = sample_batch(setup.true_model, setup.truth, n, setup.noise_std, list(range(batch)), device=device)
+    init = init_near_truth(model, setup.true_model, setup.truth, batch_shape=batch, seed=1, device=device)
+    res, wall, _ = timed_fit(model, X, y, init, device, X.dtype, max_iter=SCALING_ITERS, tol=1e-300)
+    peak = _peak_rss_mib() if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
+    return float(res.n_iter.sum()) / wall, peak
+
+
 def scaling_table(args: argparse.Namespace, median_iters: float) -> None:
     """Each point in a fresh process, so that its peak memory is its own."""
     print(f"scaling ({SCALING_ITERS} LM iterations per point, each point a fresh process; fits/s assumes "
@@ -131,11 +309,67 @@ def scaling_table(args: argparse.Namespace, median_iters: float) -> None:
     print(f"  {'n':>7} {'batch':>5} {'iterations/s':>13} {'fits/s':>8} {'peak MiB':>9}")
     points = [(n, 16) for n in (1_000, 10_000, 100_000)] + [(1_000, b) for b in (1, 16, 64, 256)]
     for n, batch in dict.fromkeys(points):
-        cmd = [sys.executable, __file__, "--scaling-point", str(n), str(batch), "--device", args.device,
-               "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+        out = _child(args, "--scaling-point", str(n), str(batch))
         rate, peak = float(out[-2]), float(out[-1])
         print(f"  {n:>7} {batch:>5} {rate:>13.1f} {rate / median_iters:>8.2f} {peak:>9.0f}")
+
+
+# ------------------------------------------------------------------ memory at full size
+def memory_point(batch: int, budget: int, device: str, dtype: torch.dtype, n: int) -> tuple[float, float, int]:
+    """Peak memory (MiB) of 2 LM iterations on ``batch`` full-size problems under ``budget`` bytes
+    (0: the default budget), the memory before the fit (data, model; MiB) and the chunk size."""
+    setup = make_preset("softmax-linear", **FULL_SIZE)
+    model = setup.fit_model
+    X, y = sample_batch(setup.true_model, setup.truth, n, setup.noise_std, list(range(batch)), device=device,
+                        dtype=dtype)
+    init = init_near_truth(model, setup.true_model, setup.truth, batch_shape=batch, seed=1, device=device,
+                           dtype=dtype)
+    max_memory = budget or None
+    dev = torch.device(device)
+    chunk = auto_chunk_size(n, model.n_params, dtype, dev, analytic=True, max_memory=max_memory)
+    if device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = _peak_rss_mib() if device == "cpu" else torch.cuda.memory_allocated() / 2**20
+    fit_batch(model, X, y, init, max_iter=2, tol=1e-300, max_memory=max_memory)
+    peak = _peak_rss_mib() if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
+    return peak, before, min(chunk, batch)
+
+
+def memory_report(args: argparse.Namespace) -> dict[str, float]:
+    """Peak memory per fit and per batch of 20 (the calibration cell) at d=32, k*=8, k=9."""
+    setup = make_preset("softmax-linear", **FULL_SIZE)
+    P, n = setup.fit_model.n_params, args.memory_n
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    jac_mib = n * P * itemsize / 2**20
+    budget = args.max_memory or 0
+    kind = "peak RSS of the process" if args.device == "cpu" else "peak allocated GPU memory"
+    print(f"memory at the papers' full size (softmax-linear d=32 k*=8 k=9 P={P}, n={n}, {args.dtype}, "
+          f"{args.device}; 2 LM iterations and the certificate, each case a fresh process; {kind}; "
+          f"one n x P Jacobian is {jac_mib:.0f} MiB):")
+    out: dict[str, float] = {}
+    for batch, label in ((1, "per fit"), (20, "per batch of 20")):
+        words = _child(args, "--memory-point", str(batch), str(budget), "--memory-n", str(n))
+        peak, before, chunk = float(words[-3]), float(words[-2]), int(words[-1])
+        stated = f"max_memory {budget / 2**30:.2f} GiB" if budget else "default budget"
+        print(f"  {label:>16}: peak {peak:8.0f} MiB (before the fit: {before:.0f} MiB of data and libraries); "
+              f"{stated}, chunks of {chunk}")
+        out[f"peak_mib_batch{batch}"] = peak
+        out[f"before_mib_batch{batch}"] = before
+        out[f"chunk_batch{batch}"] = chunk
+    return out
+
+
+# ------------------------------------------------------------------ reporting
+def _agreement(name_a: str, rss_a: np.ndarray, name_b: str, rss_b: np.ndarray, detail) -> None:
+    rel = np.abs(rss_a - rss_b) / rss_b
+    differ = np.nonzero(rel > 1e-6)[0]
+    print(f"    objective {name_a} vs {name_b} on {len(rss_b)} fits: max relative difference {rel.max():.2e}; "
+          f"fits differing by > 1e-6: {len(differ)} (lower objective: {name_a} "
+          f"{int((rss_a[differ] < rss_b[differ]).sum())}, {name_b} {int((rss_a[differ] > rss_b[differ]).sum())})")
+    for b in differ:
+        better = name_a if rss_a[b] < rss_b[b] else name_b
+        print(f"      fit {b}: RSS {name_a} {rss_a[b]:.10g} {name_b} {rss_b[b]:.10g} (lower: {better}); {detail(b)}")
 
 
 def outside_share(model, X, y, init, max_iter):
@@ -143,23 +377,56 @@ def outside_share(model, X, y, init, max_iter):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if X.is_cuda else [])
-    t0 = time.perf_counter()
     with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         fit_batch(model, X, y, init, max_iter=max_iter)
-    wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
     inside = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::")) / 1e6
     return max(0.0, 1 - inside / wall), wall
 
 
+def profile_table(model, X, y, init, rows: int, max_iter: int = 20) -> None:
+    """Top operators of ``max_iter`` LM iterations (``fit_batch``, certificate included) by self
+    time, grouped by operator and input shapes, as shares of the profiled operator time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if X.is_cuda else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        fit_batch(model, X, y, init, max_iter=max_iter, tol=1e-300)
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    by_op: dict[str, float] = {}
+    for e in events:
+        by_op[e.key] = by_op.get(e.key, 0.0) + e.self_cpu_time_total
+    print(f"profile ({max_iter} LM iterations and the certificate, {total / 1e6:.2f} s of aten self time):")
+    print("  by operator: " + ", ".join(f"{k[6:]} {v / total:.0%}" for k, v in
+                                       sorted(by_op.items(), key=lambda kv: -kv[1])[:8]))
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        shapes = " ".join(str(list(s)) for s in e.input_shapes if s)
+        print(f"  {e.key[6:]:>10} {e.self_cpu_time_total / total:6.1%} {e.count:5d} calls  {shapes}")
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     if args.scaling_point:
-        rate, peak = scaling_point(*args.scaling_point, args.device, args.threads)
+        rate, peak = scaling_point(*args.scaling_point, args.device)
         print(rate, peak)
+        return
+    if args.memory_point:
+        peak, before, chunk = memory_point(*args.memory_point, args.device, dtype, args.memory_n)
+        print(peak, before, chunk)
         return
     if args.scaling_only is not None:
         scaling_table(args, args.scaling_only)
         return
+    if args.memory_only:
+        summary = memory_report(args)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"memory": summary}, fh, indent=1)
+        return
+    summary: dict[str, object] = {}
     setup = make_preset("softmax-linear", seed=args.seed)
     model = setup.fit_model
     X, y = sample_batch(setup.true_model, setup.truth, args.n, setup.noise_std,
@@ -168,74 +435,139 @@ def main(args: argparse.Namespace) -> None:
                            seed=args.seed)
     box = Bounds()
     lo, hi = (v.numpy() for v in box.vectors(model))
+    B, n, P = args.n_sets, args.n, model.n_params
+    if args.profile_only:
+        print(f"setup: softmax-linear P={P} n={n} data sets={B} device={args.device} dtype={args.dtype} "
+              f"threads {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
+              f"load average {os.getloadavg()[0]:.2f}")
+        profile_table(model, X.to(args.device, dtype), y.to(args.device, dtype),
+                      model.cast(init, device=args.device, dtype=dtype), args.profile_table or 14)
+        return
     print(f"setup: softmax-linear D={model.input_dim} k*={setup.true_model.n_atoms} k={model.n_atoms} "
-          f"P={model.n_params} n={args.n} data sets={args.n_sets} tol={args.tol} device={args.device}")
-    print(f"threads: torch {torch.get_num_threads()}, NumPy/SciPy BLAS (OPENBLAS_NUM_THREADS) "
-          f"{os.environ['OPENBLAS_NUM_THREADS']}; cores {os.cpu_count()}; load average before the run "
-          f"{os.getloadavg()[0]:.2f}")
+          f"P={P} n={n} data sets={B} tol={args.tol} device={args.device} dtype={args.dtype}")
+    print(f"threads: torch {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
+          f"NumPy/SciPy BLAS (OPENBLAS_NUM_THREADS) {os.environ['OPENBLAS_NUM_THREADS']}; cores {os.cpu_count()}; "
+          f"load average before the run {os.getloadavg()[0]:.2f}")
+    fit_kw: dict[str, object] = dict(max_iter=args.max_iter, tol=args.tol)
+    if args.max_memory is not None:
+        fit_kw["max_memory"] = args.max_memory
 
-    dev = args.device
-    Xd, yd = X.to(dev), y.to(dev)
-    initd = model.cast(init, device=dev)
-    fit_batch(model, Xd[:1], yd[:1], {k: v[:1] for k, v in initd.items()}, max_iter=2)  # warm-up
-    if dev != "cpu":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    res = fit_batch(model, Xd, yd, initd, max_iter=args.max_iter, tol=args.tol)
-    if dev != "cpu":
-        torch.cuda.synchronize()
-    t_batched = time.perf_counter() - t0
-    rss_batched = (res.risk * res.n).cpu().numpy()
+    # (a) batched LM
+    res, t_batched, cpu_batched = timed_fit(model, X, y, init, args.device, dtype, **fit_kw)
+    rss_batched = (res.risk * res.n).double().cpu().numpy()
     n_iter = res.n_iter.cpu()
-    print(f"(a) batched LM: {t_batched:.2f} s, converged {int(res.converged.sum())}/{args.n_sets}, "
+    total_iter = int(n_iter.sum())
+    print(f"(a) batched LM: {t_batched:.2f} s ({cpu_batched:.2f} CPU s), converged {int(res.converged.sum())}/{B}, "
           f"on boundary {int(res.on_boundary.sum())}, iterations median {int(n_iter.median())} "
-          f"max {int(n_iter.max())} total {int(n_iter.sum())}")
+          f"max {int(n_iter.max())} total {total_iter}")
     kinds: dict[str, int] = {}
     for labels in res.boundary_params:
         for label in labels:
             kinds[label] = kinds.get(label, 0) + 1
     print(f"    bounds hit (fits per label): {kinds or 'none'}")
-    if dev == "cpu":
+    if args.device == "cpu":
         print(f"    peak memory (process peak RSS after (a)): {_peak_rss_mib():.0f} MiB")
     else:
         print(f"    peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    summary.update(device=args.device, dtype=args.dtype, n_sets=B, n=n, P=P, threads=args.threads,
+                   batched_s=t_batched, iterations_total=total_iter, converged=int(res.converged.sum()))
+    if args.reference_rss:
+        with open(args.reference_rss) as fh:
+            ref = np.asarray(json.load(fh)["rss"], dtype=float)
+        rel = np.abs(rss_batched - ref) / ref
+        moved = np.nonzero(rel > 1e-10)[0]
+        print(f"    against the reference RSS ({args.reference_rss}): max relative difference {rel.max():.2e}; "
+              f"fits moved by > 1e-10: {moved.tolist() or 'none'}")
+        summary["reference_max_rel"] = float(rel.max())
+    if args.save_rss:
+        with open(args.save_rss, "w") as fh:
+            json.dump({"rss": rss_batched.tolist(), "n_iter": n_iter.tolist()}, fh, indent=1)
 
-    m = args.n_sets if args.scipy_sets is None else min(args.scipy_sets, args.n_sets)
-    f = numpy_model(model, {k: v.numpy() for k, v in model.anchors.items()})
+    # roofline
+    rate_fit = total_iter / t_batched * 2 * n * P * P / 1e9
+    rate_mm = matmul_rate(B, n, P, args.device, dtype)
+    print(f"roofline: effective {total_iter / t_batched:.1f} problem-iterations/s x 2nP^2 = {rate_fit:.2f} GFLOP/s; "
+          f"same-shape batched J^T J matmul ({B}, {P}, {n}) @ ({B}, {n}, {P}), {args.dtype}, {args.device}: "
+          f"{rate_mm:.2f} GFLOP/s; fraction {rate_fit / rate_mm:.0%}")
+    summary.update(effective_gflops=rate_fit, matmul_gflops=rate_mm, roofline_fraction=rate_fit / rate_mm)
+
+    if args.device != "cpu":
+        res_cpu, t_cpu, _ = timed_fit(model, X, y, init, "cpu", dtype, **fit_kw)
+        rss_cpu = (res_cpu.risk * res_cpu.n).double().numpy()
+        print(f"(a') batched LM on the CPU ({torch.get_num_threads()} threads), same run: {t_cpu:.2f} s, "
+              f"iterations total {int(res_cpu.n_iter.sum())}; ratio CPU / {args.device}: {t_cpu / t_batched:.1f}x")
+        print(f"    objective {args.device} vs cpu: max relative difference "
+              f"{(np.abs(rss_batched - rss_cpu) / rss_cpu).max():.2e}")
+        summary.update(batched_cpu_s=t_cpu, ratio_cpu_over_device=t_cpu / t_batched)
+
+    # (b) strong anchor
+    anchors = {k: v.numpy() for k, v in model.anchors.items()}
     theta0 = model.flatten(init).numpy()
-    sp, t_sub = run_scipy(f, X[:m].numpy(), y[:m].numpy(), theta0[:m], lo, hi, args.tol)
-    t_scipy = t_sub * args.n_sets / m
-    rss_scipy = np.array([s[0] for s in sp])
-    print(f"(b) scipy least_squares loop (trf, 2-point Jacobian): {t_sub:.2f} s for {m} data sets, "
-          f"{t_sub / m:.2f} s per fit; nfev median {int(np.median([s[1] for s in sp]))}, "
-          f"status {sorted({s[2] for s in sp})}")
-    if m < args.n_sets:
-        print(f"    EXTRAPOLATED: the scipy loop ran on the first {m} of the {args.n_sets} data sets; its time "
-              f"for all {args.n_sets} is taken as {t_sub:.2f} s x {args.n_sets}/{m} = {t_scipy:.1f} s "
-              f"(the fits are independent and alike; per-fit times ranged "
-              f"{min(s[3] for s in sp):.1f}..{max(s[3] for s in sp):.1f} s)")
-        batched_sub = float(res.n_iter[:m].sum()) / float(res.n_iter.sum()) * t_batched
-        print(f"    cross-check: the batched time apportioned to the same {m} fits by their share of "
-              f"LM iterations is {batched_sub:.2f} s, ratio {t_sub / batched_sub:.1f}x")
+    Xn, yn = X.numpy(), y.numpy()
+    k, d = model.n_atoms, model.input_dim
+    check = AnalyticResidual(k, d, anchors, Xn[0, :200], yn[0, :200])
+    J_ref = model.jacobian(model.unflatten(torch.as_tensor(theta0[0])), X[0, :200]).numpy()
+    jac_err = np.abs(check.jacobian(theta0[0]) - J_ref).max() / np.abs(J_ref).max()
+    if not jac_err < 1e-10:
+        raise RuntimeError(f"the anchor's NumPy Jacobian disagrees with the model's: {jac_err:.2e}")
+    tasks = [(k, d, anchors, Xn[b], yn[b], theta0[b], lo, hi, args.tol) for b in range(B)]
+    an, t_anchor, costs = run_anchor(tasks, args.threads)
+    rss_anchor = np.array([s[0] for s in an])
+    cpu_anchor = sum(s[5] for s in an)
+    print(f"(b) strong anchor: scipy least_squares (trf, exact NumPy Jacobian, checked against the model's to "
+          f"{jac_err:.1e}), pool of {args.threads} processes x 1 BLAS thread, every data set: {t_anchor:.2f} s "
+          f"({cpu_anchor:.2f} CPU s) for {B} fits ({min(s[3] for s in an):.2f}..{max(s[3] for s in an):.2f} s "
+          f"per fit); nfev median {int(np.median([s[1] for s in an]))}, status {sorted({s[2] for s in an})}")
+    print(f"    one evaluation in a worker (CPU ms): residual {costs[0]:.2f}, Jacobian {costs[1]:.2f}, SVD of the "
+          f"n x P Jacobian {costs[2]:.2f} (trf's exact trust-region step takes one per iteration)")
 
-    rel = np.abs(rss_batched[:m] - rss_scipy) / rss_scipy
-    differ = np.nonzero(rel > 1e-6)[0]
-    print(f"objective agreement on {m} fits: max relative difference {rel.max():.2e}; fits differing by > 1e-6: "
-          f"{len(differ)} (lower objective: batched {int((rss_batched[differ] < rss_scipy[differ]).sum())}, "
-          f"scipy {int((rss_batched[differ] > rss_scipy[differ]).sum())})")
-    for b in differ:
-        better = "batched" if rss_batched[b] < rss_scipy[b] else "scipy"
-        print(f"  fit {b}: RSS batched {rss_batched[b]:.10g} scipy {rss_scipy[b]:.10g} (lower: {better}); "
-              f"batched converged={bool(res.converged[b])} bounds={','.join(res.boundary_params[b]) or '-'} "
-              f"iters={int(res.n_iter[b])}; scipy status={sp[b][2]} nfev={sp[b][1]} "
-              f"at bound={','.join(sp[b][4]) or '-'}")
+    def detail(b: int) -> str:
+        return (f"batched converged={bool(res.converged[b])} bounds={','.join(res.boundary_params[b]) or '-'} "
+                f"iters={int(res.n_iter[b])}; anchor status={an[b][2]} nfev={an[b][1]} "
+                f"at bound={','.join(an[b][4]) or '-'}")
 
-    share, wall = outside_share(model, Xd, yd, initd, max_iter=20)
-    print(f"share of time outside torch operators (20 LM iterations, profiled): {share:.1%} of {wall:.2f} s")
+    _agreement("batched", rss_batched, "anchor", rss_anchor, detail)
+    summary.update(anchor_s=t_anchor, ratio_anchor=t_anchor / t_batched, batched_cpu_s=cpu_batched,
+                   anchor_cpu_s=cpu_anchor, ratio_anchor_cpu=cpu_anchor / cpu_batched)
+
+    # (c) finite-difference loop
+    m = min(args.scipy_sets, B)
+    t_fd = None
+    if m > 0:
+        f = numpy_model(model, anchors)
+        fd, t_sub = run_fd_loop(f, Xn[:m], yn[:m], theta0[:m], lo, hi, args.tol)
+        t_fd = t_sub * B / m
+        rss_fd = np.array([s[0] for s in fd])
+        print(f"(c) scipy least_squares loop (trf, 2-point Jacobian), 1 process: {t_sub:.2f} s for {m} data sets, "
+              f"{t_sub / m:.2f} s per fit; nfev median {int(np.median([s[1] for s in fd]))}, "
+              f"status {sorted({s[2] for s in fd})}")
+        if m < B:
+            print(f"    EXTRAPOLATED: the loop ran on the first {m} of the {B} data sets; its time for all {B} is "
+                  f"taken as {t_sub:.2f} s x {B}/{m} = {t_fd:.1f} s (per-fit times ranged "
+                  f"{min(s[3] for s in fd):.1f}..{max(s[3] for s in fd):.1f} s)")
+        _agreement("fd-loop", rss_fd, "anchor", rss_anchor[:m],
+                   lambda b: f"fd status={fd[b][2]} nfev={fd[b][1]}; anchor status={an[b][2]} nfev={an[b][1]}")
+        summary.update(fd_s_extrapolated=t_fd, fd_sets=m, ratio_fd=t_fd / t_batched)
+
+    if args.device == "cpu" and not args.no_profile:
+        share, wall = outside_share(model, X.to(dtype), y.to(dtype), model.cast(init, dtype=dtype), max_iter=20)
+        print(f"share of time outside torch operators (20 LM iterations, profiled): {share:.1%} of {wall:.2f} s")
+    if args.profile_table:
+        profile_table(model, X.to(args.device, dtype), y.to(args.device, dtype),
+                      model.cast(init, device=args.device, dtype=dtype), args.profile_table)
+    if args.memory:
+        summary["memory"] = memory_report(args)
     if args.scaling:
         scaling_table(args, float(n_iter.median()))
-    print(f"speedup scipy loop / batched: {t_scipy / t_batched:.1f}x")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=1)
+    if t_fd is not None:
+        print(f"speedup finite-difference scipy loop (EXTRAPOLATED from {m} fits) / batched: {t_fd / t_batched:.1f}x")
+    if args.device == "cpu":
+        print(f"CPU time (all threads and processes) strong anchor / batched: {cpu_anchor / cpu_batched:.1f}x")
+    print(f"speedup strong anchor (scipy trf, exact Jacobian, {args.threads}-process pool) / batched: "
+          f"{t_anchor / t_batched:.1f}x")
 
 
 if __name__ == "__main__":

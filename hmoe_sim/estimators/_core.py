@@ -7,14 +7,15 @@ mix them: every reduction runs over the sample axis or the parameter axis of one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from hmoe_sim.models.base import MixtureModel
+from hmoe_sim.models.flat import Piece, assemble_columns
 
-__all__ = ["Problem", "SolverOutput", "autograd_value_and_jacobian", "gradient_small",
-           "normal_equations", "projected_gradient", "risk_and_gradient"]
+__all__ = ["KhatriRaoLayout", "Linearization", "Problem", "SolverOutput", "autograd_value_and_jacobian",
+           "gradient_small", "khatri_rao_layout", "normal_equations", "projected_gradient", "risk_and_gradient"]
 
 
 @dataclass
@@ -34,6 +35,12 @@ class Problem:
         ``(B,)`` number of samples of each data set.
     lo, hi : torch.Tensor
         ``(P,)`` box bounds of the flattened parameters.
+    structured : bool
+        Form ``J^T J`` from the Khatri-Rao factors of the Jacobian where a model's column
+        blocks have that structure and it is cheaper (:func:`khatri_rao_layout`); ``False``
+        always assembles ``J``. Both give the same matrices up to rounding.
+    unmasked : bool, optional
+        Every weight is one (computed when not given); then the Jacobian needs no masking.
     """
 
     model: MixtureModel
@@ -43,13 +50,33 @@ class Problem:
     n_eff: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    structured: bool = True
+    unmasked: bool | None = None
+    _input_products: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.unmasked is None:
+            self.unmasked = bool((self.weight == 1).all())
 
     def take(self, index: torch.Tensor | None) -> Problem:
         """The sub-stack ``index`` (``None``: all problems, no copy)."""
         if index is None:
             return self
+        products = None if self._input_products is None else self._input_products[index]
         return Problem(self.model, self.X[index], self.y[index], self.weight[index], self.n_eff[index],
-                       self.lo, self.hi)
+                       self.lo, self.hi, self.structured, self.unmasked, products)
+
+    def input_products(self) -> torch.Tensor:
+        """``(B, (D+1)(D+2)/2, n)``: the products ``x~_p x~_q`` (``p <= q``, row-major) of the
+        extended inputs ``x~ = (1, x)``; the first ``D + 1`` rows are ``x~`` itself.
+
+        They do not change during a fit, so they are formed once per stack (and carried
+        into sub-stacks by :meth:`take`).
+        """
+        if self._input_products is None:
+            ext = torch.cat([torch.ones_like(self.X[..., :1]), self.X], -1).transpose(-1, -2).contiguous()
+            self._input_products = _pair_products(ext)
+        return self._input_products
 
     def predict(self, theta: torch.Tensor) -> torch.Tensor:
         """``f_theta(X)``, ``(b, n)`` for ``theta (b, P)``."""
@@ -70,21 +97,211 @@ class Problem:
             f, jac = analytic(self.model.unflatten(theta), self.X)
         else:
             f, jac = autograd_value_and_jacobian(self.model, theta, self.X)
-        w = self.weight
-        if not bool((w == 1).all()):
-            jac = jac * w.unsqueeze(-1)
-        return w * (self.y - f), jac
+        if not self.unmasked:
+            jac = jac * self.weight.unsqueeze(-1)
+        return self.weight * (self.y - f), jac
+
+    def linearize(self, theta: torch.Tensor) -> Linearization:
+        """The masked residual at ``theta`` and the Jacobian in the cheapest form to hand.
+
+        With a model's ``jacobian_pieces`` this is one evaluation of ``f`` and of the
+        per-atom derivative blocks (``O(n k)`` numbers, not the ``n x P`` Jacobian); the
+        normal equations are formed only on request (:meth:`Linearization.normal_equations`),
+        so a step that is rejected costs one such evaluation and nothing more.
+        """
+        pieces_of = getattr(self.model, "jacobian_pieces", None)
+        if pieces_of is not None:
+            f, pieces = pieces_of(self.model.unflatten(theta), self.X)
+            return Linearization(self, theta, self.weight * (self.y - f), pieces)
+        return Linearization(self, theta, self.residual(theta), None)
+
+
+@dataclass
+class Linearization:
+    """A stack of problems linearised at ``theta``.
+
+    Attributes
+    ----------
+    problem : Problem
+    theta : torch.Tensor
+        ``(b, P)``.
+    r : torch.Tensor
+        ``(b, n)`` masked residuals ``w (y - f_theta(X))``.
+    pieces : list of Piece, or None
+        The Jacobian's column blocks (``jacobian_pieces``), ``None`` for a model without them.
+    """
+
+    problem: Problem
+    theta: torch.Tensor
+    r: torch.Tensor
+    pieces: list[Piece] | None
+
+    def normal_equations(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = J^T J`` ``(b', P, P)`` and ``g = J^T r`` ``(b', P)`` of the problems ``rows``.
+
+        ``rows`` indexes this stack (``None``: all). With a Khatri-Rao layout
+        (:func:`khatri_rao_layout`), ``A`` is gathered from the products of the factor
+        pairs with the input pairs; otherwise ``J`` is assembled and multiplied out. ``g``
+        is formed as ``r^T J`` by ``bmm``: unlike ``J^T r`` (which torch may route to a
+        matrix-vector kernel for one problem and a batched one for several), this gives every
+        problem bit-identical results whatever the size of the stack it is solved in.
+        """
+        problem, r = self.problem, self.r
+        if self.pieces is None:
+            sub = problem.take(rows)
+            _, J = sub.residual_and_jacobian(_pick(rows, self.theta))
+            r = _pick(rows, r)
+            return J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
+        layout = khatri_rao_layout(self.pieces, problem.X.shape[-1]) if problem.structured else None
+        if layout is None:
+            pieces = [(_pick(rows, g), outer) for g, outer in self.pieces]
+            J = assemble_columns(pieces, _pick(rows, problem.X))
+            if not problem.unmasked:
+                J = J * _pick(rows, problem.weight).unsqueeze(-1)
+            r = _pick(rows, r)
+            return J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
+        factors = layout.factors(self.pieces)                        # (b, m, n)
+        if not problem.unmasked:
+            factors = factors * problem.weight.unsqueeze(-2)
+        products = problem.input_products()                          # (b, d2, n)
+        # a stack of at most half the rows is gathered; otherwise all rows are computed and
+        # the wanted ones picked (cheaper than copying the input products)
+        if rows is not None and 2 * rows.numel() <= factors.shape[0]:
+            factors, products, r = factors[rows], products[rows], r[rows]
+            rows = None
+        gram = torch.bmm(_pair_products(factors), products.transpose(-1, -2))   # (b, m2, d2)
+        ext = products[..., : layout.ext_dim, :]                    # x~, (b, D + 1, n)
+        grad = torch.bmm(factors * r.unsqueeze(-2), ext.transpose(-1, -2))      # (b, m, D + 1)
+        gram_index, grad_index = layout.indices(gram.device)
+        A = gram.flatten(-2)[..., gram_index]
+        g = grad.flatten(-2)[..., grad_index]
+        return _pick(rows, A), _pick(rows, g)
+
+
+def _pick(index: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
+def _pair_products(v: torch.Tensor) -> torch.Tensor:
+    """``(b, m, n) -> (b, m(m+1)/2, n)``: rows ``v_a * v_c`` for ``a <= c`` in row-major order."""
+    m = v.shape[-2]
+    out = torch.empty(*v.shape[:-2], m * (m + 1) // 2, v.shape[-1], dtype=v.dtype, device=v.device)
+    start = 0
+    for a in range(m):
+        torch.mul(v[..., a : a + 1, :], v[..., a:, :], out=out[..., start : start + m - a, :])
+        start += m - a
+    return out
+
+
+def _pair_index(i: torch.Tensor, j: torch.Tensor, m: int) -> torch.Tensor:
+    """Row of the pair ``(min(i, j), max(i, j))`` in the layout of :func:`_pair_products`."""
+    a, c = torch.minimum(i, j), torch.maximum(i, j)
+    return a * m - a * (a - 1) // 2 + (c - a)
+
+
+class KhatriRaoLayout:
+    """How the columns of a Jacobian given as column blocks map onto ``u ⊗ x~``.
+
+    Every column of a :data:`Piece` list is ``u_a`` (a plain block) or ``u_a x_d`` (an outer
+    block), with ``u`` the concatenation of the distinct blocks (``m`` factors) and
+    ``x~ = (1, x)``: column ``c`` is ``u_{a_c} x~_{p_c}``. Then
+    ``(J^T J)[c, c'] = sum_i u_{i a_c} u_{i a_c'} x~_{i p_c} x~_{i p_c'}``, an entry of the
+    ``m(m+1)/2 x (D+1)(D+2)/2`` matrix of factor-pair by input-pair products, and
+    ``(J^T r)[c] = sum_i u_{i a_c} r_i x~_{i p_c}``.
+    """
+
+    def __init__(self, slots: list[int], widths: list[int], outer: list[bool], input_dim: int) -> None:
+        self.slots, self.widths, self.ext_dim = slots, widths, input_dim + 1
+        offsets = [sum(widths[:s]) for s in range(len(widths))]
+        self.n_factors = sum(widths)
+        factor, coord = [], []
+        for slot, is_outer in zip(slots, outer, strict=True):
+            for j in range(widths[slot]):
+                a = offsets[slot] + j
+                if is_outer:
+                    factor += [a] * input_dim
+                    coord += list(range(1, input_dim + 1))
+                else:
+                    factor.append(a)
+                    coord.append(0)
+        fa, px = torch.tensor(factor), torch.tensor(coord)
+        d2 = self.ext_dim * (self.ext_dim + 1) // 2
+        self._gram_index = (_pair_index(fa[:, None], fa[None, :], self.n_factors) * d2
+                            + _pair_index(px[:, None], px[None, :], self.ext_dim))
+        self._grad_index = fa * self.ext_dim + px
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def n_columns(self) -> int:
+        return int(self._grad_index.numel())
+
+    def cost_ratio(self) -> float:
+        """Products per sample of the factored ``J^T J`` over those of ``J^T J`` (``P^2``)."""
+        m, d = self.n_factors, self.ext_dim
+        return (m * (m + 1) // 2) * (d * (d + 1) // 2) / max(self.n_columns, 1) ** 2
+
+    def memory_ratio(self) -> float:
+        """Numbers per sample the factored form keeps, over ``P``: the input products (twice,
+        while the stack of active problems is gathered anew) and the factor-pair products."""
+        m, d = self.n_factors, self.ext_dim
+        return (2 * (d * (d + 1) // 2) + m * (m + 1) // 2) / max(self.n_columns, 1)
+
+    def factors(self, pieces: list[Piece]) -> torch.Tensor:
+        """The distinct blocks side by side, transposed: ``(b, m, n)``."""
+        distinct: dict[int, torch.Tensor] = {}
+        for (g, _), slot in zip(pieces, self.slots, strict=True):
+            distinct.setdefault(slot, g)
+        return torch.cat([distinct[s].transpose(-1, -2) for s in range(len(self.widths))], -2)
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather indices ``(P, P)`` into the flattened pair-product matrix and ``(P,)`` into
+        the flattened ``(m, D + 1)`` gradient matrix, on ``device``."""
+        if device not in self._on:
+            self._on[device] = (self._gram_index.to(device), self._grad_index.to(device))
+        return self._on[device]
+
+
+_LAYOUTS: dict[tuple[object, ...], KhatriRaoLayout | None] = {}
+#: the factored normal equations are used when they need at most this share of the products of ``J^T J``
+_KHATRI_RAO_MAX_COST = 0.5
+#: ... and at most this many numbers per sample, in units of ``P``: with the residuals and the
+#: blocks themselves this stays within the ``3 n P`` numbers per problem that
+#: ``estimators.api.auto_chunk_size`` budgets for a model with an analytic Jacobian
+_KHATRI_RAO_MAX_MEMORY = 2.5
+
+
+def khatri_rao_layout(pieces: list[Piece], input_dim: int) -> KhatriRaoLayout | None:
+    """The :class:`KhatriRaoLayout` of a list of column blocks, or ``None`` when forming
+    ``J^T J`` from it would need more than half the products of ``J^T J`` itself, or more
+    than ``2.5 n P`` numbers of memory per problem.
+
+    Blocks are identified by tensor identity: a model that lists one tensor as a plain and an
+    outer block (``beta_0`` and ``beta_1`` columns of one atom) declares one factor. Layouts
+    are cached by the block structure.
+    """
+    slot_of: dict[int, int] = {}
+    widths: list[int] = []
+    slots: list[int] = []
+    for g, _ in pieces:
+        if id(g) not in slot_of:
+            slot_of[id(g)] = len(widths)
+            widths.append(int(g.shape[-1]))
+        slots.append(slot_of[id(g)])
+    outer = [bool(o) for _, o in pieces]
+    key = (tuple(slots), tuple(widths), tuple(outer), input_dim)
+    if key not in _LAYOUTS:
+        layout = KhatriRaoLayout(slots, widths, outer, input_dim)
+        cheaper = layout.cost_ratio() <= _KHATRI_RAO_MAX_COST and layout.memory_ratio() <= _KHATRI_RAO_MAX_MEMORY
+        _LAYOUTS[key] = layout if layout.n_columns and cheaper else None
+    return _LAYOUTS[key]
 
 
 def normal_equations(problem: Problem, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Masked residuals ``r`` ``(b, n)``, ``A = J^T J`` ``(b, P, P)`` and ``g = J^T r`` ``(b, P)``.
-
-    ``g`` is formed as ``r^T J`` by ``bmm``: unlike ``J^T r`` (which torch may route to a
-    matrix-vector kernel for one problem and a batched one for several), this gives every
-    problem bit-identical results whatever the size of the stack it is solved in.
-    """
-    r, J = problem.residual_and_jacobian(theta)
-    return r, J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
+    """Masked residuals ``r`` ``(b, n)``, ``A = J^T J`` ``(b, P, P)`` and ``g = J^T r`` ``(b, P)``
+    (:meth:`Problem.linearize`, then :meth:`Linearization.normal_equations`)."""
+    lin = problem.linearize(theta)
+    A, g = lin.normal_equations()
+    return lin.r, A, g
 
 
 def autograd_value_and_jacobian(model: MixtureModel, theta: torch.Tensor,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, normal_equations
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small
 
 __all__ = ["solve_lm"]
 
@@ -53,6 +53,11 @@ def solve_lm(
     most ``gtol * RSS/n``; or the cost is exactly zero. Damping above ``1e20`` stops the problem
     as not converged.
 
+    Work per iteration: one linearisation of the active problems at their candidates
+    (residuals and the per-atom Jacobian blocks, :meth:`Problem.linearize`), and the normal
+    equations of the accepted ones only, from that same linearisation. The stack of active
+    problems is gathered again only when a problem leaves it.
+
     Returns
     -------
     SolverOutput
@@ -61,9 +66,10 @@ def solve_lm(
     B, P = theta0.shape
     lo, hi = problem.lo, problem.hi
     theta = torch.minimum(torch.maximum(theta0, lo), hi).clone()
-    r, A, g = normal_equations(problem, theta)
-    cost = 0.5 * r.square().sum(-1)
-    del r
+    lin = problem.linearize(theta)
+    cost = 0.5 * lin.r.square().sum(-1)
+    A, g = lin.normal_equations()
+    del lin
     finite = torch.isfinite(cost) & torch.isfinite(A).flatten(1).all(-1) & torch.isfinite(g).all(-1)
     diverged = ~finite
     scale = torch.diagonal(A, dim1=-2, dim2=-1).clone()
@@ -71,17 +77,19 @@ def solve_lm(
     nu = torch.full_like(lam, 2.0)
     n_iter = torch.zeros(B, dtype=torch.long, device=theta.device)
     rel_change = torch.full_like(lam, float("nan"))
-    converged = finite & ((cost == 0) | _grad_test(g, theta, problem, cost, gtol))
+    converged = finite & ((cost == 0) | _grad_test(g, theta, problem.n_eff, lo, hi, cost, gtol))
     active = finite & ~converged
     eye = torch.eye(P, dtype=theta.dtype, device=theta.device)
     tiny = torch.finfo(theta.dtype).tiny
     eps = torch.finfo(theta.dtype).eps
+    sub, sub_idx = problem, None
 
     for it in range(max_iter):
         if not bool(active.any()):
             break
         idx = _index(active)
-        sub = problem.take(idx)
+        if not _same_index(idx, sub_idx):
+            sub, sub_idx = problem.take(idx), idx
         th, A_, g_, lam_, cost_ = _pick(idx, theta), _pick(idx, A), _pick(idx, g), _pick(idx, lam), _pick(idx, cost)
         # freeze coordinates at a bound whose descent direction (g) points outward
         free = ~(((th <= lo) & (g_ < 0)) | ((th >= hi) & (g_ > 0)))
@@ -97,7 +105,8 @@ def solve_lm(
         delta = torch.where(ok.unsqueeze(-1) & torch.isfinite(delta), delta, torch.zeros_like(delta))
         cand = torch.minimum(torch.maximum(th + delta, lo), hi)
         step = cand - th
-        cost_new = 0.5 * sub.residual(cand).square().sum(-1)
+        lin = sub.linearize(cand)
+        cost_new = 0.5 * lin.r.square().sum(-1)
         actual = cost_ - cost_new
         predicted = (step * g_).sum(-1) - 0.5 * torch.einsum("bp,bpq,bq->b", step, A_, step)
         accept = ok & torch.isfinite(cost_new) & (actual > 0)
@@ -118,21 +127,20 @@ def solve_lm(
         cost[acc_rows] = cost_new[accept]
         done = x_small | f_small | (cost_new == 0) & accept
         stalled = lam_next > _LAMBDA_MAX
+        stop_bad = torch.zeros_like(accept)
         if acc_rows.numel():
-            acc_idx = None if acc_rows.numel() == B else acc_rows
-            _, A_a, g_a = normal_equations(problem.take(acc_idx), theta[acc_rows])
+            acc_local = _index(accept)
+            A_a, g_a = lin.normal_equations(acc_local)
             bad = ~(torch.isfinite(A_a).flatten(1).all(-1) & torch.isfinite(g_a).all(-1))
             A[acc_rows], g[acc_rows] = A_a, g_a
             scale[acc_rows] = torch.maximum(scale[acc_rows], torch.diagonal(A_a, dim1=-2, dim2=-1))
             diverged[acc_rows[bad]] = True
-            small_g = _grad_test(g_a, theta[acc_rows], problem.take(acc_idx), cost[acc_rows], gtol)
+            small_g = _grad_test(g_a, theta[acc_rows], problem.n_eff[acc_rows], lo, hi, cost[acc_rows], gtol)
             grad_done = torch.zeros_like(accept)
             grad_done[accept] = small_g & ~bad
             done = done | grad_done
-            stop_bad = torch.zeros_like(accept)
             stop_bad[accept] = bad
-        else:
-            stop_bad = torch.zeros_like(accept)
+        del lin
         converged[rows] = done & ~stop_bad
         active[rows] = ~(done | stalled | stop_bad)
         if progress is not None:
@@ -140,9 +148,14 @@ def solve_lm(
     return SolverOutput(theta=theta, n_iter=n_iter, rel_change=rel_change, converged=converged, diverged=diverged)
 
 
+def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two results of :func:`_index` select the same rows."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
-def _grad_test(g: torch.Tensor, theta: torch.Tensor, problem: Problem, cost: torch.Tensor,
-               gtol: float) -> torch.Tensor:
+
+def _grad_test(g: torch.Tensor, theta: torch.Tensor, n_eff: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+               cost: torch.Tensor, gtol: float) -> torch.Tensor:
     """:func:`gradient_small` from ``g = J^T r``: the risk gradient is ``-2 g / n``, the risk ``2 cost / n``."""
-    n = problem.n_eff
-    return gradient_small(-2 * g / n.unsqueeze(-1), theta, problem.lo, problem.hi, 2 * cost / n, gtol)
+    return gradient_small(-2 * g / n_eff.unsqueeze(-1), theta, lo, hi, 2 * cost / n_eff, gtol)

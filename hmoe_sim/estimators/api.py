@@ -39,17 +39,28 @@ _ANALYTIC_JACOBIAN_COPIES = 3
 
 
 def auto_chunk_size(n: int, n_params: int, dtype: torch.dtype, device: torch.device, *,
-                    analytic: bool = False) -> int:
+                    analytic: bool = False, max_memory: int | None = None) -> int:
     """Problems per chunk such that the Jacobian work fits in memory.
 
     One problem needs about ``8 * n * P`` numbers with autodiff Jacobians, ``3 * n * P`` with
-    a model's analytic one (``analytic=True``); the budget is 2 GiB on the CPU and half the
-    free memory of a CUDA device.
+    a model's analytic one (``analytic=True``); the budget is ``max_memory`` bytes when given,
+    else 2 GiB on the CPU and half the free memory of a CUDA device. The data themselves
+    (``X``, ``y`` of the whole batch) are not part of the budget.
+
+    Raises
+    ------
+    ValueError
+        ``max_memory`` is given and smaller than what one problem needs.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     copies = _ANALYTIC_JACOBIAN_COPIES if analytic else _JACOBIAN_COPIES
     per_problem = copies * n * max(n_params, 1) * itemsize
-    if device.type == "cuda":
+    if max_memory is not None:
+        budget = check_positive_int("max_memory", max_memory)
+        if budget < per_problem:
+            raise ValueError(f"max_memory={budget} bytes is below the {per_problem} bytes one problem needs "
+                             f"(n={n}, P={n_params}, {dtype})")
+    elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 2
     else:
@@ -179,6 +190,7 @@ def fit_batch(
     epochs: int = 10,
     batch_size: int = 64,
     seed: SeedLike | Sequence[SeedLike] = 0,
+    max_memory: int | None = None,
 ) -> FitResult:
     """Fit ``B`` independent least-squares problems at once.
 
@@ -207,6 +219,9 @@ def fit_batch(
         Where and in which precision to fit (default: those of ``X``).
     chunk_size : int, optional
         Problems per chunk (default :func:`auto_chunk_size`); results do not depend on it.
+    max_memory : int, optional
+        Memory budget of one chunk's solver work in bytes (:func:`auto_chunk_size`; ignored
+        when ``chunk_size`` is given).
     truth : dict of torch.Tensor, optional
         True parameters (unbatched or batched ``(B,)``) of ``model.with_atoms(k*)``, the
         number of atoms read from ``truth["beta0"]``; gives ``risk_truth``.
@@ -258,7 +273,7 @@ def fit_batch(
     zero = torch.zeros((), dtype=dt, device=dev)  # masked samples are zeroed and carry weight 0
     X, y = torch.where(mask.unsqueeze(-1) > 0, X, zero), torch.where(mask > 0, y, zero)
     size = chunk_size if chunk_size is not None else auto_chunk_size(
-        X.shape[1], model.n_params, dt, dev, analytic=hasattr(model, "value_and_jacobian"))
+        X.shape[1], model.n_params, dt, dev, analytic=hasattr(model, "value_and_jacobian"), max_memory=max_memory)
     size = check_positive_int("chunk_size", size)
 
     def solve_chunk(sl: slice) -> FitResult:

@@ -213,6 +213,28 @@ class FlatMoE(AnalyticJacobian, MixtureModel):
         return _softmax_mix(logits, experts)
 
     # ------------------------------------------------------------------ derivatives
+    def _atom_major_scores(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Gating scores and expert pre-activations of the anchors and the free atoms, atom-major:
+        each ``(*batch, m + k, n)`` (the ``m`` anchors first), from one matrix product with ``X``.
+
+        Atom-major keeps the sample axis innermost, so that the elementwise work of
+        :meth:`jacobian_pieces` runs over long contiguous rows rather than rows of ``k + m``.
+        """
+        weights = [params["beta1"], params["a"]]
+        biases = [params["beta0"], params["b"]]
+        m = 0
+        if self.anchors is not None:
+            an = self._anchors_on(X)
+            m = an["beta0"].shape[0]
+            batch = params["beta0"].shape[:-1]
+            weights = [torch.cat([an[na].expand(*batch, -1, -1), w], -2) for na, w in zip(("beta1", "a"), weights,
+                                                                                             strict=True)]
+            biases = [torch.cat([an[na].expand(*batch, -1), b], -1) for na, b in zip(("beta0", "b"), biases,
+                                                                                       strict=True)]
+        both = torch.matmul(torch.cat(weights, -2), X.transpose(-1, -2)) + torch.cat(biases, -1).unsqueeze(-1)
+        logits, pre = both.chunk(2, dim=-2)
+        return logits, pre, m
+
     def jacobian_pieces(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, list[Piece]]:
         """``f_G(X)`` ``(*batch, n)`` and the Jacobian's column blocks (no checks).
 
@@ -220,28 +242,24 @@ class FlatMoE(AnalyticJacobian, MixtureModel):
         ``df/dl_k = p_k (phi(u_k) - f)`` and ``df/du_k = p_k phi'(u_k)`` (``p`` the softmax over
         anchors and free atoms); sigmoid gating gives ``df/dl_k = sigma_k (1 - sigma_k) phi(u_k)``
         and ``df/du_k = sigma_k phi'(u_k)``. Then ``d/dbeta0 = df/dl``, ``d/dbeta1 = df/dl x``,
-        ``d/da = df/du x``, ``d/db = df/du``.
+        ``d/da = df/du x``, ``d/db = df/du``. The blocks are computed atom-major
+        (:meth:`_atom_major_scores`) and returned as transposed views, ``(*batch, n, k)``.
         """
-        logits, pre = self._logits_and_preactivations(params, X)
-        experts = self._phi(pre)
-        slope = EXPERT_DERIVATIVES[self.expert](pre, experts)
+        all_logits, all_pre, m = self._atom_major_scores(params, X)
+        all_experts = self._phi(all_pre)
+        pre, experts = all_pre[..., m:, :], all_experts[..., m:, :]
         if self.gate == "sigmoid":
-            gate = torch.sigmoid(logits)
-            f = (gate * experts).sum(-1)
-            if self.anchors is not None:
-                f = f + (torch.sigmoid(self._anchor_logits(X)) * self._anchor_experts(X)).sum(-1)
+            all_gates = torch.sigmoid(all_logits)
+            f = (all_gates * all_experts).sum(-2)
+            gate = all_gates[..., m:, :]
             d_logit = gate * (1 - gate) * experts
         else:
-            all_logits, all_experts = logits, experts
-            if self.anchors is not None:
-                shape = _bshape(logits, X)
-                all_logits = torch.cat([self._anchor_logits(X).expand(*shape, -1), logits], -1)
-                all_experts = torch.cat([self._anchor_experts(X).expand(*shape, -1), experts], -1)
-            lse = torch.logsumexp(all_logits, dim=-1, keepdim=True)
-            f = (torch.exp(all_logits - lse) * all_experts).sum(-1)
-            gate = torch.exp(logits - lse)
-            d_logit = gate * (experts - f.unsqueeze(-1))
-        d_pre = gate * slope
+            weights = torch.exp(all_logits - torch.logsumexp(all_logits, dim=-2, keepdim=True))
+            f = (weights * all_experts).sum(-2)
+            gate = weights[..., m:, :]
+            d_logit = gate * (experts - f.unsqueeze(-2))
+        d_pre = gate if self.expert == "identity" else gate * EXPERT_DERIVATIVES[self.expert](pre, experts)
+        d_logit, d_pre = d_logit.transpose(-1, -2), d_pre.transpose(-1, -2)
         return f, [(d_logit, False), (d_logit, True), (d_pre, True), (d_pre, False)]
 
     def mixing_measure(self, params: Params) -> MixingMeasure:

@@ -1,0 +1,159 @@
+"""The LM's normal equations: the factored (Khatri-Rao) form against the assembled Jacobian,
+row selection, the solver with and without it, and the memory budget of the chunks."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hmoe_sim import make_preset, sample_batch
+from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth
+from hmoe_sim.estimators._core import Problem, _pair_products, khatri_rao_layout
+from hmoe_sim.estimators._lm import solve_lm
+
+CASES = [("softmax-linear", {}), ("softmax-relu", {}), ("sigmoid-regime2", {}), ("hmoe-nonshared", {}),
+         ("hmoe-nonshared", {"first_level": "softmax"}), ("hmoe-shared", {})]
+
+
+def _problem(name: str, options: dict, B: int = 3, n: int = 40, *, structured: bool = True, masked: bool = False):
+    s = make_preset(name, seed=1, **options)
+    model = s.fit_model
+    X, y = sample_batch(s.true_model, s.truth, n, s.noise_std, [np.random.SeedSequence([4, b]) for b in range(B)])
+    w = torch.ones_like(y)
+    if masked:
+        w[1, n // 2 :] = 0
+        X, y = X * w.unsqueeze(-1), y * w
+    theta = model.flatten(init_near_truth(model, s.true_model, s.truth, batch_shape=B, perturbation=0.3, seed=3))
+    problem = Problem(model, X, y, w, w.sum(-1), *Bounds().vectors(model), structured=structured)
+    return s, problem, theta
+
+
+def test_pair_products_hand_computed():
+    v = torch.tensor([[[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]]])  # (1, m=3, n=2)
+    out = _pair_products(v)
+    # pairs (0,0) (0,1) (0,2) (1,1) (1,2) (2,2)
+    expected = torch.tensor([[[1.0, 4.0], [3.0, -2.0], [0.5, 8.0], [9.0, 1.0], [1.5, -4.0], [0.25, 16.0]]])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_normal_equations_equal_those_of_the_assembled_jacobian(name, options, masked):
+    _, problem, theta = _problem(name, options, masked=masked)
+    lin = problem.linearize(theta)
+    A, g = lin.normal_equations()
+    r, J = problem.residual_and_jacobian(theta)  # the Jacobian by columns, masked
+    torch.testing.assert_close(lin.r, r, rtol=0, atol=0)
+    A_ref = torch.einsum("bnp,bnq->bpq", J, J)
+    g_ref = torch.einsum("bnp,bn->bp", J, r)
+    scale_A = A_ref.abs().amax((-2, -1), keepdim=True)
+    scale_g = g_ref.abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(A / scale_A, A_ref / scale_A, rtol=0, atol=1e-13)
+    torch.testing.assert_close(g / scale_g, g_ref / scale_g, rtol=0, atol=1e-13)
+    if masked:  # a masked-out sample contributes nothing
+        short = Problem(problem.model, problem.X[1:2, :20], problem.y[1:2, :20], problem.weight[1:2, :20],
+                        problem.weight[1:2, :20].sum(-1), problem.lo, problem.hi)
+        A_s, g_s = short.linearize(theta[1:2]).normal_equations()
+        torch.testing.assert_close(A_s[0], A[1], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g_s[0], g[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("name", "factored", "ratio"), [
+    ("softmax-linear", True, 21 * 45 / 54**2),  # D = 8, k = 3: u has 6 entries (21 pairs), (1, x) 9 (45 pairs)
+    ("sigmoid-regime2", True, 55 * 45 / 90**2),  # k = 5: u has 10 entries (55 pairs), P = 90
+    ("hmoe-nonshared", True, 36 * 15 / 40**2),  # H = 2, L = 2, D = 4: u has 8 entries, (1, x) 5, P = 40
+    ("hmoe-shared", False, None),  # columns of W1, W2, w3, z are not (factor) x (1, x): J is assembled
+])
+def test_which_models_get_the_factored_form(name, factored, ratio):
+    _, problem, theta = _problem(name, {})
+    layout = khatri_rao_layout(problem.linearize(theta).pieces, problem.X.shape[-1])
+    assert (layout is not None) == factored
+    if factored:
+        assert layout.n_columns == problem.model.n_params
+        assert layout.cost_ratio() == pytest.approx(ratio)
+
+
+@pytest.mark.parametrize("rows", [[2], [0, 2], [1, 2, 3], [0, 1, 2, 3]])
+def test_rows_of_the_normal_equations_are_those_of_the_whole_stack(rows):
+    # one row of four gathers the input products, three of four compute all and pick: same numbers
+    for name in ("softmax-linear", "hmoe-shared"):
+        _, problem, theta = _problem(name, {}, B=4)
+        lin = problem.linearize(theta)
+        A, g = lin.normal_equations()
+        index = torch.tensor(rows)
+        A_r, g_r = lin.normal_equations(index)
+        assert torch.equal(A_r, A[index]) and torch.equal(g_r, g[index])
+
+
+@pytest.mark.parametrize(("name", "options"), [("softmax-linear", {"gate_slope_std": 1.0}),
+                                               ("hmoe-nonshared", {})])
+def test_lm_with_factored_and_assembled_normal_equations_reaches_the_same_fit(name, options):
+    # exact-specified, low noise, started near the truth: a well-determined minimum both must reach
+    s = make_preset(name, seed=2, **options)
+    model = s.true_model
+    X, y = sample_batch(model, s.truth, 300, 0.01, [5, 6])
+    theta0 = model.flatten(init_near_truth(model, model, s.truth, batch_shape=2, perturbation=0.05, seed=3))
+    w = torch.ones_like(y)
+    rss = []
+    for structured in (True, False):
+        problem = Problem(model, X, y, w, w.sum(-1), *Bounds().vectors(model), structured=structured)
+        out = solve_lm(problem, theta0, max_iter=300, ftol=1e-12, xtol=1e-12, gtol=1e-12)
+        assert out.converged.all()
+        rss.append(problem.residual(out.theta).square().sum(-1))
+    # the two orders of summation differ by rounding only: the same minimum to the tolerance
+    torch.testing.assert_close(rss[0], rss[1], rtol=1e-10, atol=0)
+
+
+# ------------------------------------------------------------------ memory budget
+def test_auto_chunk_size_respects_max_memory():
+    per_problem = 3 * 1000 * 54 * 8  # analytic Jacobian: 3 n P float64 numbers
+    cpu = torch.device("cpu")
+    assert auto_chunk_size(1000, 54, torch.float64, cpu, analytic=True, max_memory=5 * per_problem) == 5
+    assert auto_chunk_size(1000, 54, torch.float64, cpu, analytic=True, max_memory=5 * per_problem - 1) == 4
+    assert auto_chunk_size(1000, 54, torch.float32, cpu, analytic=True, max_memory=5 * per_problem) == 10
+    with pytest.raises(ValueError, match="max_memory=1000 bytes is below"):
+        auto_chunk_size(1000, 54, torch.float64, cpu, analytic=True, max_memory=1000)
+    with pytest.raises(ValueError, match="max_memory"):
+        auto_chunk_size(1000, 54, torch.float64, cpu, analytic=True, max_memory=-5)
+
+
+def test_fit_batch_chunks_to_the_memory_budget_with_the_same_answers(monkeypatch):
+    s = make_preset("softmax-linear", seed=0)
+    model = s.fit_model
+    X, y = sample_batch(s.true_model, s.truth, 200, s.noise_std, list(range(5)))
+    init = init_near_truth(model, s.true_model, s.truth, batch_shape=5, perturbation=0.1, seed=1)
+    ref = fit_batch(model, X, y, init, max_iter=10)
+    api = sys.modules[fit_batch.__module__]
+    sizes: list[int] = []
+    original = api._solve
+
+    def spy(problem, *rest):
+        sizes.append(problem.X.shape[0])
+        return original(problem, *rest)
+
+    monkeypatch.setattr(api, "_solve", spy)
+    budget = 2 * 3 * 200 * model.n_params * 8  # two problems
+    res = fit_batch(model, X, y, init, max_iter=10, max_memory=budget)
+    assert sizes == [2, 2, 1]
+    assert torch.equal(res.risk, ref.risk) and torch.equal(res.n_iter, ref.n_iter)
+
+
+@pytest.mark.gpu
+def test_chunks_stay_under_the_memory_budget_on_cuda():
+    s = make_preset("softmax-linear", seed=0, input_dim=16, n_true=4, n_fit=5)
+    model = s.fit_model
+    n, B = 20_000, 12
+    X, y = sample_batch(s.true_model, s.truth, n, s.noise_std, list(range(B)), device="cuda")
+    init = init_near_truth(model, s.true_model, s.truth, batch_shape=B, seed=1, device="cuda")
+    budget = 3 * 3 * n * model.n_params * 8  # three problems per chunk
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fit_batch(model, X, y, init, max_iter=5, max_memory=budget)
+    torch.cuda.synchronize()
+    # fit_batch's own copies of the data (masked X, y, weights) come on top of the budget
+    data = 2 * X.numel() * X.element_size() + 3 * y.numel() * y.element_size()
+    assert torch.cuda.max_memory_allocated() - base <= budget + data
