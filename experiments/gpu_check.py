@@ -1,4 +1,5 @@
-"""The GPU check, one command (issue 13): under 8 minutes on one H200.
+"""The GPU check, one command (issue 13), sized to finish in under 8 minutes on one H200 (not yet
+run on one: the session that wrote it had no device).
 
     python experiments/gpu_check.py                        # on a CUDA machine
     python experiments/gpu_check.py --device cpu --smoke   # the same steps at a smoke size (tests)

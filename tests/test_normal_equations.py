@@ -13,6 +13,7 @@ from hmoe_sim import make_preset, sample_batch
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth
 from hmoe_sim.estimators._core import Problem, _pair_products, khatri_rao_layout
 from hmoe_sim.estimators._lm import solve_lm
+from hmoe_sim.models.flat import FlatMoE
 
 CASES = [("softmax-linear", {}), ("softmax-relu", {}), ("sigmoid-regime2", {}), ("hmoe-nonshared", {}),
          ("hmoe-nonshared", {"first_level": "softmax"}), ("hmoe-shared", {})]
@@ -105,6 +106,31 @@ def test_lm_with_factored_and_assembled_normal_equations_reaches_the_same_fit(na
         rss.append(problem.residual(out.theta).square().sum(-1))
     # the two orders of summation differ by rounding only: the same minimum to the tolerance
     torch.testing.assert_close(rss[0], rss[1], rtol=1e-10, atol=0)
+
+
+class _NoAnalyticJacobian(FlatMoE):
+    """A model without hand-derived derivatives: the solver falls back to autodiff."""
+
+    jacobian_pieces = None
+    value_and_jacobian = None
+
+
+def test_models_without_analytic_jacobian_get_the_same_normal_equations_and_steps():
+    s, problem, theta = _problem("softmax-linear", {})
+    m = problem.model
+    plain = _NoAnalyticJacobian(m.input_dim, m.n_atoms, gate=m.gate, expert=m.expert,
+                                anchors={k: v.numpy() for k, v in m.anchors.items()})
+    other = Problem(plain, problem.X, problem.y, problem.weight, problem.n_eff, problem.lo, problem.hi)
+    lin_a, lin_b = problem.linearize(theta), other.linearize(theta)
+    assert lin_b.pieces is None
+    rows = torch.tensor([0, 2])
+    for (A_a, g_a), (A_b, g_b) in ((lin_a.normal_equations(), lin_b.normal_equations()),
+                                   (lin_a.normal_equations(rows), lin_b.normal_equations(rows))):
+        torch.testing.assert_close(A_b, A_a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g_b, g_a, rtol=1e-10, atol=1e-12)
+    out_a = solve_lm(problem, theta, max_iter=5, ftol=1e-12, xtol=1e-12, gtol=1e-12)
+    out_b = solve_lm(other, theta, max_iter=5, ftol=1e-12, xtol=1e-12, gtol=1e-12)
+    torch.testing.assert_close(out_b.theta, out_a.theta, rtol=1e-8, atol=1e-10)
 
 
 # ------------------------------------------------------------------ memory budget

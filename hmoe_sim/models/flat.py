@@ -47,7 +47,9 @@ _ANCHOR_NAMES = ("beta0", "beta1", "a", "b")
 
 
 #: a block of Jacobian columns: ``(g, outer)`` with ``g`` ``(*batch, n, m)``; ``outer=False``
-#: stands for the ``m`` columns ``g_j``, ``outer=True`` for the ``m * D`` columns ``g_j x_d``
+#: stands for the ``m`` columns ``g_j``, ``outer=True`` for the ``m * D`` columns ``g_j x_d``.
+#: A model lists the same tensor object for the plain and the outer block of one derivative
+#: (``beta_0`` and ``beta_1`` of an atom); the LM solver reads that as one Khatri-Rao factor.
 Piece = tuple[torch.Tensor, bool]
 
 
