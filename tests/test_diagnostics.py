@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from roundoff import assert_frames_match
 
 from hmoe_sim.data import sample_batch
 from hmoe_sim.estimators import fit_batch, init_near_truth
@@ -48,7 +49,8 @@ def test_results_do_not_depend_on_how_work_is_cut(tmp_path: Path):
     keep = [c for c in a.columns if c not in ("fingerprint", "chunk")]
     losses = [c for c in keep if c.split("_")[0] in ("D1", "D2", "L2")]
     assert {"D1_min", "D1_max", "L2_max", "risk", "grad_norm", "start", "n_near_optimal"} <= set(keep)
-    pd.testing.assert_frame_equal(a[keep].reset_index(drop=True), b[keep].reset_index(drop=True), check_exact=True)
+    # chunk 1 and chunk 3 fit other stack shapes: the same results to round-off (tests/roundoff.py)
+    assert_frames_match(a[keep], b[keep])
     assert np.isfinite(a[losses].to_numpy(dtype=float)).all()
 
 

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from roundoff import assert_tensors_match
 
 from hmoe_sim import make_preset, sample_batch
 from hmoe_sim.estimators import (
@@ -75,16 +76,17 @@ def test_batched_fit_equals_fits_one_by_one_in_any_order(method):
             assert res.n_iter[i] == full.n_iter[b]
 
 
-def test_chunked_and_unchunked_runs_are_identical():
+def test_chunked_and_unchunked_runs_agree_to_round_off():
+    # other stack shapes may round differently (tests/roundoff.py); the fits must be the same fits
     s, model, X, y = _data("hmoe-nonshared", 5, 150)
     init = init_near_truth(model, s.true_model, s.truth, batch_shape=5, perturbation=0.1, seed=2)
     ref = fit_batch(model, X, y, init, max_iter=40)
     for size in (1, 2, 3):
         res = fit_batch(model, X, y, init, max_iter=40, chunk_size=size)
         for k in ref.params:
-            assert torch.equal(ref.params[k], res.params[k]), (size, k)
+            assert_tensors_match(res.params[k], ref.params[k])
         assert torch.equal(ref.n_iter, res.n_iter)
-        assert torch.equal(ref.risk, res.risk)
+        assert_tensors_match(res.risk, ref.risk)
 
 
 def test_mask_gives_the_fit_of_the_shorter_data_set():

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from roundoff import assert_tensors_match
 
 from hmoe_sim import make_preset, sample_batch
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth
@@ -86,7 +87,8 @@ def test_rows_of_the_normal_equations_are_those_of_the_whole_stack(rows):
         A, g = lin.normal_equations()
         index = torch.tensor(rows)
         A_r, g_r = lin.normal_equations(index)
-        assert torch.equal(A_r, A[index]) and torch.equal(g_r, g[index])
+        assert_tensors_match(A_r, A[index], rtol=1e-12, atol=1e-14)
+        assert_tensors_match(g_r, g[index], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(("name", "options"), [("softmax-linear", {"gate_slope_std": 1.0}),
@@ -164,7 +166,9 @@ def test_fit_batch_chunks_to_the_memory_budget_with_the_same_answers(monkeypatch
     budget = 2 * 3 * 200 * model.n_params * 8  # two problems
     res = fit_batch(model, X, y, init, max_iter=10, max_memory=budget)
     assert sizes == [2, 2, 1]
-    assert torch.equal(res.risk, ref.risk) and torch.equal(res.n_iter, ref.n_iter)
+    # chunks of 2, 2, 1 against one stack of 5: the same fits to round-off (see tests/roundoff.py)
+    assert_tensors_match(res.risk, ref.risk)
+    assert torch.equal(res.n_iter, ref.n_iter)
 
 
 @pytest.mark.gpu
