@@ -226,13 +226,33 @@ class MultiHeadAttention(nn.Module):
         return {n: p for n in PROJECTIONS if isinstance(p := self.projection(n), AdapterLinear)}
 
     def merge(self) -> None:
-        """Merge every adapter into its frozen weight."""
-        for layer in self.adapters().values():
+        """Merge every adapter into its frozen weight (see :meth:`AdapterLinear.merge`).
+
+        Raises
+        ------
+        RuntimeError
+            If an adapter is already merged (checked before anything is merged).
+        """
+        layers = self.adapters()
+        done = sorted(n for n, layer in layers.items() if layer.merged)
+        if done:
+            raise RuntimeError(f"the adapters on {done} are already merged; call unmerge() first")
+        for layer in layers.values():
             layer.merge()
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge`."""
-        for layer in self.adapters().values():
+        """Undo :meth:`merge`, restoring every frozen weight exactly.
+
+        Raises
+        ------
+        RuntimeError
+            If an adapter is not merged (checked before anything is unmerged).
+        """
+        layers = self.adapters()
+        left = sorted(n for n, layer in layers.items() if not layer.merged)
+        if left:
+            raise RuntimeError(f"the adapters on {left} are not merged; nothing to unmerge there")
+        for layer in layers.values():
             layer.unmerge()
 
     def trainable_parameters(self) -> dict[str, int]:

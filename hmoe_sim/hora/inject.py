@@ -377,16 +377,34 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     ValueError
         If the model holds no adapters.
     RuntimeError
-        If an adapter is already merged.
+        If an adapter is already merged (checked before anything is merged).
     """
-    for layer in _adapter_layers(model):
+    layers = _adapter_layers(model)
+    merged = [layer for layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"{len(merged)} of the {len(layers)} adapters of {type(model).__name__} are already "
+                           "merged; call unmerge_adapters first")
+    for layer in layers:
         layer.merge()
     return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_adapters` (subtract every ``delta_W`` from its frozen weight)."""
-    for layer in _adapter_layers(model):
+    """Undo :func:`merge_adapters`: restore every frozen weight exactly (see :meth:`AdapterLinear.unmerge`).
+
+    Raises
+    ------
+    ValueError
+        If the model holds no adapters.
+    RuntimeError
+        If an adapter is not merged (checked before anything is unmerged).
+    """
+    layers = _adapter_layers(model)
+    unmerged = [layer for layer in layers if not layer.merged]
+    if unmerged:
+        raise RuntimeError(f"{len(unmerged)} of the {len(layers)} adapters of {type(model).__name__} are not "
+                           "merged; nothing to unmerge there")
+    for layer in layers:
         layer.unmerge()
     return model
 

@@ -6,6 +6,16 @@ factors start at zero so the adapted layer starts equal to the base, dropout act
 adapter's input only, and ``merge()`` / ``unmerge()`` move ``delta_W`` into and out of the
 base weight.
 
+Merge state. ``merge()`` keeps an exact copy of the base weight and ``unmerge()`` restores
+that copy bit for bit (it does not subtract the *current* ``delta_W``, which may have changed
+since the merge). Merging twice or unmerging an unmerged adapter raises ``RuntimeError``.
+The merge state (flag and saved base weight) is part of ``state_dict()`` under the keys
+``merge_state`` and ``merge_base_weight``, so loading a state dict restores the source's
+state whatever the target's was (a merged source gives a merged target that unmerges to the
+right base weight). Gradients do not flow through a merged adapter: with grad enabled and
+trainable adapter tensors, the forward output carries a guard whose backward raises
+``RuntimeError`` ("adapter is merged; call unmerge() before training").
+
 * :class:`LoRALinear` -- one rank-``r`` adapter on the whole projection:
   ``delta_W = (alpha / r) B A`` with ``A (r, in)``, ``B (out, r)``.
 * :class:`MultiHeadLoRALinear` -- MH-LoRA: the ``out`` rows are split into ``H`` heads of
@@ -53,6 +63,19 @@ def _uniform(shape: tuple[int, ...], bound: float, like: torch.Tensor,
     return nn.Parameter(t.to(like.device))
 
 
+class _MergedGuard(torch.autograd.Function):
+    """Identity in the forward pass; its backward raises (no gradient reaches a merged adapter)."""
+
+    @staticmethod
+    def forward(ctx: object, out: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: object, *grads: torch.Tensor) -> tuple[None, ...]:
+        raise RuntimeError("adapter is merged; call unmerge() before training (or freeze the adapter tensors "
+                           "with requires_grad_(False) to train other parts of the model)")
+
+
 def _zeros(shape: tuple[int, ...], like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
 
@@ -74,8 +97,18 @@ class AdapterLinear(nn.Module):
     Attributes
     ----------
     merged : bool
-        Whether ``delta_W`` currently sits inside ``base_layer.weight``.
+        Whether ``delta_W`` currently sits inside ``base_layer.weight`` (read-only; change it
+        with :meth:`merge` / :meth:`unmerge` or by loading a state dict).
+
+    Notes
+    -----
+    While merged, the layer holds an exact copy of the unmerged base weight (a non-persistent
+    buffer, saved in ``state_dict()`` under ``merge_base_weight`` next to the flag
+    ``merge_state``); :meth:`unmerge` restores it bit for bit.
     """
+
+    _MERGE_FLAG = "merge_state"
+    _MERGE_WEIGHT = "merge_base_weight"
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
@@ -87,7 +120,13 @@ class AdapterLinear(nn.Module):
         self.scaling = self.alpha / self.rank
         self.dropout_p = _check_dropout(dropout)
         self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
-        self.merged = False
+        self._merged = False
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+
+    @property
+    def merged(self) -> bool:
+        """Whether ``delta_W`` currently sits inside ``base_layer.weight``."""
+        return self._merged
 
     @property
     def in_features(self) -> int:
@@ -126,12 +165,17 @@ class AdapterLinear(nn.Module):
                              f"(last axis), got width {width} (shape {tuple(x.shape)})")
         out = self.base_layer(x)
         if self.merged:
+            params = [p for p in self.adapter_parameters().values() if p.requires_grad]
+            if params and torch.is_grad_enabled():
+                return _MergedGuard.apply(out, *params)
             return out
         return out + self._adapter_output(self.lora_dropout(x))
 
     @torch.no_grad()
     def merge(self) -> None:
         """Add ``delta_W`` to the base weight once (the forward pass then skips the adapter).
+
+        An exact copy of the base weight is kept for :meth:`unmerge`.
 
         Raises
         ------
@@ -140,19 +184,73 @@ class AdapterLinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
-        new = self.base_layer.weight + self.get_delta_weight()
+        weight = self.base_layer.weight
+        new = weight + self.get_delta_weight()
         if not bool(torch.isfinite(new).all()):
             raise RuntimeError(f"merging {type(self).__name__} would give non-finite weights")
-        self.base_layer.weight.copy_(new)
-        self.merged = True
+        self._unmerged_weight = weight.detach().clone()
+        weight.copy_(new)
+        self._merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ``delta_W`` from the base weight (inverse of :meth:`merge`)."""
+        """Restore the exact base weight saved by :meth:`merge` (bit for bit).
+
+        The adapter tensors may have changed since the merge; the restored weight is the one
+        the merge started from, not ``merged weight - current delta_W``.
+
+        Raises
+        ------
+        RuntimeError
+            If the adapter is not merged.
+        """
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        self.base_layer.weight.sub_(self.get_delta_weight())
-        self.merged = False
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self._merged = False
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + self._MERGE_FLAG] = torch.tensor(self.merged)
+        if self.merged:
+            saved = self._unmerged_weight
+            destination[prefix + self._MERGE_WEIGHT] = saved if keep_vars else saved.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """Load the merge state with the tensors: the layer ends merged iff the source was.
+
+        A state dict without ``merge_state`` (saved before the merge state existed) reports
+        it as a missing key and, when not strict, loads as unmerged.
+        """
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        flag_key, weight_key = prefix + self._MERGE_FLAG, prefix + self._MERGE_WEIGHT
+        for key in (flag_key, weight_key):
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+        if flag_key not in state_dict:
+            if strict:
+                missing_keys.append(flag_key)
+            merged, saved = False, None
+        else:
+            merged = bool(state_dict[flag_key])
+            saved = state_dict.get(weight_key)
+        weight = self.base_layer.weight
+        if merged and (saved is None or tuple(saved.shape) != tuple(weight.shape)):
+            error_msgs.append(f"{prefix or type(self).__name__}: the state dict says the adapter is merged but "
+                              f"its saved base weight {weight_key!r} is missing or does not have shape "
+                              f"{tuple(weight.shape)}")
+            return
+        if not merged and saved is not None:
+            error_msgs.append(f"{prefix or type(self).__name__}: the state dict holds {weight_key!r} but says the "
+                              "adapter is not merged")
+            return
+        with torch.no_grad():
+            self._unmerged_weight = saved.detach().to(device=weight.device, dtype=weight.dtype).clone() \
+                if merged else None
+        self._merged = merged
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable adapter tensors by name (shared tensors listed once)."""
