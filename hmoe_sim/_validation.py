@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "check_positive_float",
     "check_finite_tensor",
     "check_float_tensor",
+    "check_number",
+    "check_seed",
 ]
 
 
@@ -52,6 +55,59 @@ def check_positive_float(name: str, value: object, *, allow_zero: bool = False) 
     return v
 
 
+def check_number(name: str, value: object, *, minimum: float | None = None, strict: bool = False,
+                 allow_inf: bool = False) -> float:
+    """Return ``value`` as a ``float`` if it is a real number (not NaN) in range, else raise.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, used in the message.
+    value : object
+        The value to check (``bool`` is rejected).
+    minimum : float, optional
+        Lower bound: ``value >= minimum``, or ``value > minimum`` with ``strict``.
+    strict : bool
+        Exclude ``minimum`` itself.
+    allow_inf : bool
+        Accept ``+inf`` (NaN and ``-inf`` are always rejected).
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not a real number.
+    ValueError
+        ``value`` is NaN, infinite (without ``allow_inf``) or out of range; the message reads
+        e.g. ``"tol must be a finite number > 0, got inf"``.
+    """
+    kind = "a number" if allow_inf else "a finite number"
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {kind}{bound}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    bad = v != v or v == float("-inf") or (v == float("inf") and not allow_inf)
+    if minimum is not None and not bad:
+        bad = v < minimum or (strict and v == minimum)
+    if bad:
+        raise ValueError(f"{name} must be {kind}{bound}, got {value!r}")
+    return v
+
+
+def check_seed(name: str, value: object) -> object:
+    """Return ``value`` if it is a seed: an integer >= 0, a ``SeedSequence`` or a ``Generator``.
+
+    Raises
+    ------
+    ValueError
+        Anything else (a negative or non-integer number, a string, ...), naming ``name`` and the value.
+    """
+    if isinstance(value, np.random.SeedSequence | np.random.Generator):
+        return value
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, a SeedSequence or a Generator, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise naming the choices."""
     options = tuple(choices)
@@ -66,6 +122,9 @@ def check_float_tensor(name: str, value: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on device {value.device} (a tensor without data); "
+                         "give a tensor on the CPU or a CUDA device")
     return value
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
+from hmoe_sim._validation import check_choice, check_finite_tensor, check_positive_float, check_positive_int
 from hmoe_sim.data import X_DISTRIBUTIONS, draw_inputs
 from hmoe_sim.models.base import MixtureModel, Params
 
@@ -59,11 +59,11 @@ def _as_tensor(name: str, value: Any, *, like: torch.Tensor | None = None) -> to
         t = torch.as_tensor(arr.astype(np.float64))
     if like is not None:
         t = t.to(device=like.device, dtype=like.dtype)
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on device {t.device} (a tensor without data)")
     if torch.isnan(t).any():
         raise ValueError(f"{name} contains NaN (first at index {tuple(torch.nonzero(torch.isnan(t))[0].tolist())})")
-    if torch.isinf(t).any():
-        raise ValueError(f"{name} contains infinite values")
-    return t
+    return check_finite_tensor(name, t)
 
 
 def _check_blocks(blocks: Sequence[int] | None, p: int) -> tuple[int, ...]:
@@ -286,6 +286,8 @@ def l2_error(
         ``(*batch,)`` root mean square of ``f_G(X) - f_{G*}(X)`` over the sample, in the dtype
         and on the device of ``params``. ``f_{G*}`` is computed in float64.
     """
+    for key, value in truth.items():
+        check_finite_tensor(f"truth[{key!r}]", value.detach())
     if true_model is None:
         true_model = model.with_atoms(int(truth["beta0"].shape[-1]))
     batch = model.batch_shape(params)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmoe_sim._validation import check_choice, check_float_tensor, check_positive_int
+from hmoe_sim._validation import check_choice, check_float_tensor, check_number, check_positive_int, check_seed
 from hmoe_sim.data import SeedLike
 from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators._core import Problem, SolverOutput
@@ -87,8 +87,15 @@ def _seed_list(seed: SeedLike | Sequence[SeedLike], count: int) -> list[np.rando
     """One SeedSequence per data set: a sequence is used as given, one seed is spawned."""
     if isinstance(seed, Sequence) and not isinstance(seed, str):
         if len(seed) != count:
-            raise ValueError(f"got {len(seed)} seeds for {count} data sets")
+            raise ValueError(f"seed: got {len(seed)} seeds for {count} data sets")
+        for i, s in enumerate(seed):
+            if isinstance(s, np.random.Generator):
+                raise ValueError(f"seed[{i}] must be a non-negative int or a SeedSequence, got {s!r}")
+            check_seed(f"seed[{i}]", s)
         return [s if isinstance(s, np.random.SeedSequence) else np.random.SeedSequence(int(s)) for s in seed]
+    if isinstance(seed, np.random.Generator):
+        raise ValueError(f"seed must be a non-negative int, a SeedSequence or a sequence of them, got {seed!r}")
+    check_seed("seed", seed)
     root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))  # type: ignore[arg-type]
     return [np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, b)) for b in range(count)]
 
@@ -128,6 +135,9 @@ def _check_data(model: MixtureModel, X: object, y: object, mask: object) -> tupl
     y = check_float_tensor("y", y)
     if X.dim() != 3 or X.shape[-1] != model.input_dim:
         raise ValueError(f"X has shape {tuple(X.shape)}; expected (B, n, {model.input_dim})")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X has shape {tuple(X.shape)}; expected a non-empty batch (B >= 1 data sets of "
+                         "n >= 1 samples)")
     if tuple(y.shape) != tuple(X.shape[:2]):
         raise ValueError(f"y has shape {tuple(y.shape)}; expected {tuple(X.shape[:2])} to match X")
     if mask is None:
@@ -240,18 +250,29 @@ def fit_batch(
     Raises
     ------
     ValueError
-        Bad shapes, NaN or inf in ``X`` or ``y`` (naming the array and the first bad index),
-        or a start outside the box (naming the parameter and the bound it crosses).
+        Bad shapes or an empty batch, ``X`` on the meta device, NaN or inf in ``X`` or ``y``
+        (naming the array and the first bad index), a start outside the box (naming the
+        parameter and the bound it crosses), an unknown ``method`` or ``loss``, a bad seed, or
+        an option out of range: ``tol`` and ``lr`` must be finite and ``> 0``, ``ftol``,
+        ``xtol``, ``gtol`` finite and ``>= 0``, ``max_iter``, ``epochs``, ``batch_size``,
+        ``chunk_size`` integers ``>= 1`` (the checks of the sweep config's ``fit.options``).
     TypeError
-        ``X`` of a dtype other than float32 / float64 (e.g. float16) without a ``dtype``.
+        ``X`` of a dtype other than float32 / float64 (e.g. float16) without a ``dtype``, or an
+        option of the wrong type (e.g. ``max_iter=1.5``).
     """
     if not isinstance(model, MixtureModel):
         raise TypeError(f"model must be a MixtureModel, got {type(model).__name__}")
     check_choice("method", method, METHODS)
     check_choice("loss", loss, LOSSES)
     max_iter = check_positive_int("max_iter", max_iter)
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    tol = check_number("tol", tol, minimum=0.0, strict=True)
+    ftol, xtol, gtol = (None if v is None else check_number(name, v, minimum=0.0)
+                        for name, v in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)))
+    lr = None if lr is None else check_number("lr", lr, minimum=0.0, strict=True)
+    epochs = check_positive_int("epochs", epochs)
+    batch_size = check_positive_int("batch_size", batch_size)
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size)
     X, y, mask = _check_data(model, X, y, mask)
     dev = X.device if device is None else resolve_device(device)
     dt = _check_dtype("X", X.dtype) if dtype is None else resolve_dtype(dtype)
@@ -262,8 +283,7 @@ def fit_batch(
     eps = torch.finfo(dt).eps
     floor = lambda v: max(tol if v is None else float(v), 4 * eps)  # noqa: E731
     options = dict(method=method, max_iter=max_iter, ftol=floor(ftol), xtol=floor(xtol), gtol=floor(gtol),
-                   lr=lr, epochs=check_positive_int("epochs", epochs),
-                   batch_size=check_positive_int("batch_size", batch_size))
+                   lr=lr, epochs=epochs, batch_size=batch_size)
     theta0 = model.flatten(model.cast(init, device=dev, dtype=dt)).reshape(B * n_starts, -1)
     X, y, mask = (t.to(dev, dt).repeat_interleave(n_starts, dim=0) for t in (X, y, mask.to(dt)))
     seeds = [s for s in _seed_list(seed, B) for _ in range(n_starts)]

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
+from hmoe_sim._validation import check_choice, check_number, check_positive_float, check_positive_int, check_seed
 from hmoe_sim.data import SeedLike
 from hmoe_sim.data import _generator as _rng
 from hmoe_sim.estimators.bounds import Bounds
@@ -28,7 +28,7 @@ _HMOE_ATOM_AXIS = {"beta0": 1, "beta1": 1, "a": 1, "b": 1, "z": 1}
 
 def _batch(batch_shape: tuple[int, ...] | int) -> tuple[int, ...]:
     shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
-    if any(not isinstance(s, int) or s < 1 for s in shape):
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"batch_shape must hold positive integers, got {batch_shape!r}")
     return shape
 
@@ -113,10 +113,16 @@ def init_near_truth(
     -------
     dict of torch.Tensor
         Container of ``fit_model`` with the given batch shape.
+
+    Raises
+    ------
+    ValueError
+        A NaN, infinite or negative ``perturbation``, a negative or non-integer ``seed``, or a
+        bad ``batch_shape`` (each message names the argument and the value).
     """
     shape = _batch(batch_shape)
-    if not (isinstance(perturbation, int | float) and math.isfinite(perturbation) and perturbation >= 0):
-        raise ValueError(f"perturbation must be a finite non-negative number, got {perturbation!r}")
+    perturbation = check_number("perturbation", perturbation, minimum=0.0)
+    check_seed("seed", seed)
     base = fit_model.flatten(split_atoms(fit_model, true_model, truth))
     noise = _rng(seed).standard_normal((*shape, fit_model.n_params))
     theta = base + perturbation * torch.from_numpy(noise)
@@ -140,10 +146,16 @@ def init_random(
     simulated truths (scale ``1/sqrt(D)``), so starts are drawn from its intersection with
     ``[-scale, scale]`` (default ``scale = 1``); pass ``scale=math.inf`` to draw from the
     whole (finite) box.
+
+    Raises
+    ------
+    ValueError
+        A NaN, zero or negative ``scale``, a negative or non-integer ``seed``, a bad
+        ``batch_shape``, or an infinite box (each message names the argument and the value).
     """
     shape = _batch(batch_shape)
-    if not (isinstance(scale, int | float) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    scale = check_number("scale", scale, minimum=0.0, strict=True, allow_inf=True)
+    check_seed("seed", seed)
     lo, hi = (bounds or Bounds()).vectors(fit_model)
     lo, hi = lo.clamp_min(-scale), hi.clamp_max(scale)
     if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
@@ -263,8 +275,8 @@ def init_paper(
     n = check_positive_int("n", n)
     gate_scale = check_positive_float("gate_scale", gate_scale, allow_zero=True)
     expert_scale = check_positive_float("expert_scale", expert_scale, allow_zero=True)
-    if isinstance(exponent, bool) or not isinstance(exponent, int | float) or not math.isfinite(exponent):
-        raise ValueError(f"exponent must be a finite number, got {exponent!r}")
+    exponent = check_number("exponent", exponent)
+    check_seed("seed", seed)
     shape = _batch(batch_shape)
     if type(fit_model) is not type(true_model):
         raise TypeError(f"fit_model is {type(fit_model).__name__} but true_model is {type(true_model).__name__}")

@@ -183,15 +183,19 @@ def make_preset(name: str, *, seed: int = 0, **overrides: Any) -> Setup:
     Raises
     ------
     ValueError
-        Unknown preset name or option key, or a bad option value.
+        Unknown preset name or option key, a negative seed, or a bad option value (each
+        message names the argument and the value).
+    TypeError
+        A seed or size that is not an integer.
     """
     check_choice("preset", name, PRESETS)
+    seed = check_nonnegative_int("seed", seed)
     builder, defaults, _ = PRESETS[name]
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for preset {name!r}; known: {sorted(defaults)}")
     options = dict(defaults, **overrides)
-    setup = builder(name, int(seed), options)
+    setup = builder(name, seed, options)
     if setup.fit_model.n_atoms < setup.true_model.n_atoms:
         raise ValueError(f"preset {name!r}: n_fit={options['n_fit']} is smaller than n_true={options['n_true']}")
     return setup
