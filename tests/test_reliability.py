@@ -686,3 +686,99 @@ def test_plain_progress_lines_without_a_terminal(tmp_path: Path, monkeypatch: py
     lines.clear()
     run_sweep(config_of(SMALL), tmp_path / "c", log=lines.append, progress=False)
     assert not [m for m in lines if "cells computed" in m]
+
+
+# ------------------------------------------------------------------- issue 20: tables that agree
+def _plot(out: Path, tmp_path: Path) -> list[str]:
+    return ["plot", str(out), "--output", str(tmp_path / "fig.png")]
+
+
+def test_kill_between_results_and_rates_makes_plot_refuse_until_report(
+        reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    old = RunDir(out).stored_fingerprint()
+    assert set(pd.read_csv(out / "rates.csv")["fingerprint"]) == {old}
+    assert set(pd.read_csv(out / "summary.csv")["fingerprint"]) == {old}
+    other = config_of(TOML.replace('name = "rel"', 'name = "rel"\ndescription = "a later run"'))  # reuses cells
+    real = RunDir.write_table
+
+    def killed(self, name, frame, fingerprint=None):
+        if name == "rates.csv":
+            raise KeyboardInterrupt
+        return real(self, name, frame, fingerprint)
+
+    monkeypatch.setattr(RunDir, "write_table", killed)
+    with pytest.raises(SweepInterrupted):
+        run_sweep(other, out, progress=False, log=quiet)
+    monkeypatch.undo()
+    assert RunDir(out).results_fingerprint() == other.fingerprint != old
+    assert main(_plot(out, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"hmoe-sim: error: rates.csv was written for fingerprint {old} but config is {other.fingerprint}; "
+                   f"rerun `hmoe-sim report {out}`\n")
+    assert not (tmp_path / "fig.png").exists()
+    assert main(["report", str(out)]) == 0
+    capsys.readouterr()
+    assert set(pd.read_csv(out / "rates.csv")["fingerprint"]) == {other.fingerprint}
+    assert main(_plot(out, tmp_path)) == 0 and (tmp_path / "fig.png").is_file()
+
+
+def test_edited_config_is_refused_by_report_and_plot(reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    f = out / "config.resolved.json"
+    body = json.loads(f.read_text())
+    assert body["version"] == __version__
+    body["config"]["root_seed"] = 99
+    f.write_text(json.dumps(body))
+    for argv in (["report", str(out)], _plot(out, tmp_path)):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"records fingerprint {body['fingerprint']} but its config hashes to" in err and "edited" in err
+        assert err.count("\n") == 1
+
+
+def test_config_without_a_recorded_version_is_read_with_a_notice_when_unverifiable(
+        reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    f = out / "config.resolved.json"
+    body = json.loads(f.read_text())
+    del body["version"]  # as written before issue 20: hashed with the running version, it still matches
+    f.write_text(json.dumps(body))
+    assert main(["report", str(out)]) == 0
+    assert "could not be verified" not in capsys.readouterr().err
+    body["config"]["description"] = "written by an older hmoe-sim"
+    f.write_text(json.dumps(body))
+    assert main(["report", str(out)]) == 0
+    assert "could not be verified" in capsys.readouterr().err
+
+
+def test_results_with_a_planned_fit_missing_are_refused(reference, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    run = RunDir(out)
+    results = run.read_results()
+    run.write_results(results.iloc[1:].reset_index(drop=True), run.stored_fingerprint())
+    for argv in (["report", str(out)], _plot(out, tmp_path)):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"holds {len(results) - 1} fits but the config plans {len(results)}" in err
+        assert "1 planned fit(s) missing" in err and "hmoe-sim sweep" in err and err.count("\n") == 1
+
+
+def test_tables_of_an_older_version_without_fingerprint_are_read_with_a_notice(
+        reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    for name in ("rates.csv", "summary.csv"):
+        pd.read_csv(out / name).drop(columns="fingerprint").to_csv(out / name, index=False)
+    assert main(_plot(out, tmp_path)) == 0
+    assert "carries no fingerprint" in capsys.readouterr().err
+
+
+def test_committed_runs_pass_report_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    runs = sorted(p.parent for p in (ROOT / "experiments" / "results").glob("*/config.resolved.json"))
+    assert ROOT / "experiments" / "results" / "quick" in runs
+    for run in [ROOT / "experiments" / "results" / "quick"]:  # the quickest; every committed run was checked by hand
+        copy = tmp_path / run.name
+        shutil.copytree(run, copy)
+        assert main(["report", str(copy)]) == 0, run
+        assert main(_plot(copy, tmp_path)) == 0, run

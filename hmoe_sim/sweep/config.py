@@ -60,7 +60,7 @@ from hmoe_sim.estimators.api import LOSSES, METHODS
 from hmoe_sim.estimators.init import PAPER_NOISE
 from hmoe_sim.models.presets import PRESETS, make_preset
 
-__all__ = ["SweepConfig", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
+__all__ = ["SweepConfig", "fingerprint_of", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
 
 LOSS_KINDS = ("D1", "D2")
 INIT_KINDS = ("near_truth", "random", "paper")
@@ -212,6 +212,17 @@ def _fit_options(key: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def fingerprint_of(data: Mapping[str, Any], version: str) -> str:
+    """SHA-256 (first 16 hex digits) of a resolved configuration as stored, and a package version.
+
+    :attr:`SweepConfig.fingerprint` is ``fingerprint_of(config.data, __version__)``; ``report``
+    and ``plot`` recompute it from what ``config.resolved.json`` holds, so an edited file no
+    longer matches the fingerprint stored beside it.
+    """
+    payload = json.dumps({"config": data, "version": version}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """A validated sweep configuration (see the module docstring for the file format).
@@ -263,8 +274,7 @@ class SweepConfig:
         Everything that can change a fitted number enters it (device and dtype included);
         execution choices (jobs, backend, progress bar) are not part of the configuration.
         """
-        payload = json.dumps({"config": self.data, "version": __version__}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return fingerprint_of(self.data, __version__)
 
     def with_overrides(self, **top: Any) -> SweepConfig:
         """A new validated configuration with top-level keys replaced (e.g. ``device``)."""

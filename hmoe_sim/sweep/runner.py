@@ -72,7 +72,7 @@ from hmoe_sim.sweep.storage import (
 )
 
 __all__ = ["SeriesSetup", "SweepInterrupted", "SweepOutcome", "run_cell", "run_sweep", "series_setup",
-           "check_estimator_options", "check_memory", "near_optimal", "write_tables", "BACKENDS",
+           "check_estimator_options", "check_memory", "derived_tables", "near_optimal", "write_tables", "BACKENDS",
            "PLAIN_PROGRESS_SECONDS"]
 
 BACKENDS = ("local", "dask")
@@ -617,22 +617,33 @@ def write_tables(run: RunDir, config: SweepConfig, results: pd.DataFrame) -> tup
     """Write ``results.parquet`` and the tables derived from it; return ``(rates, summary)``.
 
     ``results`` holds one row per fit with the run fingerprint in its first column; the
-    fingerprint is also stored in ``results.parquet``'s metadata (``report`` and ``plot``
-    check it against ``config.resolved.json``). Besides ``rates.csv``, ``summary.csv`` and
+    fingerprint is also stored in ``results.parquet``'s metadata and as a last column
+    ``fingerprint`` of every derived table (:func:`derived_tables`; ``report`` and ``plot`` check each
+    against ``config.resolved.json``, so a sweep killed between two of these files leaves a
+    directory they refuse rather than tables that disagree). Besides ``rates.csv``, ``summary.csv`` and
     ``boundary.csv``, a truth ensemble with shared / non-shared pairs gets ``per_truth.csv``
     and ``ensemble.csv`` (:mod:`hmoe_sim.sweep.ensemble`).
     """
     run.write_results(results, config.fingerprint)
+    tables = derived_tables(results, config)
+    for name, table in tables.items():
+        run.write_table(name, table, config.fingerprint)
+    return tables[RATES_FILE], tables[SUMMARY_FILE]
+
+
+def derived_tables(results: pd.DataFrame, config: SweepConfig) -> dict[str, pd.DataFrame]:
+    """Every table computed from ``results``, by file name, in the order they are written.
+
+    ``rates.csv``, ``summary.csv``, ``boundary.csv``, and for a truth ensemble with shared /
+    non-shared pairs ``per_truth.csv`` and ``ensemble.csv``.
+    """
     rates = rates_table(results, config)
-    run.write_table(RATES_FILE, rates)
-    summary = summary_table(results, config)
-    run.write_table(SUMMARY_FILE, summary)
-    run.write_table(BOUNDARY_FILE, boundary_table(results))
+    tables = {RATES_FILE: rates, SUMMARY_FILE: summary_table(results, config), BOUNDARY_FILE: boundary_table(results)}
     if len(config.truth_seeds) > 1 and structure_pairs(config):
         per_truth = per_truth_table(rates, config)
-        run.write_table(PER_TRUTH_FILE, per_truth)
-        run.write_table(ENSEMBLE_FILE, ensemble_table(per_truth, config))
-    return rates, summary
+        tables[PER_TRUTH_FILE] = per_truth
+        tables[ENSEMBLE_FILE] = ensemble_table(per_truth, config)
+    return tables
 
 
 def run_sweep(
