@@ -782,3 +782,43 @@ def test_committed_runs_pass_report_and_plot(tmp_path: Path, capsys: pytest.Capt
         shutil.copytree(run, copy)
         assert main(["report", str(copy)]) == 0, run
         assert main(_plot(copy, tmp_path)) == 0, run
+
+
+# ------------------------------------------------------------------ issue 20: checks before work
+@pytest.mark.parametrize("edit,key,value", [
+    (lambda t: t.replace('name = "shared"', f'name = "{"s" * 240}"'), "series[0].name", "s" * 240),
+    (lambda t: t.replace('name = "rel"', f'name = "{"r" * 260}"'), "'name'", "r" * 260),
+    (lambda t: t.replace('method = "lm"', 'method = "lm"\noptions = { max_memory = 1 }'),
+     "fit.options.max_memory", "1 bytes"),
+    (lambda t: t.replace('method = "lm"', 'method = "lm"\noptions = { max_memory = "lots" }'),
+     "fit.options.max_memory", "'lots'"),
+    (lambda t: t.replace("replications = 2", "replications = 1000000"), "sample.replications", "4000000 fits"),
+    (lambda t: t.replace("replications = 2", "replications = 1000000000"), "sample.replications", "1000000000"),
+])
+def test_checks_before_any_work_name_the_key_and_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str], edit, key, value):
+    no_fits(monkeypatch)
+    cfg = write_toml(tmp_path, edit(TOML))
+    started = time.monotonic()
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.startswith("hmoe-sim: error:") and err.count("\n") == 1, err
+    assert key in err and value in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_cap_names_the_cells():
+    with pytest.raises(ValueError, match=r"sample.replications.*1000000 replications plan 4000000 fits in 4000000 "
+                                         r"cells"):
+        config_of(TOML.replace("replications = 2", "replications = 1000000"))
+
+
+def test_cpu_memory_check_uses_available_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    available = runner._cpu_available_memory()
+    assert 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(runner, "_cpu_available_memory", lambda: 1024**2)
+    with pytest.raises(ValueError, match=r"sample.sizes.*n = 100000 .*cpu memory \(0.0 GiB available\)"):
+        run_sweep(config_of(TOML.replace("sizes = [60, 120]", "sizes = [60, 100000]")), tmp_path / "run",
+                  progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()
