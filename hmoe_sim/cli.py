@@ -95,6 +95,12 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     return target
 
 
+def _check_dir(path: str) -> None:
+    """Refuse an empty run directory argument (it would silently mean the current directory)."""
+    if not path.strip():
+        raise ValueError("DIR '' is empty; give a run directory (use . for the current directory)")
+
+
 def _note(message: str) -> None:
     """A one-line notice on stderr."""
     print(f"hmoe-sim: {message}", file=sys.stderr)
@@ -120,6 +126,7 @@ def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFr
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     """Redraw a sweep's figure from its tables."""
+    _check_dir(args.dir)
     figure = _write_figure(Path(args.dir), None if args.output is None else Path(args.output))
     print(f"figure: {figure}")
     return 0
@@ -135,6 +142,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from hmoe_sim.sweep.runner import derived_tables
     from hmoe_sim.sweep.storage import BOUNDARY_FILE, RATES_FILE, SUMMARY_FILE
 
+    _check_dir(args.dir)
     run = RunDir(args.dir)
     config, results = run.read_checked(notify=_note)
     fingerprint = run.stored_fingerprint()

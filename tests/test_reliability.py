@@ -822,3 +822,52 @@ def test_cpu_memory_check_uses_available_memory(tmp_path: Path, monkeypatch: pyt
         run_sweep(config_of(TOML.replace("sizes = [60, 120]", "sizes = [60, 100000]")), tmp_path / "run",
                   progress=False, log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------ issue 20: output paths
+def test_empty_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    no_fits(monkeypatch)
+    cfg = write_toml(tmp_path, TOML)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["sweep", str(cfg), "--out", "", "--no-progress"], ["report", ""], ["plot", " "]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is empty" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel.toml"]
+
+
+def test_dangling_symlink_out_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]):
+    no_fits(monkeypatch)
+    cfg = write_toml(tmp_path, TOML)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for out in (link, link / "run"):
+        assert main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{str(link)!r} is a dangling symbolic link" in err and "nowhere" in err and err.count("\n") == 1
+
+
+def test_directory_where_a_cell_file_belongs_is_named_before_work(
+        reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    config = config_of(TOML)
+    cell = plan_cells(config)[0]
+    path = RunDir(out).cell_path(cell, cell_hash(config, cell))
+    path.unlink()
+    path.mkdir()
+    no_fits(monkeypatch)
+    before = (out / "config.resolved.json").read_bytes()
+    assert main(["sweep", str(write_toml(tmp_path, TOML)), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(path)!r} is a directory" in err and err.count("\n") == 1, err
+    assert (out / "config.resolved.json").read_bytes() == before
+
+
+def test_atomic_write_names_the_target_not_the_temporary_file(tmp_path: Path):
+    target = tmp_path / "x.csv"
+    target.mkdir()
+    with pytest.raises(OSError) as info:
+        atomic_write(target, lambda p: p.write_text("1"))
+    assert info.value.filename == str(target)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -796,14 +796,17 @@ def run_sweep(
     if device is not None:
         config = config.with_overrides(device=device)
     check_estimator_options(config)
+    if not str(out).strip():
+        raise ValueError(f"--out {str(out)!r} is empty; give a run directory (use --out . for the current directory)")
     run = RunDir(out)
     run.check_writable()
     check_file_names(config, run)
+    cells = plan_cells(config)
+    run.check_layout([(c, cell_hash(config, c)) for c in cells])
     if backend == "dask":
         _check_dask(scheduler)
 
     fp = config.fingerprint
-    cells = plan_cells(config)
     counts = {"done": 0, "computed": 0}
     try:
         with _sigterm_raises(), run.lock(notify=say):

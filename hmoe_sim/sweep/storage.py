@@ -101,7 +101,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         break
     try:
         write(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # name the file that could not be replaced, not the temporary one
+            raise OSError(err.errno, err.strerror, str(path)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -169,6 +172,9 @@ class RunDir:
             raise ValueError(f"--out {str(p)!r} is an existing file, not a directory")
         probe = p
         while not probe.exists():
+            if probe.is_symlink():
+                raise ValueError(f"--out {str(p)!r} cannot be created: {str(probe)!r} is a dangling symbolic link "
+                                 f"(to {os.readlink(probe)!r}); remove it or make it point at a directory")
             if probe.parent == probe:
                 break
             probe = probe.parent
@@ -177,6 +183,31 @@ class RunDir:
         if not os.access(probe, os.W_OK | os.X_OK):
             what = "the run directory" if probe == p else "its parent directory"
             raise ValueError(f"--out {str(p)!r} is not writable: no write permission on {what} {str(probe)!r}")
+
+    def check_layout(self, cells: Sequence[tuple[Cell, str]]) -> None:
+        """Raise ``ValueError`` naming the first path of the run directory that has the wrong kind.
+
+        ``cells/`` must be a directory; ``config.resolved.json``, ``results.parquet``, the
+        tables and the file of every planned ``(cell, cell hash)`` must be regular files when
+        they exist (a directory or a dangling symbolic link there would fail only when written).
+        """
+        if not self.path.is_dir():
+            return
+        files = [self.path / n for n in (CONFIG_FILE, RESULTS_FILE, RATES_FILE, SUMMARY_FILE, BOUNDARY_FILE,
+                                         PER_TRUTH_FILE, ENSEMBLE_FILE)]
+        cell_dir = self.cell_dir()
+        if cell_dir.is_symlink() and not cell_dir.exists():
+            raise ValueError(f"{str(cell_dir)!r} is a dangling symbolic link (to {os.readlink(cell_dir)!r}); "
+                             "remove it")
+        if cell_dir.exists() and not cell_dir.is_dir():
+            raise ValueError(f"{str(cell_dir)!r} is a file, not the directory of cell files; remove it")
+        if cell_dir.is_dir():
+            files += [self.cell_path(c, h) for c, h in cells]
+        for f in files:
+            if f.is_symlink() and not f.exists():
+                raise ValueError(f"{str(f)!r} is a dangling symbolic link (to {os.readlink(f)!r}); remove it")
+            if f.exists() and not f.is_file():
+                raise ValueError(f"{str(f)!r} is a directory (or another non-file) where a file belongs; remove it")
 
     def writable(self) -> bool:
         """Whether files can be written in the (existing) directory."""
