@@ -71,23 +71,39 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     from hmoe_sim.plotting import plot_forest, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
-    from hmoe_sim.sweep.storage import PER_TRUTH_FILE
+    from hmoe_sim.sweep.storage import PER_TRUTH_FILE, SUMMARY_FILE
 
     run = RunDir(run_dir)
-    config, results = run.read_checked()
+    config, results = run.read_checked(notify=_note)
+    fingerprint = run.stored_fingerprint()
+    rates = run.read_rates(fingerprint, _note)
+    run.check_table(SUMMARY_FILE, fingerprint, _note)
     target = run_dir / f"{config.name}.png" if target is None else target
     per_truth = run.path / PER_TRUTH_FILE
     if len(config.truth_seeds) > 1 and per_truth.is_file():
+        run.check_table(PER_TRUTH_FILE, fingerprint, _note)
         title = (f"{config.name}: {len(config.truth_seeds)} truths of {config.data['truth']['preset']}, "
                  f"{config.replications} replications per n")
-        fig = plot_forest(pd.read_csv(per_truth), [c for c in ("D1", "L2") if c in loss_columns(config)], title=title)
+        table = pd.read_csv(per_truth).drop(columns=["fingerprint"], errors="ignore")
+        fig = plot_forest(table, [c for c in ("D1", "L2") if c in loss_columns(config)], title=title)
     else:
         summary = summary_table(results, config)
         title = f"{config.name}: {config.data['truth']['preset']}, {config.replications} replications per n"
-        fig = plot_rate_panels(summary, run.read_rates(), loss_columns(config), title=title)
+        fig = plot_rate_panels(summary, rates, loss_columns(config), title=title)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)
     return target
+
+
+def _check_dir(path: str) -> None:
+    """Refuse an empty run directory argument (it would silently mean the current directory)."""
+    if not path.strip():
+        raise ValueError("DIR '' is empty; give a run directory (use . for the current directory)")
+
+
+def _note(message: str) -> None:
+    """A one-line notice on stderr."""
+    print(f"hmoe-sim: {message}", file=sys.stderr)
 
 
 def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFrame) -> str:
@@ -110,6 +126,7 @@ def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFr
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     """Redraw a sweep's figure from its tables."""
+    _check_dir(args.dir)
     figure = _write_figure(Path(args.dir), None if args.output is None else Path(args.output))
     print(f"figure: {figure}")
     return 0
@@ -122,17 +139,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     read (a notice on stderr says the files were left as they are).
     """
     from hmoe_sim.sweep import RunDir
-    from hmoe_sim.sweep.report import boundary_table, rates_table, summary_table
+    from hmoe_sim.sweep.runner import derived_tables
     from hmoe_sim.sweep.storage import BOUNDARY_FILE, RATES_FILE, SUMMARY_FILE
 
+    _check_dir(args.dir)
     run = RunDir(args.dir)
-    config, results = run.read_checked()
-    rates, summary = rates_table(results, config), summary_table(results, config)
-    boundary = boundary_table(results)
+    config, results = run.read_checked(notify=_note)
+    fingerprint = run.stored_fingerprint()
+    tables = derived_tables(results, config)
+    rates, summary, boundary = tables[RATES_FILE], tables[SUMMARY_FILE], tables[BOUNDARY_FILE]
     if run.writable():
         try:
-            for name, table in ((RATES_FILE, rates), (SUMMARY_FILE, summary), (BOUNDARY_FILE, boundary)):
-                run.write_table(name, table)
+            for name, table in tables.items():
+                run.write_table(name, table, fingerprint)
         except OSError as err:
             print(f"hmoe-sim: note: tables not rewritten ({err.strerror or err}); printing only", file=sys.stderr)
     else:

@@ -686,3 +686,188 @@ def test_plain_progress_lines_without_a_terminal(tmp_path: Path, monkeypatch: py
     lines.clear()
     run_sweep(config_of(SMALL), tmp_path / "c", log=lines.append, progress=False)
     assert not [m for m in lines if "cells computed" in m]
+
+
+# ------------------------------------------------------------------- issue 20: tables that agree
+def _plot(out: Path, tmp_path: Path) -> list[str]:
+    return ["plot", str(out), "--output", str(tmp_path / "fig.png")]
+
+
+def test_kill_between_results_and_rates_makes_plot_refuse_until_report(
+        reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    old = RunDir(out).stored_fingerprint()
+    assert set(pd.read_csv(out / "rates.csv")["fingerprint"]) == {old}
+    assert set(pd.read_csv(out / "summary.csv")["fingerprint"]) == {old}
+    other = config_of(TOML.replace('name = "rel"', 'name = "rel"\ndescription = "a later run"'))  # reuses cells
+    real = RunDir.write_table
+
+    def killed(self, name, frame, fingerprint=None):
+        if name == "rates.csv":
+            raise KeyboardInterrupt
+        return real(self, name, frame, fingerprint)
+
+    monkeypatch.setattr(RunDir, "write_table", killed)
+    with pytest.raises(SweepInterrupted):
+        run_sweep(other, out, progress=False, log=quiet)
+    monkeypatch.undo()
+    assert RunDir(out).results_fingerprint() == other.fingerprint != old
+    assert main(_plot(out, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"hmoe-sim: error: rates.csv was written for fingerprint {old} but config is {other.fingerprint}; "
+                   f"rerun `hmoe-sim report {out}`\n")
+    assert not (tmp_path / "fig.png").exists()
+    assert main(["report", str(out)]) == 0
+    capsys.readouterr()
+    assert set(pd.read_csv(out / "rates.csv")["fingerprint"]) == {other.fingerprint}
+    assert main(_plot(out, tmp_path)) == 0 and (tmp_path / "fig.png").is_file()
+
+
+def test_edited_config_is_refused_by_report_and_plot(reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    f = out / "config.resolved.json"
+    body = json.loads(f.read_text())
+    assert body["version"] == __version__
+    body["config"]["root_seed"] = 99
+    f.write_text(json.dumps(body))
+    for argv in (["report", str(out)], _plot(out, tmp_path)):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"records fingerprint {body['fingerprint']} but its config hashes to" in err and "edited" in err
+        assert err.count("\n") == 1
+
+
+def test_config_without_a_recorded_version_is_read_with_a_notice_when_unverifiable(
+        reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    f = out / "config.resolved.json"
+    body = json.loads(f.read_text())
+    del body["version"]  # as written before issue 20: hashed with the running version, it still matches
+    f.write_text(json.dumps(body))
+    assert main(["report", str(out)]) == 0
+    assert "could not be verified" not in capsys.readouterr().err
+    body["config"]["description"] = "written by an older hmoe-sim"
+    f.write_text(json.dumps(body))
+    assert main(["report", str(out)]) == 0
+    assert "could not be verified" in capsys.readouterr().err
+
+
+def test_results_with_a_planned_fit_missing_are_refused(reference, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    run = RunDir(out)
+    results = run.read_results()
+    run.write_results(results.iloc[1:].reset_index(drop=True), run.stored_fingerprint())
+    for argv in (["report", str(out)], _plot(out, tmp_path)):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"holds {len(results) - 1} fits but the config plans {len(results)}" in err
+        assert "1 planned fit(s) missing" in err and "hmoe-sim sweep" in err and err.count("\n") == 1
+
+
+def test_tables_of_an_older_version_without_fingerprint_are_read_with_a_notice(
+        reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    for name in ("rates.csv", "summary.csv"):
+        pd.read_csv(out / name).drop(columns="fingerprint").to_csv(out / name, index=False)
+    assert main(_plot(out, tmp_path)) == 0
+    assert "carries no fingerprint" in capsys.readouterr().err
+
+
+def test_committed_runs_pass_report_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    runs = sorted(p.parent for p in (ROOT / "experiments" / "results").glob("*/config.resolved.json"))
+    assert ROOT / "experiments" / "results" / "quick" in runs
+    for run in [ROOT / "experiments" / "results" / "quick"]:  # the quickest; every committed run was checked by hand
+        copy = tmp_path / run.name
+        shutil.copytree(run, copy)
+        assert main(["report", str(copy)]) == 0, run
+        assert main(_plot(copy, tmp_path)) == 0, run
+
+
+# ------------------------------------------------------------------ issue 20: checks before work
+@pytest.mark.parametrize("edit,key,value", [
+    (lambda t: t.replace('name = "shared"', f'name = "{"s" * 240}"'), "series[0].name", "s" * 240),
+    (lambda t: t.replace('name = "rel"', f'name = "{"r" * 260}"'), "'name'", "r" * 260),
+    (lambda t: t.replace('method = "lm"', 'method = "lm"\noptions = { max_memory = 1 }'),
+     "fit.options.max_memory", "1 bytes"),
+    (lambda t: t.replace('method = "lm"', 'method = "lm"\noptions = { max_memory = "lots" }'),
+     "fit.options.max_memory", "'lots'"),
+    (lambda t: t.replace("replications = 2", "replications = 1000000"), "sample.replications", "4000000 fits"),
+    (lambda t: t.replace("replications = 2", "replications = 1000000000"), "sample.replications", "1000000000"),
+])
+def test_checks_before_any_work_name_the_key_and_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str], edit, key, value):
+    no_fits(monkeypatch)
+    cfg = write_toml(tmp_path, edit(TOML))
+    started = time.monotonic()
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.startswith("hmoe-sim: error:") and err.count("\n") == 1, err
+    assert key in err and value in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_cap_names_the_cells():
+    with pytest.raises(ValueError, match=r"sample.replications.*1000000 replications plan 4000000 fits in 4000000 "
+                                         r"cells"):
+        config_of(TOML.replace("replications = 2", "replications = 1000000"))
+
+
+def test_cpu_memory_check_uses_available_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    available = runner._cpu_available_memory()
+    assert 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(runner, "_cpu_available_memory", lambda: 1024**2)
+    with pytest.raises(ValueError, match=r"sample.sizes.*n = 100000 .*cpu memory \(0.0 GiB available\)"):
+        run_sweep(config_of(TOML.replace("sizes = [60, 120]", "sizes = [60, 100000]")), tmp_path / "run",
+                  progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------ issue 20: output paths
+def test_empty_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    no_fits(monkeypatch)
+    cfg = write_toml(tmp_path, TOML)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["sweep", str(cfg), "--out", "", "--no-progress"], ["report", ""], ["plot", " "]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is empty" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel.toml"]
+
+
+def test_dangling_symlink_out_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]):
+    no_fits(monkeypatch)
+    cfg = write_toml(tmp_path, TOML)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for out in (link, link / "run"):
+        assert main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{str(link)!r} is a dangling symbolic link" in err and "nowhere" in err and err.count("\n") == 1
+
+
+def test_directory_where_a_cell_file_belongs_is_named_before_work(
+        reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    out = copy_of(reference, tmp_path)
+    config = config_of(TOML)
+    cell = plan_cells(config)[0]
+    path = RunDir(out).cell_path(cell, cell_hash(config, cell))
+    path.unlink()
+    path.mkdir()
+    no_fits(monkeypatch)
+    before = (out / "config.resolved.json").read_bytes()
+    assert main(["sweep", str(write_toml(tmp_path, TOML)), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(path)!r} is a directory" in err and err.count("\n") == 1, err
+    assert (out / "config.resolved.json").read_bytes() == before
+
+
+def test_atomic_write_names_the_target_not_the_temporary_file(tmp_path: Path):
+    target = tmp_path / "x.csv"
+    target.mkdir()
+    with pytest.raises(OSError) as info:
+        atomic_write(target, lambda p: p.write_text("1"))
+    assert info.value.filename == str(target)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

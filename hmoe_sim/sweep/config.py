@@ -60,7 +60,7 @@ from hmoe_sim.estimators.api import LOSSES, METHODS
 from hmoe_sim.estimators.init import PAPER_NOISE
 from hmoe_sim.models.presets import PRESETS, make_preset
 
-__all__ = ["SweepConfig", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
+__all__ = ["SweepConfig", "fingerprint_of", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
 
 LOSS_KINDS = ("D1", "D2")
 INIT_KINDS = ("near_truth", "random", "paper")
@@ -149,6 +149,8 @@ def _sizes(sample: dict[str, Any]) -> list[int]:
             raise _fail("sample.grid", f"missing {missing}")
         lo, hi = _int("sample.grid.min", g["min"], 2), _int("sample.grid.max", g["max"], 2)
         pts = _int("sample.grid.points", g["points"], 2)
+        if pts > MAX_FITS:
+            raise _fail("sample.grid.points", f"{pts} sizes is more than the {MAX_FITS} fits one sweep may hold")
         if hi <= lo:
             raise _fail("sample.grid.max", f"must exceed sample.grid.min={lo}, got {hi}")
         out = [round(lo * (hi / lo) ** (i / (pts - 1))) for i in range(pts)]
@@ -200,7 +202,24 @@ _OPTION_CHECKS: dict[str, Any] = {
     "xtol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
     "gtol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
     "loss": lambda k, v: _str(k, v, LOSSES),
+    "max_memory": lambda k, v: _int(k, v, 1),
 }
+
+#: the most fits one sweep may plan (truths x series x (1 + controls) x sizes x replications);
+#: a larger plan is refused before it is built
+MAX_FITS = 1_000_000
+
+
+def _check_plan_size(out: dict[str, Any]) -> None:
+    """Refuse a plan of more than :data:`MAX_FITS` fits, naming its fits and cells, before building it."""
+    sample = out["sample"]
+    reps, chunk = sample["replications"], sample["chunk"]
+    groups = sum(len(s["truth_seeds"]) for s in out["series"]) * (1 + len(sample["controls"])) * len(sample["sizes"])
+    fits, cells = groups * reps, groups * -(-reps // chunk)
+    if fits > MAX_FITS:
+        raise _fail("sample.replications", f"{reps} replications plan {fits} fits in {cells} cells, more than the "
+                                           f"{MAX_FITS} fits one sweep may hold; lower sample.replications (or the "
+                                           "number of sizes, series or truths)")
 
 
 def _fit_options(key: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +229,17 @@ def _fit_options(key: str, options: dict[str, Any]) -> dict[str, Any]:
         if check is not None:
             check(f"{key}.{name}", value)
     return options
+
+
+def fingerprint_of(data: Mapping[str, Any], version: str) -> str:
+    """SHA-256 (first 16 hex digits) of a resolved configuration as stored, and a package version.
+
+    :attr:`SweepConfig.fingerprint` is ``fingerprint_of(config.data, __version__)``; ``report``
+    and ``plot`` recompute it from what ``config.resolved.json`` holds, so an edited file no
+    longer matches the fingerprint stored beside it.
+    """
+    payload = json.dumps({"config": data, "version": version}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -263,8 +293,7 @@ class SweepConfig:
         Everything that can change a fitted number enters it (device and dtype included);
         execution choices (jobs, backend, progress bar) are not part of the configuration.
         """
-        payload = json.dumps({"config": self.data, "version": __version__}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return fingerprint_of(self.data, __version__)
 
     def with_overrides(self, **top: Any) -> SweepConfig:
         """A new validated configuration with top-level keys replaced (e.g. ``device``)."""
@@ -369,6 +398,7 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
     if not out["losses"]["kinds"] and not out["losses"]["l2"]:
         raise _fail("losses", "record at least one loss (losses.kinds or losses.l2)")
 
+    _check_plan_size(out)
     # Build every truth now, so that a bad preset option fails before any fitting.
     for i, s in enumerate(series):
         for seed in s["truth_seeds"]:

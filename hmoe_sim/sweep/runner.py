@@ -72,7 +72,8 @@ from hmoe_sim.sweep.storage import (
 )
 
 __all__ = ["SeriesSetup", "SweepInterrupted", "SweepOutcome", "run_cell", "run_sweep", "series_setup",
-           "check_estimator_options", "check_memory", "near_optimal", "write_tables", "BACKENDS",
+           "check_estimator_options", "check_file_names", "check_memory", "derived_tables", "near_optimal",
+           "write_tables", "BACKENDS",
            "PLAIN_PROGRESS_SECONDS"]
 
 BACKENDS = ("local", "dask")
@@ -187,11 +188,87 @@ def check_estimator_options(config: SweepConfig) -> None:
                                  "Set allow_nonidentifiable = true to run it anyway")
 
 
+def _read_int(path: str) -> int | None:
+    """The integer a one-value file holds (``None`` when missing, unreadable or e.g. ``max``)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_available_memory() -> int:
+    """Memory this process can still use, in bytes: the least of what applies.
+
+    ``MemAvailable`` of ``/proc/meminfo``, the address-space limit (``RLIMIT_AS``, when set)
+    and the cgroup's limit less its usage (cgroup v2 ``memory.max`` / ``memory.current``, or
+    v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``); physical RAM when none is known.
+    """
+    import resource
+
+    candidates = [int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and soft > 0:
+        candidates.append(int(soft))
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is not None and limit < 1 << 60:
+            candidates.append(max(0, limit - (_read_int(usage_file) or 0)))
+            break
+    return min(candidates)
+
+
 def _device_memory(device: torch.device) -> int:
-    """Total memory of ``device`` in bytes (physical RAM for the CPU)."""
+    """Memory of ``device`` in bytes: total for a GPU, available to this process for the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return _cpu_available_memory()
+
+
+#: what a temporary name adds to a file name (``.NAME.<12 hex>.tmp``)
+_TMP_EXTRA = len(".") + len(".0123456789ab.tmp")
+
+
+def check_file_names(config: SweepConfig, run: RunDir) -> None:
+    """Raise when a cell file or the figure of ``config`` would have too long a file name.
+
+    Checked on the longest cell key of every series (largest truth seed, control, ``n`` and
+    block) with its hash and the temporary-file suffix, and on ``<name>.png``, against the
+    file-name limit of the file system holding ``run`` (255 when unknown).
+
+    Raises
+    ------
+    ValueError
+        Naming the config key (``series[i].name`` or ``name``), its value and the length.
+    """
+    probe = run.path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        limit = int(os.pathconf(probe, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        limit = 255
+    blocks = -(-config.replications // int(config.data["sample"]["chunk"]))
+    for i, s in enumerate(config.series):
+        for control in ["", *config.controls]:
+            cell = Cell(max(s["truth_seeds"]), s["name"], control, max(config.sizes), blocks - 1, ())
+            length = len(run.cell_path(cell, "0" * 16).name.encode()) + _TMP_EXTRA
+            if length > limit:
+                raise ValueError(f"config key 'series[{i}].name': {s['name']!r} makes cell file names of {length} "
+                                 f"characters, more than the {limit} a file name may have; shorten it")
+    for part in f"{config.name}.png".split("/"):
+        if len(part.encode()) + _TMP_EXTRA > limit:
+            raise ValueError(f"config key 'name': {config.name!r} makes a figure file name of "
+                             f"{len(part.encode())} characters, too long for a file name (limit {limit}); shorten it")
 
 
 def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup) -> None:
@@ -202,8 +279,10 @@ def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup
     Jacobian work of a single fit (``copies * n * P`` numbers of the fit dtype, as in
     :func:`~hmoe_sim.estimators.auto_chunk_size`); separately, the L2 evaluation sample of the
     cell (the points and the fitted values there). Each is compared with the device's total
-    memory (physical RAM for the CPU), so only a configuration that cannot run on this
-    machine at all is refused.
+    memory (for the CPU: the memory available to this process, :func:`_cpu_available_memory`),
+    so only a configuration that cannot run on this machine now is refused. A
+    ``fit.options.max_memory`` below what one fit's Jacobian needs at the largest ``n`` is
+    refused too.
 
     Raises
     ------
@@ -219,7 +298,13 @@ def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup
     n = max(config.sizes)
     need = 8 * batch * n * (dim + 1) + itemsize * copies * n * max(setup.fit_model.n_params, 1)
     gib = 1024**3
-    where = f"{device.type} memory ({available / gib:.1f} GiB)"
+    where = f"{device.type} memory ({available / gib:.1f} GiB{' available' if device.type == 'cpu' else ''})"
+    budget = series["fit"]["options"].get("max_memory")
+    per_fit = itemsize * copies * n * max(setup.fit_model.n_params, 1)
+    if budget is not None and budget < per_fit:
+        i = next(j for j, s in enumerate(config.series) if s["name"] == series["name"])
+        raise ValueError(f"config key 'series[{i}].fit.options.max_memory': {budget} bytes is below the {per_fit} "
+                         f"bytes one fit needs at n = {n} ({setup.fit_model.n_params} parameters)")
     if need > available:
         raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {need / gib:.1f} GiB for one cell of "
                          f"series {series['name']!r} ({batch} data sets and one fit's Jacobian), more than the "
@@ -617,22 +702,33 @@ def write_tables(run: RunDir, config: SweepConfig, results: pd.DataFrame) -> tup
     """Write ``results.parquet`` and the tables derived from it; return ``(rates, summary)``.
 
     ``results`` holds one row per fit with the run fingerprint in its first column; the
-    fingerprint is also stored in ``results.parquet``'s metadata (``report`` and ``plot``
-    check it against ``config.resolved.json``). Besides ``rates.csv``, ``summary.csv`` and
+    fingerprint is also stored in ``results.parquet``'s metadata and as a last column
+    ``fingerprint`` of every derived table (:func:`derived_tables`; ``report`` and ``plot`` check each
+    against ``config.resolved.json``, so a sweep killed between two of these files leaves a
+    directory they refuse rather than tables that disagree). Besides ``rates.csv``, ``summary.csv`` and
     ``boundary.csv``, a truth ensemble with shared / non-shared pairs gets ``per_truth.csv``
     and ``ensemble.csv`` (:mod:`hmoe_sim.sweep.ensemble`).
     """
     run.write_results(results, config.fingerprint)
+    tables = derived_tables(results, config)
+    for name, table in tables.items():
+        run.write_table(name, table, config.fingerprint)
+    return tables[RATES_FILE], tables[SUMMARY_FILE]
+
+
+def derived_tables(results: pd.DataFrame, config: SweepConfig) -> dict[str, pd.DataFrame]:
+    """Every table computed from ``results``, by file name, in the order they are written.
+
+    ``rates.csv``, ``summary.csv``, ``boundary.csv``, and for a truth ensemble with shared /
+    non-shared pairs ``per_truth.csv`` and ``ensemble.csv``.
+    """
     rates = rates_table(results, config)
-    run.write_table(RATES_FILE, rates)
-    summary = summary_table(results, config)
-    run.write_table(SUMMARY_FILE, summary)
-    run.write_table(BOUNDARY_FILE, boundary_table(results))
+    tables = {RATES_FILE: rates, SUMMARY_FILE: summary_table(results, config), BOUNDARY_FILE: boundary_table(results)}
     if len(config.truth_seeds) > 1 and structure_pairs(config):
         per_truth = per_truth_table(rates, config)
-        run.write_table(PER_TRUTH_FILE, per_truth)
-        run.write_table(ENSEMBLE_FILE, ensemble_table(per_truth, config))
-    return rates, summary
+        tables[PER_TRUTH_FILE] = per_truth
+        tables[ENSEMBLE_FILE] = ensemble_table(per_truth, config)
+    return tables
 
 
 def run_sweep(
@@ -700,13 +796,17 @@ def run_sweep(
     if device is not None:
         config = config.with_overrides(device=device)
     check_estimator_options(config)
+    if not str(out).strip():
+        raise ValueError(f"--out {str(out)!r} is empty; give a run directory (use --out . for the current directory)")
     run = RunDir(out)
     run.check_writable()
+    check_file_names(config, run)
+    cells = plan_cells(config)
+    run.check_layout([(c, cell_hash(config, c)) for c in cells])
     if backend == "dask":
         _check_dask(scheduler)
 
     fp = config.fingerprint
-    cells = plan_cells(config)
     counts = {"done": 0, "computed": 0}
     try:
         with _sigterm_raises(), run.lock(notify=say):

@@ -13,9 +13,13 @@
     DIR/ensemble.csv              truth ensembles: per (H, loss) shared vs non-shared over truths
 
 Two fingerprints. The *run fingerprint* (:attr:`SweepConfig.fingerprint`, over the whole
-resolved configuration) names the run: it is stored in ``config.resolved.json`` and with
-``results.parquet``, and ``report`` / ``plot`` refuse a directory where the two differ
-(:meth:`RunDir.read_checked`). The *cell hash* (:func:`~hmoe_sim.sweep.cells.cell_hash`, over
+resolved configuration) names the run: it is stored in ``config.resolved.json`` (with the
+package version that computed it) and with ``results.parquet``, and as a ``fingerprint``
+column of ``rates.csv``, ``summary.csv`` and the other derived tables. ``report`` / ``plot``
+recompute it from the stored configuration, check that ``results.parquet`` carries it and
+holds exactly one row per planned fit (:meth:`RunDir.read_checked`), and ``plot`` that the
+tables it draws carry it (:meth:`RunDir.check_table`); any disagreement is refused in one
+line that says how to recover. The *cell hash* (:func:`~hmoe_sim.sweep.cells.cell_hash`, over
 what determines one cell's numbers) names a cell file, so a change of ``description``, an added
 size or added replications reuse every cell whose numbers cannot have changed. Every cell file
 carries its key, its hash and the run fingerprint that wrote it in the parquet metadata, and is
@@ -51,8 +55,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell
-from hmoe_sim.sweep.config import SweepConfig, parse_config
+from hmoe_sim import __version__
+from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, plan_cells
+from hmoe_sim.sweep.config import SweepConfig, fingerprint_of, parse_config
 
 __all__ = ["CellInvalid", "RunDir", "RunLocked", "atomic_write"]
 
@@ -96,7 +101,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         break
     try:
         write(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # name the file that could not be replaced, not the temporary one
+            raise OSError(err.errno, err.strerror, str(path)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -164,6 +172,9 @@ class RunDir:
             raise ValueError(f"--out {str(p)!r} is an existing file, not a directory")
         probe = p
         while not probe.exists():
+            if probe.is_symlink():
+                raise ValueError(f"--out {str(p)!r} cannot be created: {str(probe)!r} is a dangling symbolic link "
+                                 f"(to {os.readlink(probe)!r}); remove it or make it point at a directory")
             if probe.parent == probe:
                 break
             probe = probe.parent
@@ -172,6 +183,31 @@ class RunDir:
         if not os.access(probe, os.W_OK | os.X_OK):
             what = "the run directory" if probe == p else "its parent directory"
             raise ValueError(f"--out {str(p)!r} is not writable: no write permission on {what} {str(probe)!r}")
+
+    def check_layout(self, cells: Sequence[tuple[Cell, str]]) -> None:
+        """Raise ``ValueError`` naming the first path of the run directory that has the wrong kind.
+
+        ``cells/`` must be a directory; ``config.resolved.json``, ``results.parquet``, the
+        tables and the file of every planned ``(cell, cell hash)`` must be regular files when
+        they exist (a directory or a dangling symbolic link there would fail only when written).
+        """
+        if not self.path.is_dir():
+            return
+        files = [self.path / n for n in (CONFIG_FILE, RESULTS_FILE, RATES_FILE, SUMMARY_FILE, BOUNDARY_FILE,
+                                         PER_TRUTH_FILE, ENSEMBLE_FILE)]
+        cell_dir = self.cell_dir()
+        if cell_dir.is_symlink() and not cell_dir.exists():
+            raise ValueError(f"{str(cell_dir)!r} is a dangling symbolic link (to {os.readlink(cell_dir)!r}); "
+                             "remove it")
+        if cell_dir.exists() and not cell_dir.is_dir():
+            raise ValueError(f"{str(cell_dir)!r} is a file, not the directory of cell files; remove it")
+        if cell_dir.is_dir():
+            files += [self.cell_path(c, h) for c, h in cells]
+        for f in files:
+            if f.is_symlink() and not f.exists():
+                raise ValueError(f"{str(f)!r} is a dangling symbolic link (to {os.readlink(f)!r}); remove it")
+            if f.exists() and not f.is_file():
+                raise ValueError(f"{str(f)!r} is a directory (or another non-file) where a file belongs; remove it")
 
     def writable(self) -> bool:
         """Whether files can be written in the (existing) directory."""
@@ -260,8 +296,8 @@ class RunDir:
 
     # ------------------------------------------------------------------ configuration
     def write_config(self, config: SweepConfig) -> None:
-        """Store the resolved configuration and its fingerprint."""
-        body = {"fingerprint": config.fingerprint, "config": config.to_dict()}
+        """Store the resolved configuration, its fingerprint and the package version that hashed it."""
+        body = {"fingerprint": config.fingerprint, "config": config.to_dict(), "version": __version__}
         text = json.dumps(body, indent=2, sort_keys=True) + "\n"
         atomic_write(self.path / CONFIG_FILE, lambda p: p.write_text(text))
 
@@ -284,6 +320,37 @@ class RunDir:
     def stored_fingerprint(self) -> str:
         """The run fingerprint recorded in ``config.resolved.json`` when it was written."""
         return str(self._config_body().get("fingerprint", ""))
+
+    def verified_fingerprint(self, notify: Callable[[str], None] | None = None) -> str:
+        """The stored run fingerprint, after recomputing it from the stored configuration.
+
+        The hash is taken over exactly what ``config.resolved.json`` holds (its ``config``
+        and the package ``version`` recorded beside it). A file written before the version
+        was recorded is hashed with the running version; if that does not reproduce the
+        stored fingerprint the file is accepted with a notice through ``notify`` (it cannot be
+        verified), since a package upgrade alone changes the hash.
+
+        Raises
+        ------
+        ValueError
+            When the stored configuration does not hash to the stored fingerprint (the file
+            was edited after the sweep), with how to recover.
+        """
+        body = self._config_body()
+        stored = str(body.get("fingerprint", ""))
+        version = body.get("version")
+        computed = fingerprint_of(body["config"], str(version if version is not None else __version__))
+        if computed == stored:
+            return stored
+        f = self.path / CONFIG_FILE
+        if version is None:
+            if notify is not None:
+                notify(f"note: {str(f)!r} records no package version (older hmoe-sim); its fingerprint {stored} "
+                       "could not be verified")
+            return stored
+        raise ValueError(f"{str(f)!r} records fingerprint {stored} but its config hashes to {computed}: the file was "
+                         "edited after the sweep; restore it, or rerun `hmoe-sim sweep CONFIG --out "
+                         f"{self.path}` (finished cells are reused)")
 
     # ------------------------------------------------------------------ cells
     def cell_dir(self) -> Path:
@@ -342,9 +409,15 @@ class RunDir:
         return frame
 
     # ------------------------------------------------------------------ tables
-    def write_table(self, name: str, frame: pd.DataFrame) -> Path:
-        """Write a ``.parquet`` or ``.csv`` table atomically."""
+    def write_table(self, name: str, frame: pd.DataFrame, fingerprint: str | None = None) -> Path:
+        """Write a ``.parquet`` or ``.csv`` table atomically.
+
+        With ``fingerprint``, the table gets a last column ``fingerprint`` holding it: the run
+        whose results the table was computed from (checked by :meth:`check_table`).
+        """
         target = self.path / name
+        if fingerprint is not None:
+            frame = frame.assign(fingerprint=fingerprint)
         if name.endswith(".parquet"):
             atomic_write(target, lambda p: frame.to_parquet(p, index=False))
         else:
@@ -374,18 +447,21 @@ class RunDir:
             raise ValueError(f"{str(f)!r} does not exist; run `hmoe-sim sweep` first")
         return pd.read_parquet(f)
 
-    def read_checked(self) -> tuple[SweepConfig, pd.DataFrame]:
+    def read_checked(self, notify: Callable[[str], None] | None = None) -> tuple[SweepConfig, pd.DataFrame]:
         """The configuration and the results, after checking that they belong together.
 
         Raises
         ------
         ValueError
-            When ``config.resolved.json`` and ``results.parquet`` carry different run
-            fingerprints (a later sweep into the directory did not finish), with how to recover.
+            When the stored configuration does not hash to its stored fingerprint
+            (:meth:`verified_fingerprint`), when ``config.resolved.json`` and
+            ``results.parquet`` carry different run fingerprints (a later sweep into the
+            directory did not finish), or when ``results.parquet`` does not hold exactly one
+            row per planned fit; with how to recover.
         """
         config = self.read_config()
         results = self.read_results()
-        stored = self.stored_fingerprint()
+        stored = self.verified_fingerprint(notify)
         found = self.results_fingerprint()
         if found is None or found != stored:
             raise ValueError(
@@ -393,10 +469,58 @@ class RunDir:
                 f"{RESULTS_FILE} (fingerprint {found}): a later sweep into this directory did not finish. Rerun that "
                 f"sweep to completion (`hmoe-sim sweep CONFIG --out {self.path}`: finished cells are reused), or "
                 "rerun the sweep that wrote these results")
+        self._check_plan(config, results)
         return config, results
 
-    def read_rates(self) -> pd.DataFrame:
+    def _check_plan(self, config: SweepConfig, results: pd.DataFrame) -> None:
+        """Raise unless ``results`` holds exactly one row per planned fit."""
+        keys = ["truth", "series", "control", "n", "replication"]
+        missing_cols = [k for k in keys if k not in results.columns]
+        f = self.path / RESULTS_FILE
+        if missing_cols:
+            raise ValueError(f"{str(f)!r} lacks column(s) {missing_cols}; rerun `hmoe-sim sweep CONFIG --out "
+                             f"{self.path}` to rewrite it")
+        planned = {(c.truth, c.series, c.control, c.n, r) for c in plan_cells(config) for r in c.reps}
+        frame = results[keys].copy()
+        frame["control"] = frame["control"].fillna("").astype(str)
+        found = list(frame.itertuples(index=False, name=None))
+        have = {(int(t), str(s), c, int(n), int(r)) for t, s, c, n, r in found}
+        if len(found) != len(planned) or have != planned:
+            lacking, extra = planned - have, have - planned
+            what = f"{len(lacking)} planned fit(s) missing (e.g. truth, series, control, n, replication = " \
+                f"{min(lacking)})" if lacking else f"{len(extra)} unplanned fit(s) (e.g. {min(extra)})" if extra \
+                else f"{len(found) - len(have)} duplicated fit(s)"
+            raise ValueError(f"{str(f)!r} holds {len(found)} fits but the config plans {len(planned)}: {what}; "
+                             f"rerun `hmoe-sim sweep CONFIG --out {self.path}` (finished cells are reused)")
+
+    def check_table(self, name: str, fingerprint: str, notify: Callable[[str], None] | None = None) -> None:
+        """Raise unless table ``name`` was written for run ``fingerprint``.
+
+        A table without a ``fingerprint`` column (written by an older hmoe-sim) is accepted
+        with a notice through ``notify``.
+        """
+        f = self.path / name
+        if not f.is_file():
+            return
+        head = pd.read_csv(f, usecols=lambda c: c == "fingerprint", dtype=str)
+        if "fingerprint" not in head.columns:
+            if notify is not None:
+                notify(f"note: {str(f)!r} carries no fingerprint (older hmoe-sim); rerun `hmoe-sim report "
+                       f"{self.path}` to stamp it")
+            return
+        found = sorted(set(head["fingerprint"].dropna()))
+        if found != [fingerprint]:
+            shown = ", ".join(found) if found else "none"
+            raise ValueError(f"{name} was written for fingerprint {shown} but config is {fingerprint}; rerun "
+                             f"`hmoe-sim report {self.path}`")
+
+    def read_rates(self, fingerprint: str | None = None, notify: Callable[[str], None] | None = None
+                   ) -> pd.DataFrame:
+        """``rates.csv`` (checked against run ``fingerprint`` when given, :meth:`check_table`)."""
         f = self.path / RATES_FILE
         if not f.is_file():
             raise ValueError(f"{str(f)!r} does not exist; run `hmoe-sim sweep` or `hmoe-sim report` first")
-        return pd.read_csv(f)
+        if fingerprint is not None:
+            self.check_table(RATES_FILE, fingerprint, notify)
+        rates = pd.read_csv(f)
+        return rates.drop(columns=["fingerprint"], errors="ignore")
