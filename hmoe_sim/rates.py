@@ -224,7 +224,7 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
 
 
 #: verdicts, in the order they are tested (the first that applies is given)
-VERDICTS = ("unchecked", "noise-free-artefact", "floor", "set-valued", "rate")
+VERDICTS = ("unchecked", "noise-free-artefact", "floor", "set-valued", "no-decay", "rate")
 #: a control loss at or below this fraction of the noisy loss (same n) has fallen to round-off
 ROUND_OFF_FRACTION = 1e-8
 #: identification spread ``median (max - min) / best`` above which the estimate is set-valued
@@ -253,7 +253,9 @@ def rate_verdict(*, checked: bool, slope: float, ci: tuple[float, float], contro
        on a positive-loss exact representation;
     4. ``set-valued``: the near-optimal starts disagree (``spread_ratio > 0.5``), or the CI of the
        worst near-optimal loss contains 0 while the estimate's does not;
-    5. ``rate``: none of the above.
+    5. ``no-decay``: the CI of the slope reaches 0 or above (or is not finite): the data do not
+       show the loss falling, whatever the other checks say;
+    6. ``rate``: none of the above.
 
     Parameters
     ----------
@@ -282,4 +284,6 @@ def rate_verdict(*, checked: bool, slope: float, ci: tuple[float, float], contro
     best_excludes_zero = not _inside(0.0, *ci) and all(np.isfinite(ci))
     if (np.isfinite(spread_ratio) and spread_ratio > SPREAD_LIMIT) or (best_excludes_zero and _inside(0.0, *worst_ci)):
         return "set-valued"
+    if not (all(np.isfinite(ci)) and ci[1] < 0.0):
+        return "no-decay"
     return "rate"

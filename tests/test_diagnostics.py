@@ -125,6 +125,11 @@ BASE_VERDICT = dict(checked=True, slope=-0.5, ci=(-0.6, -0.4), control_ci=(-3.0,
     ({"loss_floor": 2e-16, "control_level": 0.03}, "rate"),
     ({"spread_ratio": 0.8}, "set-valued"),
     ({"worst_ci": (-0.3, 0.2)}, "set-valued"),
+    # the data do not show a decay: a positive slope, a CI through 0, a CI that ends at 0, no CI
+    ({"slope": 0.5, "ci": (0.2, 0.8), "worst_ci": (0.2, 0.8)}, "no-decay"),
+    ({"slope": 0.0, "ci": (-1.0, 1.0), "worst_ci": (-1.0, 1.0)}, "no-decay"),
+    ({"slope": -0.4, "ci": (-0.8, 0.0), "worst_ci": (-0.8, 0.0)}, "no-decay"),
+    ({"ci": (float("nan"), float("nan"))}, "no-decay"),
 ])
 def test_each_verdict_from_a_constructed_case(change: dict, expected: str):
     assert rate_verdict(**{**BASE_VERDICT, **change}) == expected
