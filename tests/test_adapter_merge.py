@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from adapter_helpers import randomize_trainable
 from torch import nn
 
 from hmoe_sim.hora import (
@@ -24,14 +25,6 @@ F64 = torch.float64
 KINDS = ("lora", "mh-lora", "hora")
 
 
-def _randomize(module: nn.Module, seed: int, scale: float = 0.5) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
 def _layer(kind: str, seed: int = 0) -> AdapterLinear:
     torch.manual_seed(seed)
     base = nn.Linear(6, 4, dtype=F64)
@@ -42,7 +35,7 @@ def _layer(kind: str, seed: int = 0) -> AdapterLinear:
         layer = MultiHeadLoRALinear(base, 2, 2, alpha=3.0, generator=gen)
     else:
         layer = HoRALinear(base, 2, 2, alpha=3.0, hyper_dim=2, generator=gen)
-    _randomize(layer, seed + 2)
+    randomize_trainable(layer, seed + 2)
     return layer
 
 
@@ -68,7 +61,7 @@ def test_unmerge_after_changing_adapter_restores_exact_base(kind: str) -> None:
     layer = _layer(kind)
     w0 = layer.base_layer.weight.detach().clone()
     layer.merge()
-    _randomize(layer, seed=9, scale=2.0)  # the adapter changes while merged
+    randomize_trainable(layer, seed=9, scale=2.0)  # the adapter changes while merged
     layer.unmerge()
     assert torch.equal(layer.base_layer.weight, w0)
     assert not layer.merged
@@ -180,7 +173,7 @@ def test_backward_through_merged_layer_raises_clearly(kind: str) -> None:
 def test_module_state_dict_round_trip_and_exact_unmerge(kind: str) -> None:
     options = {"hyper_dim": 2} if kind == "hora" else {}
     source = MultiHeadAttention(8, 2, adapter=kind, rank=2, seed=0, dtype=F64, **options)
-    _randomize(source, seed=1)
+    randomize_trainable(source, seed=1)
     frozen = {n: p.detach().clone() for n, p in source.named_parameters() if not p.requires_grad}
     x = torch.randn(2, 5, 8, dtype=F64)
     with torch.no_grad():
@@ -190,7 +183,7 @@ def test_module_state_dict_round_trip_and_exact_unmerge(kind: str) -> None:
     target.load_state_dict(_roundtrip(source.state_dict()))
     with torch.no_grad():
         torch.testing.assert_close(target(x), expected, rtol=0, atol=1e-12)
-    _randomize(source, seed=2)
+    randomize_trainable(source, seed=2)
     source.unmerge()
     assert all(torch.equal(p, frozen[n]) for n, p in source.named_parameters() if not p.requires_grad)
     with pytest.raises(RuntimeError, match="not merged"):
@@ -202,7 +195,7 @@ def test_injected_model_merge_state(kind: str) -> None:
     options = {"hyper_dim": 2} if kind == "hora" else {}
     source = _Holder()
     inject_adapters(source, kind, 2, seed=3, **options)
-    _randomize(source, seed=4)
+    randomize_trainable(source, seed=4)
     frozen = {n: p.detach().clone() for n, p in source.named_parameters() if not p.requires_grad}
     fresh = copy.deepcopy(source)
     x = torch.randn(2, 5, 8, dtype=F64)
@@ -216,7 +209,7 @@ def test_injected_model_merge_state(kind: str) -> None:
         torch.testing.assert_close(fresh(x), expected, rtol=0, atol=1e-12)
     with pytest.raises(RuntimeError, match="adapter is merged"):
         source(x).sum().backward()
-    _randomize(source, seed=5)
+    randomize_trainable(source, seed=5)
     unmerge_adapters(source)
     assert all(torch.equal(p, frozen[n]) for n, p in source.named_parameters() if not p.requires_grad)
     with pytest.raises(RuntimeError, match="not merged"):

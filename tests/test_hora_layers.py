@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from adapter_helpers import randomize_trainable
 from torch import nn
 
 from hmoe_sim.hora import (
@@ -20,15 +21,6 @@ from hmoe_sim.hora import (
 
 F64 = torch.float64
 ADAPTED = ("lora", "mh-lora", "hora")
-
-
-def _randomize(module: nn.Module, seed: int, scale: float = 0.5) -> None:
-    """Give every trainable tensor random nonzero values (so B factors are no longer zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _linear(seed: int, n_in: int = 6, n_out: int = 4, bias: bool = True) -> nn.Linear:
@@ -91,7 +83,7 @@ def test_merge_against_independent_reference(kind: str) -> None:
     base = _linear(1)
     w0 = base.weight.detach().clone()
     layer = _adapter(kind, base)
-    _randomize(layer, seed=2)
+    randomize_trainable(layer, seed=2)
     layer.eval()
     x = torch.randn(7, 6, dtype=F64)
     ref = x.numpy() @ (w0.numpy() + _reference_delta(layer)).T + base.bias.detach().numpy()
@@ -113,7 +105,7 @@ def test_merge_against_independent_reference(kind: str) -> None:
 def test_dropout_acts_on_adapter_input_only() -> None:
     base = _linear(3)
     layer = LoRALinear(base, 2, dropout=0.5)
-    _randomize(layer, seed=4)
+    randomize_trainable(layer, seed=4)
     x = torch.randn(50, 6, dtype=F64)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
@@ -143,7 +135,7 @@ def test_adapter_argument_errors() -> None:
 def test_hora_generated_factors_equal_mh_lora() -> None:
     base = _linear(5)
     hora = HoRALinear(base, 2, rank=2, alpha=5.0, hyper_dim=3)
-    _randomize(hora, seed=6)
+    randomize_trainable(hora, seed=6)
     a, b = hora.head_factors()
     mh = MultiHeadLoRALinear.from_factors(nn.Linear(6, 4, dtype=F64), a.detach(), b.detach(), alpha=5.0)
     with torch.no_grad():
@@ -189,7 +181,7 @@ def _numpy_attention(module: MultiHeadAttention, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("n_prefix", [0, 2])
 def test_module_equals_explicit_softmax_reference(kind: str, n_prefix: int) -> None:
     module = MultiHeadAttention(8, 2, adapter=kind, rank=2, hyper_dim=2, n_prefix=n_prefix, seed=3, dtype=F64)
-    _randomize(module, seed=4)
+    randomize_trainable(module, seed=4)
     x = torch.rand(2, 5, 8, dtype=F64) * 2 - 1
     out = module(x).detach().numpy()
     for b in range(2):
@@ -231,7 +223,7 @@ def test_module_merge_and_zero_init(kind: str) -> None:
     base = MultiHeadAttention(8, 2, adapter="none", seed=11, dtype=F64)
     x = torch.randn(3, 4, 8, dtype=F64)
     assert torch.equal(module(x), base(x))  # B factors start at zero
-    _randomize(module, seed=12)
+    randomize_trainable(module, seed=12)
     before = module(x).detach()
     assert (before - base(x)).abs().max() > 1e-3
     module.merge()
@@ -244,7 +236,7 @@ def test_module_merge_and_zero_init(kind: str) -> None:
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)
 def test_only_adapter_parameters_receive_gradients(kind: str) -> None:
     module = MultiHeadAttention(8, 2, adapter=kind, rank=2, n_prefix=1, seed=5, dtype=F64)
-    _randomize(module, seed=6)
+    randomize_trainable(module, seed=6)
     module(torch.randn(3, 4, 8, dtype=F64)).pow(2).sum().backward()
     for name in "qkvo":
         lin = module.base_linear(name)
@@ -287,7 +279,7 @@ def test_module_argument_errors() -> None:
 
 def test_module_on_device(device: str) -> None:
     module = MultiHeadAttention(8, 2, adapter="hora", rank=2, n_prefix=1, seed=1, dtype=F64)
-    _randomize(module, seed=2)
+    randomize_trainable(module, seed=2)
     x = torch.randn(3, 4, 8, dtype=F64)
     expected = module(x).detach()
     moved = module.to(device)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hmoe_sim._validation import check_choice, check_finite_tensor, check_nonnegative_int, check_positive_int
-from hmoe_sim.hora.lora import AdapterLinear, HoRALinear, LoRALinear, MultiHeadLoRALinear
+from hmoe_sim.hora.lora import AdapterLinear, HoRALinear, LoRALinear, MultiHeadLoRALinear, set_merged
 
 __all__ = ["ADAPTER_KINDS", "PROJECTIONS", "MultiHeadAttention", "adapter_parameter_count"]
 
@@ -233,12 +233,7 @@ class MultiHeadAttention(nn.Module):
         RuntimeError
             If an adapter is already merged (checked before anything is merged).
         """
-        layers = self.adapters()
-        done = sorted(n for n, layer in layers.items() if layer.merged)
-        if done:
-            raise RuntimeError(f"the adapters on {done} are already merged; call unmerge() first")
-        for layer in layers.values():
-            layer.merge()
+        set_merged(self.adapters(), True, owner=type(self).__name__, undo="unmerge()")
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, restoring every frozen weight exactly.
@@ -248,12 +243,7 @@ class MultiHeadAttention(nn.Module):
         RuntimeError
             If an adapter is not merged (checked before anything is unmerged).
         """
-        layers = self.adapters()
-        left = sorted(n for n, layer in layers.items() if not layer.merged)
-        if left:
-            raise RuntimeError(f"the adapters on {left} are not merged; nothing to unmerge there")
-        for layer in layers.values():
-            layer.unmerge()
+        set_merged(self.adapters(), False, owner=type(self).__name__, undo="unmerge()")
 
     def trainable_parameters(self) -> dict[str, int]:
         """Trainable scalars by component (``"q"``, ``"v"``, ..., ``"head_embeddings"``,

@@ -30,7 +30,7 @@ from torch import nn
 
 from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
 from hmoe_sim.hora.attention import MultiHeadAttention
-from hmoe_sim.hora.lora import AdapterLinear, HoRALinear, LoRALinear, MultiHeadLoRALinear
+from hmoe_sim.hora.lora import AdapterLinear, HoRALinear, LoRALinear, MultiHeadLoRALinear, set_merged
 
 __all__ = ["INJECT_KINDS", "TARGET_ALIASES", "MultiheadAttentionAdapter", "attention_blocks", "inject_adapters",
            "merge_adapters", "trainable_parameters", "unmerge_adapters"]
@@ -362,8 +362,8 @@ def inject_adapters(model: nn.Module, kind: str, rank: int, targets: Sequence[st
     return model
 
 
-def _adapter_layers(model: nn.Module) -> list[AdapterLinear]:
-    layers = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+def _adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no adapters; call inject_adapters first")
     return layers
@@ -379,13 +379,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     RuntimeError
         If an adapter is already merged (checked before anything is merged).
     """
-    layers = _adapter_layers(model)
-    merged = [layer for layer in layers if layer.merged]
-    if merged:
-        raise RuntimeError(f"{len(merged)} of the {len(layers)} adapters of {type(model).__name__} are already "
-                           "merged; call unmerge_adapters first")
-    for layer in layers:
-        layer.merge()
+    set_merged(_adapter_layers(model), True, owner=type(model).__name__, undo="unmerge_adapters")
     return model
 
 
@@ -399,13 +393,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     RuntimeError
         If an adapter is not merged (checked before anything is unmerged).
     """
-    layers = _adapter_layers(model)
-    unmerged = [layer for layer in layers if not layer.merged]
-    if unmerged:
-        raise RuntimeError(f"{len(unmerged)} of the {len(layers)} adapters of {type(model).__name__} are not "
-                           "merged; nothing to unmerge there")
-    for layer in layers:
-        layer.unmerge()
+    set_merged(_adapter_layers(model), False, owner=type(model).__name__, undo="unmerge_adapters")
     return model
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from hmoe_sim._validation import check_finite_tensor, check_positive_float, check_positive_int
 
-__all__ = ["AdapterLinear", "LoRALinear", "MultiHeadLoRALinear", "HoRALinear"]
+__all__ = ["AdapterLinear", "LoRALinear", "MultiHeadLoRALinear", "HoRALinear", "set_merged"]
 
 
 def _check_base(base: object) -> nn.Linear:
@@ -120,13 +120,12 @@ class AdapterLinear(nn.Module):
         self.scaling = self.alpha / self.rank
         self.dropout_p = _check_dropout(dropout)
         self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
-        self._merged = False
         self.register_buffer("_unmerged_weight", None, persistent=False)
 
     @property
     def merged(self) -> bool:
-        """Whether ``delta_W`` currently sits inside ``base_layer.weight``."""
-        return self._merged
+        """Whether ``delta_W`` currently sits inside ``base_layer.weight`` (a saved base weight is held)."""
+        return self._unmerged_weight is not None
 
     @property
     def in_features(self) -> int:
@@ -190,7 +189,6 @@ class AdapterLinear(nn.Module):
             raise RuntimeError(f"merging {type(self).__name__} would give non-finite weights")
         self._unmerged_weight = weight.detach().clone()
         weight.copy_(new)
-        self._merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -208,7 +206,6 @@ class AdapterLinear(nn.Module):
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
         self.base_layer.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
-        self._merged = False
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -250,7 +247,6 @@ class AdapterLinear(nn.Module):
         with torch.no_grad():
             self._unmerged_weight = saved.detach().to(device=weight.device, dtype=weight.dtype).clone() \
                 if merged else None
-        self._merged = merged
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable adapter tensors by name (shared tensors listed once)."""
@@ -259,6 +255,39 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scaling={self.scaling:g}, dropout={self.dropout_p:g}, merged={self.merged}")
+
+
+def set_merged(layers: dict[str, AdapterLinear], merged: bool, *, owner: str, undo: str) -> None:
+    """Merge (``merged=True``) or unmerge every adapter of a model, all or none.
+
+    Every adapter's state is checked before any is changed, so a refused call leaves nothing
+    half-merged.
+
+    Parameters
+    ----------
+    layers : dict of str to AdapterLinear
+        The model's adapters by name.
+    merged : bool
+        The state to move every adapter into.
+    owner : str
+        The model, as named in the error message.
+    undo : str
+        The call that undoes a merge, as named in the error message.
+
+    Raises
+    ------
+    RuntimeError
+        If an adapter is already in the requested state.
+    """
+    already = sorted(name for name, layer in layers.items() if layer.merged == merged)
+    if already:
+        state = f"already merged; call {undo} first" if merged else "not merged; nothing to unmerge there"
+        raise RuntimeError(f"{len(already)} of the {len(layers)} adapters of {owner} ({already}) are {state}")
+    for layer in layers.values():
+        if merged:
+            layer.merge()
+        else:
+            layer.unmerge()
 
 
 class LoRALinear(AdapterLinear):
