@@ -93,18 +93,22 @@ def check_number(name: str, value: object, *, minimum: float | None = None, stri
     return v
 
 
-def check_seed(name: str, value: object) -> object:
-    """Return ``value`` if it is a seed: an integer >= 0, a ``SeedSequence`` or a ``Generator``.
+def check_seed(name: str, value: object, *, generator: bool = True) -> object:
+    """Return ``value`` if it is a seed: an integer >= 0, a ``SeedSequence`` or (with ``generator``) a ``Generator``.
 
     Raises
     ------
     ValueError
-        Anything else (a negative or non-integer number, a string, ...), naming ``name`` and the value.
+        Anything else (a negative or non-integer number, a string, a ``Generator`` where
+        ``generator`` is false, ...), naming ``name`` and the value.
     """
-    if isinstance(value, np.random.SeedSequence | np.random.Generator):
+    kinds = (np.random.SeedSequence, np.random.Generator) if generator else (np.random.SeedSequence,)
+    if isinstance(value, kinds):
         return value
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, a SeedSequence or a Generator, got {value!r}")
+        allowed = "a non-negative int, a SeedSequence or a Generator" if generator else \
+            "a non-negative int or a SeedSequence"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
 
 

@@ -89,13 +89,9 @@ def _seed_list(seed: SeedLike | Sequence[SeedLike], count: int) -> list[np.rando
         if len(seed) != count:
             raise ValueError(f"seed: got {len(seed)} seeds for {count} data sets")
         for i, s in enumerate(seed):
-            if isinstance(s, np.random.Generator):
-                raise ValueError(f"seed[{i}] must be a non-negative int or a SeedSequence, got {s!r}")
-            check_seed(f"seed[{i}]", s)
+            check_seed(f"seed[{i}]", s, generator=False)
         return [s if isinstance(s, np.random.SeedSequence) else np.random.SeedSequence(int(s)) for s in seed]
-    if isinstance(seed, np.random.Generator):
-        raise ValueError(f"seed must be a non-negative int, a SeedSequence or a sequence of them, got {seed!r}")
-    check_seed("seed", seed)
+    check_seed("seed", seed, generator=False)
     root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))  # type: ignore[arg-type]
     return [np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, b)) for b in range(count)]
 
