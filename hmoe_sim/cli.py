@@ -98,7 +98,7 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
 def _check_dir(path: str) -> None:
     """Refuse an empty run directory argument (it would silently mean the current directory)."""
     if not path.strip():
-        raise ValueError("DIR '' is empty; give a run directory (use . for the current directory)")
+        raise ValueError(f"DIR {path!r} is empty; give a run directory (use . for the current directory)")
 
 
 def _note(message: str) -> None:

@@ -296,11 +296,11 @@ def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup
     dim = setup.fit_model.input_dim
     copies = _ANALYTIC_JACOBIAN_COPIES if hasattr(setup.fit_model, "value_and_jacobian") else _JACOBIAN_COPIES
     n = max(config.sizes)
-    need = 8 * batch * n * (dim + 1) + itemsize * copies * n * max(setup.fit_model.n_params, 1)
+    per_fit = itemsize * copies * n * max(setup.fit_model.n_params, 1)
+    need = 8 * batch * n * (dim + 1) + per_fit
     gib = 1024**3
     where = f"{device.type} memory ({available / gib:.1f} GiB{' available' if device.type == 'cpu' else ''})"
     budget = series["fit"]["options"].get("max_memory")
-    per_fit = itemsize * copies * n * max(setup.fit_model.n_params, 1)
     if budget is not None and budget < per_fit:
         i = next(j for j, s in enumerate(config.series) if s["name"] == series["name"])
         raise ValueError(f"config key 'series[{i}].fit.options.max_memory': {budget} bytes is below the {per_fit} "
