@@ -9,8 +9,7 @@ tables here summarise it without choosing truths after looking:
 * :func:`ensemble_table` -- per (H, loss): how many truths got each pair of verdicts
   (shared, non-shared), the median and a bootstrap CI over truths of the paired slope
   difference (shared minus non-shared, over the truths where both verdicts are ``rate``), the
-  number of truths on which the shared CI lies entirely below the non-shared CI, and the
-  paired ratio of the noise-free control levels (non-shared over shared).
+  number of truths on which the shared CI lies entirely below the non-shared CI.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from hmoe_sim.sweep.config import SweepConfig
 __all__ = ["PER_TRUTH_COLUMNS", "series_heads", "per_truth_table", "ensemble_table", "structure_pairs"]
 
 PER_TRUTH_COLUMNS = ["truth", "H", "series", "structure", "loss", "slope", "ci_low", "ci_high", "verdict",
-                     "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio", "control_slope",
+                     "evidence", "identifiable", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio", "control_slope",
                      "control_ci_low", "control_ci_high", "control_level", "noisy_level", "loss_floor", "n_used"]
 
 
@@ -82,8 +81,9 @@ def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, *, n_boot: int 
     ``diff_median, diff_ci_low, diff_ci_high`` (median over truths of slope(shared) -
     slope(non-shared), with a percentile-bootstrap CI over truths, over the truths where both
     verdicts are ``rate``), ``n_shared_ci_below`` (truths on which the shared CI lies entirely
-    below the non-shared CI), ``control_ratio_median, control_ratio_min, control_ratio_max``
-    (over truths of the non-shared control level divided by the shared one).
+    below the non-shared CI). The ratio of the noise-free control levels is not reported: a
+    control that stops on a flat direction sits at a level set by its start (``rates.csv``,
+    ``control_perturb_exponent``), so the ratio measures the protocol, not the data.
     """
     rows = []
     for h, (shared, nonshared) in structure_pairs(config).items():
@@ -97,15 +97,10 @@ def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, *, n_boot: int 
             both = (a["verdict"] == "rate") & (b["verdict"] == "rate")
             diff = (a.loc[both, "slope"] - b.loc[both, "slope"]).to_numpy(dtype=float)
             med, lo, hi = _bootstrap_median(diff, n_boot, level, seed)
-            ratio = (b["control_level"] / a["control_level"]).to_numpy(dtype=float)
-            ratio = ratio[np.isfinite(ratio)]
             rows.append({
                 "H": h, "loss": loss, "shared": shared, "nonshared": nonshared, "n_truths": len(truths),
                 "verdict_pairs": "; ".join(f"{k}: {int(v)}" for k, v in sorted(pairs.items())),
                 "n_both_rate": int(both.sum()), "diff_median": med, "diff_ci_low": lo, "diff_ci_high": hi,
                 "n_shared_ci_below": int((a["ci_high"] < b["ci_low"]).sum()),
-                "control_ratio_median": float(np.median(ratio)) if len(ratio) else np.nan,
-                "control_ratio_min": float(ratio.min()) if len(ratio) else np.nan,
-                "control_ratio_max": float(ratio.max()) if len(ratio) else np.nan,
             })
     return pd.DataFrame(rows)
