@@ -23,8 +23,9 @@ from hmoe_sim.sweep.config import SweepConfig
 __all__ = ["PER_TRUTH_COLUMNS", "series_heads", "per_truth_table", "ensemble_table", "structure_pairs"]
 
 PER_TRUTH_COLUMNS = ["truth", "H", "series", "structure", "loss", "slope", "ci_low", "ci_high", "verdict",
-                     "evidence", "identifiable", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio", "control_slope",
-                     "control_ci_low", "control_ci_high", "control_level", "noisy_level", "loss_floor", "n_used"]
+                     "evidence", "identifiable", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio",
+                     "control_slope", "control_ci_low", "control_ci_high", "control_level", "noisy_level",
+                     "loss_floor", "n_used"]
 
 
 def series_heads(config: SweepConfig) -> dict[str, int]:
