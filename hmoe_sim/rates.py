@@ -353,13 +353,15 @@ def rate_verdict(e: SeriesEvidence) -> Verdict:
     3. ``no-decay``: the slope's CI reaches 0 or above, or is not finite;
     4. ``short-range``: fewer than :data:`MIN_SIZES` sizes, or less than :data:`MIN_DECADES`
        decade of n;
-    5. ``pre-asymptotic``: the whole-range slope lies outside the upper-half slope's CI (or the
-       upper half has no CI): the loss is still bending over the range;
+    5. ``pre-asymptotic``: the CIs of the whole-range slope and of the upper-half slope do not
+       overlap (or the upper half has no CI): the loss is still bending over the range;
     6. ``noise-free-artefact``: the slope lies inside the noise-free control's CI and the
        control has not fallen to round-off (``control_level > 1e-10 * noisy_level``): the
        protocol makes the slope, not the noise;
     7. ``set-valued``: the near-optimal starts (random ones included) disagree
-       (``spread_ratio > 0.5``), or the worst near-optimal loss has a CI that reaches 0;
+       (``spread_ratio > 0.5``), or the worst near-optimal loss has a CI that reaches 0, or the
+       noise-free control stays above round-off without decaying (its CI reaches 0): without
+       noise the estimator lands on a set of exact representations, not on the truth;
     8. ``floor``: the class has a positive floor (``loss_floor > 1e-10``) and the noisy loss at
        the largest n is within a factor :data:`FLOOR_NEAR` of it;
     9. ``rate``: none of the above.
@@ -389,9 +391,10 @@ def rate_verdict(e: SeriesEvidence) -> Verdict:
     if e.n_sizes < MIN_SIZES or decades < MIN_DECADES - 1e-9:
         return Verdict("short-range", f"{e.n_sizes} sizes over {decades:.2f} decades of n "
                                       f"(needs {MIN_SIZES} over {MIN_DECADES:g})")
-    if not _inside(e.slope, e.upper_ci_low, e.upper_ci_high):
-        return Verdict("pre-asymptotic", f"whole-range slope {e.slope:+.2f} outside the upper-half CI "
-                                         f"{_ci(e.upper_ci_low, e.upper_ci_high)}")
+    upper_known = bool(np.isfinite(e.upper_ci_low) and np.isfinite(e.upper_ci_high))
+    if not upper_known or e.upper_ci_high < e.ci_low or e.upper_ci_low > e.ci_high:
+        return Verdict("pre-asymptotic", f"whole-range CI {_ci(e.ci_low, e.ci_high)} and upper-half CI "
+                                         f"{_ci(e.upper_ci_low, e.upper_ci_high)} do not overlap")
     above_round_off = bool(np.isfinite(e.control_level) and e.control_level > ROUND_OFF_FRACTION * e.noisy_level)
     if above_round_off and _inside(e.slope, e.control_ci_low, e.control_ci_high):
         return Verdict("noise-free-artefact",
@@ -404,11 +407,15 @@ def rate_verdict(e: SeriesEvidence) -> Verdict:
     if np.isfinite(e.worst_ci_low) and not (np.isfinite(e.worst_ci_high) and e.worst_ci_high < 0.0):
         return Verdict("set-valued", f"the worst near-optimal loss does not decay: CI "
                                      f"{_ci(e.worst_ci_low, e.worst_ci_high)}")
+    if above_round_off and not (np.isfinite(e.control_ci_high) and e.control_ci_high < 0.0):
+        return Verdict("set-valued", f"without noise the fits stay at {e.control_level:.2g} (control CI "
+                                     f"{_ci(e.control_ci_low, e.control_ci_high)} reaches 0): the estimator "
+                                     "lands on a set, not a point")
     if np.isfinite(e.loss_floor) and e.loss_floor > FLOOR_TOLERANCE and e.noisy_level <= FLOOR_NEAR * e.loss_floor:
         return Verdict("floor", f"noisy loss {e.noisy_level:.2g} at n = {e.n_max:.0f} within {FLOOR_NEAR:g}x of "
                                 f"the class floor {e.loss_floor:.2g}")
     return Verdict("rate", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)} over {e.n_sizes} sizes "
-                           f"({decades:.1f} decades), inside the upper-half CI; control "
+                           f"({decades:.1f} decades), upper-half CI overlaps; control "
                            + ("at round-off" if not above_round_off else
                               f"slope CI {_ci(e.control_ci_low, e.control_ci_high)} excludes it"))
 

@@ -48,6 +48,8 @@ CASES = [
     # still bending: the upper half falls much more slowly than the whole range
     ({"slope": -1.2, "ci_low": -1.4, "ci_high": -1.0, "upper_ci_low": -0.6, "upper_ci_high": -0.1},
      "pre-asymptotic"),
+    # overlapping CIs are not evidence of bending (a 2-size upper half has a narrow bootstrap CI)
+    ({"slope": -0.54, "ci_low": -0.63, "ci_high": -0.44, "upper_ci_low": -1.0, "upper_ci_high": -0.55}, "rate"),
     ({"upper_ci_low": float("nan"), "upper_ci_high": float("nan")}, "pre-asymptotic"),
     # a start-dependent control: it stops at a level set by its start and falls like the data
     ({"control_ci_low": -0.7, "control_ci_high": -0.3, "control_level": 3e-4}, "noise-free-artefact"),
@@ -55,6 +57,8 @@ CASES = [
     ({"control_ci_low": -0.7, "control_ci_high": -0.3, "control_level": 1e-17}, "rate"),
     ({"spread_ratio": 0.8}, "set-valued"),
     ({"worst_ci_low": -0.3, "worst_ci_high": 0.2}, "set-valued"),
+    # random-start controls reproduce f* at D1 ~ 0.03 at every n: the estimator lands on a set
+    ({"control_ci_low": -0.3, "control_ci_high": 0.30, "control_level": 0.027, "noisy_level": 4.4}, "set-valued"),
     # the noisy loss sits near a positive class floor ...
     ({"loss_floor": 3e-4, "noisy_level": 1e-3}, "floor"),
     # ... but a class floor far below the data does not decide the row
@@ -87,6 +91,7 @@ def test_controls_near_the_old_round_off_threshold_cannot_flip():
     # the committed reruns flipped at controls of 1e-7 (old threshold 1e-8 of the noisy level):
     # with the margin, controls from 1e-9 to 1e-5 of the noisy level all read the same
     artefact = {"control_ci_low": -0.7, "control_ci_high": -0.3, "noisy_level": 1.0}
+    assert _judge(**artefact, control_level=1e-11)[0] == "rate"
     verdicts = {_judge(**artefact, control_level=level)[0] for level in (1e-9, 3e-8, 1e-7, 3e-7, 1e-5)}
     assert verdicts == {"noise-free-artefact"}
 
