@@ -129,7 +129,11 @@ def test_rates_and_ensemble_tables_on_a_constructed_ensemble():
     raw["sample"]["sizes"] = list(SIZES)
     raw["losses"] = {"kinds": ["D1"], "l2": False}
     config = parse_config(raw)
-    results = _fake_results([1, 2, 3], {"shared": -0.5, "nonshared": -0.25}, {"shared": 1e-14, "nonshared": 1e-2})
+    stuck = _fake_results([1, 2, 3], {"shared": -0.5, "nonshared": -0.25}, {"shared": 1e-14, "nonshared": 1e-2})
+    verdicts = rates_table(stuck, config, n_boot=200, floors={}).groupby("series")["verdict"].unique()
+    # a control that stays at 1e-2 at every n: without noise the fit lands on a set
+    assert verdicts.map(list).to_dict() == {"nonshared": ["set-valued"], "shared": ["rate"]}
+    results = _fake_results([1, 2, 3], {"shared": -0.5, "nonshared": -0.25}, {"shared": 1e-14, "nonshared": 1e-15})
     rates = rates_table(results, config, n_boot=200, floors={})
     assert len(rates) == 6 and set(rates["verdict"]) == {"rate"}
     shared = rates[rates["series"] == "shared"]
