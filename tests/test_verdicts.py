@@ -119,3 +119,31 @@ def test_worse_than_truth_uses_the_near_optimal_margin():
     # margin 0.5 at n = 100: a fit counts when risk - truth > 0.01 * truth
     assert worse_than_truth(frame, 0.5).tolist() == [False, True, True]
     assert worse_than_truth(frame).tolist() == [True, True, True]
+
+
+#: issue 17's real case: one non-shared truth (one adapter per head), fitted at its true size and
+#: over-specified by one adapter per head, from one near-truth and two random starts; 4 sizes over
+#: a decade, 6 replications, noise-free controls (about 1 minute on one core)
+EXACT_VS_OVER = {
+    "name": "exact_vs_over",
+    "root_seed": 3,
+    "truth": {"preset": "hmoe-nonshared", "seed": 1,
+              "options": {"n_true": 1, "expert_std": 1.0, "gate_slope_std": 1.0, "noise_std": 0.02}},
+    "sample": {"sizes": [400, 1000, 2000, 4000], "replications": 6, "chunk": 6, "controls": ["noise_free"]},
+    "fit": {"method": "lm", "max_iter": 300, "init": "near_truth", "perturbation": 0.1, "n_starts": 1,
+            "random_starts": 2},
+    "series": [{"name": "exact", "structure": "nonshared", "truth_options": {"n_fit": 1}},
+               {"name": "over", "structure": "nonshared", "truth_options": {"n_fit": 2}}],
+    "losses": {"kinds": ["D1"], "r": 1, "l2": True, "l2_n_eval": 2000},
+}
+
+
+@pytest.mark.slow
+def test_a_real_sweep_passes_the_exact_fit_and_not_the_over_specified_one(tmp_path):
+    from hmoe_sim.sweep import parse_config, run_sweep
+
+    rates = run_sweep(parse_config(EXACT_VS_OVER), tmp_path, progress=False, log=lambda _: None).rates
+    verdict = rates.set_index(["series", "loss"])["verdict"]
+    assert verdict[("exact", "D1")] == "rate" and verdict[("exact", "L2")] == "rate"
+    assert verdict[("over", "D1")] != "rate"
+    assert rates.set_index(["series", "loss"]).loc[("over", "D1"), "identifiable"] == False  # noqa: E712
