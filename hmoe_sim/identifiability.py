@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -73,10 +73,13 @@ from hmoe_sim.models.presets import make_preset
 __all__ = [
     "DIAGNOSTIC_CASES",
     "FLOOR_KINDS",
+    "FlatDirections",
     "GAUGE_MODES",
+    "LOSS_MOVE_TOL",
     "JacobianSpectrum",
     "Case",
     "exact_representations",
+    "flat_directions",
     "floor_table",
     "gate_logit_spread",
     "gauge_directions",
@@ -755,3 +758,89 @@ def spectrum_table(cases: tuple[Case, ...] = DIAGNOSTIC_CASES, *, seed: int = 0,
                      "smallest": float(s[-1]), "ratio": spec.ratio, "n_zero": int((s < zero_tol * s[0]).sum()),
                      "gate_logit_sd": spread, "reason": reason or ""})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- flat directions of the class
+class FlatDirections(NamedTuple):
+    """Flat directions of the fitted-size Jacobian at the base split of the truth.
+
+    Attributes
+    ----------
+    n_flat : int
+        Singular values of ``J / sqrt(n)`` (gauge removed) below ``threshold`` x the largest.
+    n_flat_loss : int
+        How many of those directions move the loss: a step of ``step`` along the direction
+        changes it by more than :data:`LOSS_MOVE_TOL` from its value at the base split (a
+        second-order change counts: a mass trade of ``1e-4`` moves D1 by about ``1e-8``).
+    """
+
+    n_flat: int
+    n_flat_loss: int
+
+
+#: a loss change below this along a flat direction is round-off (losses are of order one)
+LOSS_MOVE_TOL = 1e-10
+
+
+def flat_directions(
+    fit_model: MixtureModel,
+    true_model: MixtureModel,
+    truth: Params,
+    kind: str,
+    *,
+    r: float = 1,
+    n_points: int = 4000,
+    threshold: float = 1e-6,
+    step: float = 1e-4,
+) -> FlatDirections:
+    """Count the flat directions of ``fit_model`` at the base split of ``truth``, and those the loss sees.
+
+    A flat direction changes ``f`` only at second order or not at all; one that moves the
+    Voronoi loss is a direction along which data cannot pin the loss down at first order. A
+    property of the class and the truth: no fit is involved.
+
+    Parameters
+    ----------
+    fit_model, true_model, truth
+        As in :func:`exact_representations` (the truth in ``true_model``'s structure; the loss
+        is :func:`hmoe_sim.losses.voronoi_losses_for` against it, the sweep's scoring convention).
+    kind : {"D1", "D2"}
+        The loss.
+    r : float, default 1
+        Exponent of ``D2``.
+    n_points : int, default 4000
+        Inputs of :func:`hmoe_sim.losses.eval_sample` (seed 0, uniform) for the Jacobian.
+    threshold : float, default 1e-6
+        Relative singular-value threshold of a flat direction.
+    step : float, default 1e-4
+        Step along each unit flat direction at which the loss change is measured.
+
+    Returns
+    -------
+    FlatDirections
+    """
+    _check_pair(fit_model, true_model, truth)
+    check_choice("kind", kind, ("D1", "D2"))
+    threshold = check_positive_float("threshold", threshold)
+    step = check_positive_float("step", step)
+    truth64 = true_model.cast(truth, device="cpu", dtype=torch.float64)
+    split = _default_split(fit_model, _atoms_per_group(true_model))
+    base = _from_grouped(fit_model, _build(fit_model, true_model, truth64, split))
+    # at least as many inputs as parameters, so that every direction has a singular value
+    X = eval_sample(fit_model.input_dim, max(check_positive_int("n_points", n_points), fit_model.n_params), 0)
+    J = _jacobian(fit_model, base, X) / math.sqrt(X.shape[0])
+    basis = gauge_directions(fit_model, base)
+    comp = torch.linalg.svd(basis, full_matrices=True)[0][:, basis.shape[1]:] if basis.shape[1] else None
+    _, s, vh = torch.linalg.svd(J @ comp if comp is not None else J, full_matrices=False)
+    directions = vh[s < threshold * s[0]].T
+    if comp is not None:
+        directions = comp @ directions
+    theta = fit_model.flatten(base)
+    moved = torch.stack([theta + step * directions[:, j] for j in range(directions.shape[1])]) \
+        if directions.shape[1] else theta.new_zeros(0, theta.shape[0])
+    at_base = float(voronoi_losses_for(fit_model, base, true_model, truth64, kinds=(kind,), r=r)[kind])
+    if moved.shape[0] == 0:
+        return FlatDirections(0, 0)
+    losses = voronoi_losses_for(fit_model, fit_model.unflatten(moved), true_model, truth64, kinds=(kind,), r=r)[kind]
+    n_loss = int(((losses - at_base).abs() > LOSS_MOVE_TOL).sum())
+    return FlatDirections(int(directions.shape[1]), n_loss)

@@ -23,7 +23,7 @@ from hmoe_sim.sweep.config import SweepConfig
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
            "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
-           "loss_floors", "upper_half"]
+           "loss_floors", "flat_counts", "upper_half", "protocol_is_start"]
 
 #: leading columns of ``rates.csv``
 RATE_COLUMNS = ["truth", "series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max"]
@@ -167,6 +167,23 @@ def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
     return out
 
 
+def flat_counts(config: SweepConfig) -> dict[tuple[int, str, str], tuple[int, int]]:
+    """:func:`hmoe_sim.identifiability.flat_directions` per (truth, series, loss) for the Voronoi losses."""
+    from hmoe_sim.identifiability import flat_directions
+    from hmoe_sim.sweep.runner import series_setup
+
+    out: dict[tuple[int, str, str], tuple[int, int]] = {}
+    spec = config.data["losses"]
+    for s in config.series:
+        for t in s["truth_seeds"]:
+            setup = series_setup(config, s, t)
+            for loss in loss_columns(config):
+                if loss != "L2":
+                    out[(t, s["name"], loss)] = tuple(flat_directions(setup.fit_model, setup.score_model,
+                                                                      setup.score_truth, loss, r=spec["r"]))
+    return out
+
+
 def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataFrame], loss: str,
                  config: SweepConfig, n_boot: int, level: float) -> dict[str, object]:
     """Upper-half, worst-case, spread and noise-free-control columns of one rates row."""
@@ -245,7 +262,8 @@ def _evidence(row: dict[str, object], series: dict, controls: dict[str, pd.DataF
 
 def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 2000, level: float = 0.95,
                 exclude: Collection[str] = EXCLUDED_BOUNDARY,
-                floors: dict[tuple[int, str, str], float] | None = None) -> pd.DataFrame:
+                floors: dict[tuple[int, str, str], float] | None = None,
+                flats: dict[tuple[int, str, str], tuple[int, int]] | None = None) -> pd.DataFrame:
     """One row per (truth, series, loss): the fitted log-log slope with its CI and its verdict.
 
     Columns: ``truth, series, loss, slope, ci_low, ci_high, n_min, n_max`` then the rest of
@@ -271,10 +289,12 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
     one); and ``verdict, evidence`` (:func:`hmoe_sim.rates.rate_verdict`: the verdict and the
     test that decided it, in words).
 
-    ``floors`` defaults to :func:`loss_floors` of ``config``.
+    ``floors`` defaults to :func:`loss_floors` of ``config``, ``flats`` (columns ``n_flat,
+    n_flat_loss``; missing keys give NaN) to :func:`flat_counts`.
     """
     rows = []
     floors = loss_floors(config) if floors is None else floors
+    flats = flat_counts(config) if flats is None else flats
     bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
     for truth in config.truth_seeds:
         for s in config.series:
@@ -303,6 +323,7 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                 row.update(_protocol_columns(main, ok, s, loss))
                 floor = float(row["loss_floor"])
                 row["identifiable"] = bool(floor <= FLOOR_TOLERANCE) if np.isfinite(floor) else None
+                row["n_flat"], row["n_flat_loss"] = flats.get((truth, s["name"], loss), (np.nan, np.nan))
                 row["verdict"], row["evidence"] = rate_verdict(_evidence(row, s, controls))
                 rows.append(row)
     table = pd.DataFrame(rows)
