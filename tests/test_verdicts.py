@@ -89,11 +89,12 @@ def test_the_protocol_series_keep_their_starts_and_are_judged_by_their_controls(
 
 def test_controls_near_the_old_round_off_threshold_cannot_flip():
     # the committed reruns flipped at controls of 1e-7 (old threshold 1e-8 of the noisy level):
-    # with the margin, controls from 1e-9 to 1e-5 of the noisy level all read the same
+    # round-off of D2 on a second-order flat direction reaches 1e-6 of the noisy level, start-made
+    # control levels start at 3e-4; the line (1e-5) has two decades of margin on either side
     artefact = {"control_ci_low": -0.7, "control_ci_high": -0.3, "noisy_level": 1.0}
-    assert _judge(**artefact, control_level=1e-11)[0] == "rate"
-    verdicts = {_judge(**artefact, control_level=level)[0] for level in (1e-9, 3e-8, 1e-7, 3e-7, 1e-5)}
-    assert verdicts == {"noise-free-artefact"}
+    at_round_off = {_judge(**artefact, control_level=level)[0] for level in (1e-15, 1e-9, 1e-7, 1e-6)}
+    start_made = {_judge(**artefact, control_level=level)[0] for level in (3e-4, 3e-3, 0.03, 0.3)}
+    assert (at_round_off, start_made) == ({"rate"}, {"noise-free-artefact"})
 
 
 def test_the_evidence_names_the_numbers_that_decided():
