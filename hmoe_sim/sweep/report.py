@@ -18,8 +18,10 @@ from collections.abc import Collection
 import numpy as np
 import pandas as pd
 
+from hmoe_sim.identifiability import loss_floor
 from hmoe_sim.rates import fit_rate, rate_verdict
 from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.setup import series_setup
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
            "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
@@ -145,9 +147,6 @@ def upper_half(sizes: list[int]) -> list[int]:
 
 def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
     """:func:`hmoe_sim.identifiability.loss_floor` per (truth, series, loss); ``L2`` has floor 0."""
-    from hmoe_sim.identifiability import loss_floor
-    from hmoe_sim.sweep.runner import series_setup
-
     out: dict[tuple[int, str, str], float] = {}
     spec = config.data["losses"]
     for s in config.series:
