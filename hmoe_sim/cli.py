@@ -139,8 +139,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     read (a notice on stderr says the files were left as they are).
     """
     from hmoe_sim.sweep import RunDir
-    from hmoe_sim.sweep.runner import derived_tables
     from hmoe_sim.sweep.storage import BOUNDARY_FILE, RATES_FILE, SUMMARY_FILE
+    from hmoe_sim.sweep.tables import derived_tables
 
     _check_dir(args.dir)
     run = RunDir(args.dir)
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory: created if missing; verified cells found there are reused")
     sweep.add_argument("--device", default=None, help="cpu, cuda or cuda:<i> (overrides the config's device)")
     sweep.add_argument("--jobs", type=int, default=1,
-                       help="cells computed in parallel: worker processes, or dask workers (default 1)")
+                       help="cells computed in parallel: worker processes, or dask workers (default 1); at most the "
+                            "usable cores over the config's threads, lowered with a notice")
     sweep.add_argument("--backend", choices=("local", "dask"), default="local",
                        help="local: in-process or a process pool (default); dask: a dask.distributed cluster")
     sweep.add_argument("--scheduler", default=None,

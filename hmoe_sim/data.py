@@ -22,7 +22,7 @@ from hmoe_sim._validation import check_choice, check_positive_float, check_posit
 from hmoe_sim.devices import resolve_device
 from hmoe_sim.models.base import MixtureModel, Params
 
-__all__ = ["sample", "sample_batch", "cell_seed", "draw_inputs", "X_DISTRIBUTIONS", "SeedLike"]
+__all__ = ["sample", "sample_batch", "cell_seed", "as_generator", "draw_inputs", "X_DISTRIBUTIONS", "SeedLike"]
 
 X_DISTRIBUTIONS = ("uniform", "gaussian")
 SeedLike = int | np.random.SeedSequence | np.random.Generator
@@ -52,7 +52,23 @@ def cell_seed(root_seed: int, *key: int | str) -> np.random.SeedSequence:
     return np.random.SeedSequence(int(root_seed), spawn_key=tuple(spawn_key))
 
 
-def _generator(seed: SeedLike) -> np.random.Generator:
+def as_generator(seed: SeedLike) -> np.random.Generator:
+    """The numpy ``Generator`` a seed stands for (a ``Generator`` is returned as it is).
+
+    Parameters
+    ----------
+    seed : int, numpy.random.SeedSequence or numpy.random.Generator
+        A non-negative int or a ``SeedSequence`` seeds a new ``default_rng``.
+
+    Returns
+    -------
+    numpy.random.Generator
+
+    Raises
+    ------
+    ValueError
+        ``seed`` is none of these (a negative int or a bool included).
+    """
     if isinstance(seed, np.random.Generator):
         return seed
     if isinstance(seed, np.random.SeedSequence):
@@ -115,7 +131,7 @@ def sample(
     device = resolve_device(device)
     if model.batch_shape(truth) != torch.Size([]):
         raise ValueError(f"truth must be unbatched, got batch shape {tuple(model.batch_shape(truth))}")
-    rng = _generator(seed)
+    rng = as_generator(seed)
     x = draw_inputs(rng, n, model.input_dim, x_dist)
     noise = rng.standard_normal(n)
     X64 = torch.from_numpy(x)

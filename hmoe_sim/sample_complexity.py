@@ -52,7 +52,7 @@ from hmoe_sim.losses import eval_sample
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.hmoe import HMoE
 from hmoe_sim.models.presets import make_preset
-from hmoe_sim.theory_checks import DEFAULT_EPS, _split_loss, _split_terms, inverse_bound_curve, split_params
+from hmoe_sim.theory_checks import DEFAULT_EPS, inverse_bound_curve, split_loss, split_params, split_terms
 
 __all__ = [
     "MASS_CONSERVING",
@@ -171,11 +171,11 @@ def _mass_conserving_rows(model: MixtureModel, truth: Params, X: torch.Tensor, f
     rows = []
     for e in eps:
         e = check_positive_float("eps", e)
-        diff, parts = _split_terms(model, truth, X, e, math.inf, atom, direction, seed)
+        diff, parts = split_terms(model, truth, X, e, math.inf, atom, direction, seed)
         big, params = split_params(model, truth, e, math.inf, atom=atom, direction=direction, seed=seed)
         naive = float(torch.sqrt(((big.predict(params, X) - f_star) ** 2).mean()))
         rows.append(dict(eps=e, l2=float(torch.sqrt((diff**2).mean())), l2_naive=naive,
-                         D1=_split_loss(parts, e, math.inf, "D1"), D2=np.nan))
+                         D1=split_loss(parts, e, math.inf, "D1"), D2=np.nan))
     return rows
 
 

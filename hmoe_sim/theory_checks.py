@@ -60,6 +60,8 @@ __all__ = [
     "activation_difference",
     "split_response",
     "split_params",
+    "split_terms",
+    "split_loss",
     "inverse_bound_curve",
     "inverse_bound_table",
 ]
@@ -172,9 +174,34 @@ def split_params(model: MixtureModel, truth: Params, eps: float, r: float, *, at
     return model.with_atoms(k + 1), out
 
 
-def _split_terms(model: MixtureModel, truth: Params, X: torch.Tensor, eps: float, r: float, atom: int,
+def split_terms(model: MixtureModel, truth: Params, X: torch.Tensor, eps: float, r: float, atom: int,
                  direction: np.ndarray | None, seed: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
-    """``f_eps - f*`` on ``X`` and, per split (head), ``(w*, dbeta1 (2, D), da (2, D), db (2,))``."""
+    """The response change of the split ``G_eps`` of ``truth``'s atom ``atom``, and its exact deltas.
+
+    Parameters
+    ----------
+    model : FlatMoE (softmax gate) or HMoE
+        The true model; the split adds one atom.
+    truth : Params
+        Unbatched true parameters.
+    X : torch.Tensor
+        ``(n, D)`` points where the response change is evaluated.
+    eps, r : float
+        Split size and loss order (the split atoms' weights differ by ``eps ** (r + 1)``).
+    atom : int
+        Which true atom is split.
+    direction : numpy.ndarray or None
+        Code-space direction of a shared HMoE split (a random unit vector from ``seed`` when ``None``).
+    seed : int
+        Seed of that random direction.
+
+    Returns
+    -------
+    diff : torch.Tensor
+        ``f_eps - f*`` on ``X``, shape ``(n,)``.
+    parts : list of tuples
+        Per split cell (one per head): ``(w*, dbeta1 (2, D), da (2, D), db (2,))``.
+    """
     signs = torch.tensor([1.0, -1.0], dtype=torch.float64)
     if isinstance(model, FlatMoE):
         if model.gate != "softmax":
@@ -222,8 +249,22 @@ def _split_terms(model: MixtureModel, truth: Params, X: torch.Tensor, eps: float
     return diff, parts
 
 
-def _split_loss(parts: list[tuple[torch.Tensor, ...]], eps: float, r: float, kind: str) -> float:
-    """``D1`` or ``D2r`` of ``G_eps`` from the exact deltas (two atoms per split cell)."""
+def split_loss(parts: list[tuple[torch.Tensor, ...]], eps: float, r: float, kind: str) -> float:
+    """``D1`` or ``D2r`` of ``G_eps`` from the exact deltas (two atoms per split cell).
+
+    Parameters
+    ----------
+    parts : list of tuples
+        The per-cell deltas returned by :func:`split_terms`.
+    eps, r : float
+        Split size and loss order, as given to :func:`split_terms`.
+    kind : {"D1", "D2"}
+        The Voronoi loss.
+
+    Returns
+    -------
+    float
+    """
     total = 0.0
     for w, dbeta1, da, db in parts:
         norms = torch.stack([dbeta1.norm(dim=-1), da.norm(dim=-1), db.abs()], dim=-1)
@@ -292,7 +333,7 @@ def inverse_bound_curve(
             raise ValueError(f"r must be >= 1, got {r!r}")
         for e in eps:
             e = check_positive_float("eps", e)
-            diff, parts = _split_terms(model, truth, X, e, r, atom, direction, seed)
+            diff, parts = split_terms(model, truth, X, e, r, atom, direction, seed)
             big, params = split_params(model, truth, e, r, atom=atom, direction=direction, seed=seed)
             naive = float(torch.sqrt(((big.predict(params, X) - f_star) ** 2).mean()))
             l2 = float(torch.sqrt((diff**2).mean()))
@@ -300,7 +341,7 @@ def inverse_bound_curve(
             if isinstance(model, FlatMoE) and model.expert == "relu":
                 kink = float(((X @ truth["a"][atom] + truth["b"][atom]).abs() < e).sum())
             for kind in kinds:
-                dist = _split_loss(parts, e, r, kind)
+                dist = split_loss(parts, e, r, kind)
                 rows.append(dict(model=label, loss=kind, r=r, eps=e, l2=l2, l2_naive=naive, D=dist, rho=l2 / dist,
                                  kink_points=kink))
     return pd.DataFrame(rows)

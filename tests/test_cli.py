@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import hmoe_sim.sweep.runner as runner
+import hmoe_sim.sweep.backends as backends
 from hmoe_sim.cli import main
 
 TOML = """
@@ -83,7 +83,7 @@ def test_bad_config_fails_before_fitting(tmp_path: Path, monkeypatch: pytest.Mon
     def never(*args, **kwargs):
         raise AssertionError("a fit was started")
 
-    monkeypatch.setattr(runner, "run_cell", never)
+    monkeypatch.setattr(backends, "run_cell", never)
     cfg = tmp_path / "bad.toml"
     cfg.write_text(edit(TOML))
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2

@@ -16,9 +16,9 @@ from hmoe_sim.data import sample_batch
 from hmoe_sim.estimators import fit_batch, init_near_truth
 from hmoe_sim.models.presets import make_preset
 from hmoe_sim.sweep import parse_config, run_sweep
+from hmoe_sim.sweep.cell import near_optimal
 from hmoe_sim.sweep.ensemble import ensemble_table, per_truth_table
 from hmoe_sim.sweep.report import rates_table
-from hmoe_sim.sweep.runner import near_optimal
 
 SMALL = {
     "name": "diag",

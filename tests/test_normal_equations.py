@@ -11,7 +11,7 @@ import torch
 from roundoff import assert_tensors_match
 
 from hmoe_sim import make_preset, sample_batch
-from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth
+from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth, jacobian_bytes
 from hmoe_sim.estimators._core import Problem, _pair_products, khatri_rao_layout
 from hmoe_sim.estimators._lm import solve_lm
 from hmoe_sim.models.flat import FlatMoE
@@ -146,6 +146,17 @@ def test_auto_chunk_size_respects_max_memory():
         auto_chunk_size(1000, 54, torch.float64, cpu, analytic=True, max_memory=1000)
     with pytest.raises(ValueError, match="max_memory"):
         auto_chunk_size(1000, 54, torch.float64, cpu, analytic=True, max_memory=-5)
+
+
+def test_jacobian_bytes_is_what_auto_chunk_size_budgets():
+    assert jacobian_bytes(1000, 54, torch.float64, analytic=True) == 3 * 1000 * 54 * 8
+    assert jacobian_bytes(1000, 54, torch.float32) == 8 * 1000 * 54 * 4  # autodiff: 8 copies
+    assert jacobian_bytes(10, 0, torch.float64) == 8 * 10 * 1 * 8  # at least one parameter column
+    cpu = torch.device("cpu")
+    for analytic in (False, True):
+        one = jacobian_bytes(777, 31, torch.float32, analytic=analytic)
+        assert auto_chunk_size(777, 31, torch.float32, cpu, analytic=analytic, max_memory=3 * one) == 3
+        assert auto_chunk_size(777, 31, torch.float32, cpu, analytic=analytic, max_memory=3 * one - 1) == 2
 
 
 def test_fit_batch_chunks_to_the_memory_budget_with_the_same_answers(monkeypatch):

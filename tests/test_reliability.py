@@ -24,6 +24,8 @@ import pytest
 import torch
 from torch import nn
 
+import hmoe_sim.sweep.backends as backends
+import hmoe_sim.sweep.checks as checks
 import hmoe_sim.sweep.runner as runner
 import hmoe_sim.sweep.storage as storage
 from hmoe_sim import __version__, make_preset, sample_batch
@@ -32,8 +34,9 @@ from hmoe_sim.estimators import Bounds, LeastSquaresMoE, fit_batch, init_near_tr
 from hmoe_sim.hora import HoRALinear, LoRALinear, MultiHeadAttention, MultiHeadLoRALinear
 from hmoe_sim.sweep import RunDir, parse_config, plan_cells, run_sweep
 from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, cell_hash, cell_spec
+from hmoe_sim.sweep.lock import LOCK_FILE, RunLocked
 from hmoe_sim.sweep.runner import SweepInterrupted
-from hmoe_sim.sweep.storage import LOCK_FILE, RunLocked, atomic_write
+from hmoe_sim.sweep.storage import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +92,7 @@ def no_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     def never(*args, **kwargs):
         raise AssertionError("a fit was started")
 
-    monkeypatch.setattr(runner, "run_cell", never)
+    monkeypatch.setattr(backends, "run_cell", never)
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +164,16 @@ def test_report_and_plot_refuse_results_of_another_config(reference, tmp_path: P
     out = copy_of(reference, tmp_path)
     other = config_of(TOML.replace("root_seed = 11", "root_seed = 12"))
 
+    calls = {"n": 0}
+
     def interrupted(config_dict, cell):
+        calls["n"] += 1
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_cell", interrupted)
+    monkeypatch.setattr(backends, "run_cell", interrupted)
     with pytest.raises(SweepInterrupted):
         run_sweep(other, out, progress=False, log=quiet)
+    assert calls["n"] == 1  # the patched function is the one the sweep called
     monkeypatch.undo()
     assert RunDir(out).stored_fingerprint() == other.fingerprint != RunDir(out).results_fingerprint()
     for argv in (["report", str(out)], ["plot", str(out), "--output", str(tmp_path / "x.png")]):
@@ -387,7 +394,7 @@ def test_unreachable_dask_scheduler_is_one_line_and_quick(tmp_path: Path, monkey
 
 def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]):
-    real = runner.run_cell
+    real = backends.run_cell
     calls = {"n": 0}
 
     def ctrl_c_on_third(config_dict, cell):
@@ -396,15 +403,16 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path: Path, monkeyp
             raise KeyboardInterrupt
         return real(config_dict, cell)
 
-    monkeypatch.setattr(runner, "run_cell", ctrl_c_on_third)
+    monkeypatch.setattr(backends, "run_cell", ctrl_c_on_third)
     cfg = write_toml(tmp_path, TOML)
     out = tmp_path / "run"
     assert main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 130
+    assert calls["n"] == 3  # the patched function is the one the sweep called
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == "hmoe-sim: interrupted; 2 of 8 cells done (2 this run), rerun the same command " \
                                    "to resume"
     assert "Traceback" not in err and not (out / LOCK_FILE).exists()
-    monkeypatch.setattr(runner, "run_cell", real)
+    monkeypatch.setattr(backends, "run_cell", real)
     assert main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 0
     assert "8 cells (2 reused, 6 computed)" in capsys.readouterr().out
 
@@ -815,9 +823,9 @@ def test_plan_cap_names_the_cells():
 
 
 def test_cpu_memory_check_uses_available_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    available = runner._cpu_available_memory()
+    available = checks.cpu_available_memory()
     assert 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    monkeypatch.setattr(runner, "_cpu_available_memory", lambda: 1024**2)
+    monkeypatch.setattr(checks, "cpu_available_memory", lambda: 1024**2)
     with pytest.raises(ValueError, match=r"sample.sizes.*n = 100000 .*cpu memory \(0.0 GiB available\)"):
         run_sweep(config_of(TOML.replace("sizes = [60, 120]", "sizes = [60, 100000]")), tmp_path / "run",
                   progress=False, log=quiet)

@@ -205,7 +205,7 @@ def test_run_dir_cells_and_config(tmp_path: Path):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments" / "configs").rglob("*.toml")),
                          ids=lambda p: p.stem)
 def test_committed_configs_are_valid(path: Path):
-    from hmoe_sim.sweep.runner import check_estimator_options
+    from hmoe_sim.sweep.checks import check_estimator_options
 
     config = load_config(path)
     check_estimator_options(config)

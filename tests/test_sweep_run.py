@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import hmoe_sim.sweep.runner as runner
+import hmoe_sim.sweep.backends as backends
 from hmoe_sim.sweep import parse_config, plan_cells, run_sweep
+from hmoe_sim.sweep.setup import series_setup
 
 TINY = {
     "name": "tiny",
@@ -61,7 +63,7 @@ def test_same_seed_is_bit_for_bit_and_other_seed_differs(tmp_path: Path, referen
 
 
 def test_kill_and_resume(tmp_path: Path, reference: pd.DataFrame, monkeypatch: pytest.MonkeyPatch):
-    real = runner.run_cell
+    real = backends.run_cell
     calls = {"n": 0}
 
     def dies_after_three(config_dict, cell):
@@ -70,14 +72,15 @@ def test_kill_and_resume(tmp_path: Path, reference: pd.DataFrame, monkeypatch: p
         calls["n"] += 1
         return real(config_dict, cell)
 
-    monkeypatch.setattr(runner, "run_cell", dies_after_three)
+    monkeypatch.setattr(backends, "run_cell", dies_after_three)
     cfg = parse_config(TINY)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, tmp_path, progress=False, log=quiet)
+    assert calls["n"] == 3  # the patched function is the one the sweep called
     stored = list((tmp_path / "cells").iterdir())
     assert len(stored) == 3 and all(p.suffix == ".parquet" for p in stored)
     assert not (tmp_path / "results.parquet").exists()
-    monkeypatch.setattr(runner, "run_cell", real)
+    monkeypatch.setattr(backends, "run_cell", real)
     messages: list[str] = []
     resumed = run_sweep(cfg, tmp_path, progress=False, log=messages.append)
     assert (resumed.reused, resumed.computed) == (3, 5)
@@ -98,7 +101,8 @@ def test_dask_backend_matches_local(tmp_path: Path, reference: pd.DataFrame):
     pd.testing.assert_frame_equal(out.results, reference, check_exact=True)
 
 
-def test_loky_processes_match_local(tmp_path: Path, reference: pd.DataFrame):
+def test_loky_processes_match_local(tmp_path: Path, reference: pd.DataFrame, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(backends, "usable_cores", lambda: 2)  # a pool of two workers on any machine
     out = run_sweep(parse_config(TINY), tmp_path, jobs=2, progress=False, log=quiet)
     pd.testing.assert_frame_equal(out.results, reference, check_exact=True)
 
@@ -116,10 +120,47 @@ def test_estimator_settings_fail_before_fitting(tmp_path: Path, monkeypatch: pyt
     def never(*args, **kwargs):
         raise AssertionError("a fit was started")
 
-    monkeypatch.setattr(runner, "run_cell", never)
+    monkeypatch.setattr(backends, "run_cell", never)
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
         run_sweep(parse_config(raw), tmp_path, progress=False, log=quiet)
     assert not (tmp_path / "cells").exists()
+
+
+def test_jobs_are_capped_at_the_usable_cores(monkeypatch: pytest.MonkeyPatch):
+    assert backends.usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(backends, "usable_cores", lambda: 2)
+    said: list[str] = []
+    capped = backends.Execution(jobs=1000).capped(1, said.append)
+    assert capped == backends.Execution(jobs=2)
+    assert said == ["--jobs 1000 x 1 torch thread(s) per cell is more than the 2 usable cores; running 2 job(s) "
+                    "at a time"]
+    assert backends.Execution(jobs=3, backend="dask").capped(2, said.append) == backends.Execution(1, "dask")
+    assert len(said) == 2 and "--jobs 3 x 2 torch thread(s)" in said[1]
+    said.clear()
+    for jobs, threads in ((2, 1), (1, 2), (1, 4)):  # within the cores, or a single job: left alone, no notice
+        assert backends.Execution(jobs=jobs).capped(threads, said.append).jobs == jobs
+    remote = backends.Execution(jobs=1000, backend="dask", scheduler="tcp://127.0.0.1:1")
+    assert remote.capped(1, said.append) is remote  # a remote cluster brings its own cores
+    assert not said
+
+
+def test_jobs_beyond_the_cores_run_in_process(tmp_path: Path, reference: pd.DataFrame,
+                                              monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(backends, "usable_cores", lambda: 1)
+    real = backends.run_cell
+    calls = {"n": 0}
+
+    def counted(config_dict, cell):
+        calls["n"] += 1
+        return real(config_dict, cell)
+
+    monkeypatch.setattr(backends, "run_cell", counted)
+    messages: list[str] = []
+    out = run_sweep(parse_config(TINY), tmp_path, jobs=1000, progress=False, log=messages.append)
+    assert calls["n"] == 8  # every cell in this process: no worker was started
+    assert [m for m in messages if "usable cores" in m] == [
+        "--jobs 1000 x 1 torch thread(s) per cell is more than the 1 usable cores; running 1 job(s) at a time"]
+    pd.testing.assert_frame_equal(out.results, reference, check_exact=True)
 
 
 def test_bad_runner_arguments(tmp_path: Path):
@@ -134,8 +175,8 @@ def test_bad_runner_arguments(tmp_path: Path):
 
 def test_nonshared_series_is_scored_on_the_shared_truths_atoms():
     cfg = parse_config(TINY)
-    shared = runner.series_setup(cfg, cfg.series[0])
-    nonshared = runner.series_setup(cfg, cfg.series[1])
+    shared = series_setup(cfg, cfg.series[0])
+    nonshared = series_setup(cfg, cfg.series[1])
     a = shared.score_model.mixing_measure(shared.score_truth)
     b = nonshared.score_model.mixing_measure(nonshared.score_truth)
     assert nonshared.fit_model.structure == "nonshared" and shared.fit_model.structure == "shared"

@@ -7,7 +7,7 @@ default, Adam, or the sibling papers' minibatch SGD) inside a box ``Theta`` and 
 :mod:`.sklearn` (scikit-learn-style estimators), :mod:`.init` (starts), :mod:`.bounds`.
 """
 
-from hmoe_sim.estimators.api import METHODS, auto_chunk_size, fit_batch, fit_multistart
+from hmoe_sim.estimators.api import METHODS, as_bounds, auto_chunk_size, fit_batch, fit_multistart, jacobian_bytes
 from hmoe_sim.estimators.bounds import DEFAULT_BOUND, Bounds
 from hmoe_sim.estimators.init import PAPER_NOISE, init_near_truth, init_paper, init_random, split_atoms
 from hmoe_sim.estimators.result import ConvergenceWarning, FitResult, best_of_starts
@@ -22,6 +22,7 @@ __all__ = [
     "FitResult",
     "GaussianMLE",
     "LeastSquaresMoE",
+    "as_bounds",
     "auto_chunk_size",
     "best_of_starts",
     "fit_batch",
@@ -29,5 +30,6 @@ __all__ = [
     "init_near_truth",
     "init_paper",
     "init_random",
+    "jacobian_bytes",
     "split_atoms",
 ]

@@ -22,9 +22,11 @@ from hmoe_sim.models.base import MixtureModel, Params
 
 __all__ = [
     "METHODS",
+    "as_bounds",
     "auto_chunk_size",
     "fit_batch",
     "fit_multistart",
+    "jacobian_bytes",
 ]
 
 METHODS = ("lm", "adam", "sgd-paper")
@@ -36,6 +38,31 @@ CPU_CHUNK_BUDGET = 2 * 1024**3
 _JACOBIAN_COPIES = 8
 #: the same with a model's analytic ``value_and_jacobian`` (the Jacobian, its masked copy, slack)
 _ANALYTIC_JACOBIAN_COPIES = 3
+
+
+def jacobian_bytes(n: int, n_params: int, dtype: torch.dtype, *, analytic: bool = False) -> int:
+    """Bytes of Jacobian work one least-squares problem needs (what :func:`auto_chunk_size` budgets).
+
+    Parameters
+    ----------
+    n : int
+        Sample size of the problem.
+    n_params : int
+        Number of free parameters ``P`` of the fitted model.
+    dtype : torch.dtype
+        Dtype of the fit.
+    analytic : bool
+        Whether the model has an analytic ``value_and_jacobian`` (``3 * n * P`` numbers);
+        otherwise reverse-mode autodiff (``8 * n * P`` numbers).
+
+    Returns
+    -------
+    int
+        ``copies * n * max(P, 1) * itemsize``.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    copies = _ANALYTIC_JACOBIAN_COPIES if analytic else _JACOBIAN_COPIES
+    return copies * n * max(n_params, 1) * itemsize
 
 
 def auto_chunk_size(n: int, n_params: int, dtype: torch.dtype, device: torch.device, *,
@@ -52,9 +79,7 @@ def auto_chunk_size(n: int, n_params: int, dtype: torch.dtype, device: torch.dev
     ValueError
         ``max_memory`` is given and smaller than what one problem needs.
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    copies = _ANALYTIC_JACOBIAN_COPIES if analytic else _JACOBIAN_COPIES
-    per_problem = copies * n * max(n_params, 1) * itemsize
+    per_problem = jacobian_bytes(n, n_params, dtype, analytic=analytic)
     if max_memory is not None:
         budget = check_positive_int("max_memory", max_memory)
         if budget < per_problem:
@@ -68,7 +93,23 @@ def auto_chunk_size(n: int, n_params: int, dtype: torch.dtype, device: torch.dev
     return max(1, int(budget // per_problem))
 
 
-def _as_bounds(bounds: Bounds | Mapping[str, tuple[float, float]] | None) -> Bounds:
+def as_bounds(bounds: Bounds | Mapping[str, tuple[float, float]] | None) -> Bounds:
+    """The box ``bounds`` describes, as a :class:`Bounds`.
+
+    Parameters
+    ----------
+    bounds : Bounds, mapping name -> (low, high), or None
+        ``None`` is the default box; a mapping gives per-parameter limits.
+
+    Returns
+    -------
+    Bounds
+
+    Raises
+    ------
+    TypeError
+        ``bounds`` is of another type.
+    """
     if bounds is None:
         return Bounds()
     if isinstance(bounds, Bounds):
@@ -272,7 +313,7 @@ def fit_batch(
     X, y, mask = _check_data(model, X, y, mask)
     dev = X.device if device is None else resolve_device(device)
     dt = _check_dtype("X", X.dtype) if dtype is None else resolve_dtype(dtype)
-    box = _as_bounds(bounds)
+    box = as_bounds(bounds)
     box.check_names(model)
     B = X.shape[0]
     n_starts = _starts_per_set(model, init, B)
@@ -389,7 +430,7 @@ def fit_multistart(
     X = check_float_tensor("X", X)
     if X.dim() != 3:
         raise ValueError(f"X has shape {tuple(X.shape)}; expected (B, n, D)")
-    box = _as_bounds(bounds)
+    box = as_bounds(bounds)
     if init is None:
         init = init_random(model, batch_shape=(X.shape[0], m), bounds=box, seed=seed, scale=scale,
                            dtype=X.dtype, device=X.device)

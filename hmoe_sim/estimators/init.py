@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from hmoe_sim._validation import check_choice, check_number, check_positive_float, check_positive_int, check_seed
-from hmoe_sim.data import SeedLike
-from hmoe_sim.data import _generator as _rng
+from hmoe_sim.data import SeedLike, as_generator
 from hmoe_sim.estimators.bounds import Bounds
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.flat import FlatMoE
@@ -124,7 +123,7 @@ def init_near_truth(
     perturbation = check_number("perturbation", perturbation, minimum=0.0)
     check_seed("seed", seed)
     base = fit_model.flatten(split_atoms(fit_model, true_model, truth))
-    noise = _rng(seed).standard_normal((*shape, fit_model.n_params))
+    noise = as_generator(seed).standard_normal((*shape, fit_model.n_params))
     theta = base + perturbation * torch.from_numpy(noise)
     params = (bounds or Bounds()).project(fit_model, fit_model.unflatten(theta))
     return fit_model.cast({k: v.contiguous() for k, v in params.items()}, device=device, dtype=dtype)
@@ -160,7 +159,7 @@ def init_random(
     lo, hi = lo.clamp_min(-scale), hi.clamp_max(scale)
     if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("init_random needs a finite box: give finite bounds or a finite scale")
-    u = torch.from_numpy(_rng(seed).random((*shape, fit_model.n_params)))
+    u = torch.from_numpy(as_generator(seed).random((*shape, fit_model.n_params)))
     params = fit_model.unflatten(lo + (hi - lo) * u)
     return fit_model.cast({k: v.contiguous() for k, v in params.items()}, device=device, dtype=dtype)
 
@@ -302,7 +301,7 @@ def init_paper(
     groups = fit_model.n_heads if isinstance(fit_model, HMoE) else 1
     true = {name: truth[name].detach().to(dtype=torch.float64, device="cpu").numpy().reshape(groups, k_true, -1)
             for name in (*_GATING, *_EXPERT)}
-    rng = _rng(seed)
+    rng = as_generator(seed)
     count = math.prod(shape) * groups
     source = _surjective_assignments(rng, count, k_fit, k_true).reshape(*shape, groups, k_fit)
     sd = {name: (gate_scale if name in _GATING else expert_scale) * float(n) ** exponent for name in true}

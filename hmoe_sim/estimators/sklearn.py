@@ -17,7 +17,7 @@ import torch
 
 from hmoe_sim._validation import check_float_tensor, check_positive_int
 from hmoe_sim.data import SeedLike
-from hmoe_sim.estimators.api import _as_bounds, fit_batch
+from hmoe_sim.estimators.api import as_bounds, fit_batch
 from hmoe_sim.estimators.bounds import Bounds
 from hmoe_sim.estimators.init import init_random
 from hmoe_sim.estimators.result import ConvergenceWarning
@@ -95,7 +95,7 @@ class LeastSquaresMoE:
         if init is None:
             m = check_positive_int("n_starts", self.n_starts)
             shape = (X.shape[0], m) if m > 1 else (X.shape[0],)
-            init = init_random(self.model, batch_shape=shape, bounds=_as_bounds(self.bounds),
+            init = init_random(self.model, batch_shape=shape, bounds=as_bounds(self.bounds),
                                seed=self.random_state, scale=self.init_scale, dtype=X.dtype, device=X.device)
         options = dict(self.fit_options or {})
         options.setdefault("seed", self.random_state if not isinstance(self.random_state, np.random.Generator)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from hmoe_sim.hora.attention import MultiHeadAttention
-from hmoe_sim.models.base import Params, _softmax_mix
+from hmoe_sim.models.base import Params, softmax_mix
 from hmoe_sim.models.hmoe import FrozenAttention, HMoE
 
 __all__ = ["HeadWeights", "head_weights", "layer_regression_function", "row_one_readout", "to_frozen_attention",
@@ -138,7 +138,7 @@ def layer_regression_function(module: MultiHeadAttention, X: torch.Tensor, reado
     experts = torch.einsum("...te,hev,hv->...ht", tokens, w.value, c) + (w.value_bias * c).sum(-1, keepdim=True)
     prefix_scores = torch.einsum("...hk,hpk->...hp", q1, w.prefix_key) / scale
     prefix_experts = torch.einsum("hpv,hv->hp", w.prefix_value, c).expand_as(prefix_scores)
-    heads = _softmax_mix(torch.cat([prefix_scores, scores], dim=-1), torch.cat([prefix_experts, experts], dim=-1))
+    heads = softmax_mix(torch.cat([prefix_scores, scores], dim=-1), torch.cat([prefix_experts, experts], dim=-1))
     return heads.sum(-1) + u @ w.output_bias
 
 

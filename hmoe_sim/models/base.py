@@ -22,7 +22,7 @@ import torch
 
 from hmoe_sim._validation import check_finite_tensor, check_float_tensor
 
-__all__ = ["MixingMeasure", "MixtureModel", "Params"]
+__all__ = ["MixingMeasure", "MixtureModel", "Params", "softmax_mix"]
 
 Params = dict[str, torch.Tensor]
 
@@ -47,8 +47,19 @@ class MixingMeasure:
     groups: torch.Tensor | None = None
 
 
-def _softmax_mix(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``sum_j softmax(logits)_j * values_j`` over the last axis, through logsumexp."""
+def softmax_mix(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``sum_j softmax(logits)_j * values_j`` over the last axis, through logsumexp.
+
+    Parameters
+    ----------
+    logits, values : torch.Tensor
+        Gate scores and expert values, broadcastable, mixed over the last axis.
+
+    Returns
+    -------
+    torch.Tensor
+        The mixture, with the last axis reduced.
+    """
     log_weights = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     return (torch.exp(log_weights) * values).sum(dim=-1)
 

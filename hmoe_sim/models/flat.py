@@ -25,7 +25,7 @@ from hmoe_sim._validation import (
     check_positive_float,
     check_positive_int,
 )
-from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
+from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, dict_repr, softmax_mix
 
 __all__ = ["AnalyticJacobian", "EXPERT_DERIVATIVES", "EXPERT_FUNCTIONS", "FlatMoE", "GATES", "Piece",
            "assemble_columns"]
@@ -212,7 +212,7 @@ class FlatMoE(AnalyticJacobian, MixtureModel):
             shape = _bshape(logits, X)
             logits = torch.cat([self._anchor_logits(X).expand(*shape, -1), logits.expand(*shape, -1)], -1)
             experts = torch.cat([self._anchor_experts(X).expand(*shape, -1), experts.expand(*shape, -1)], -1)
-        return _softmax_mix(logits, experts)
+        return softmax_mix(logits, experts)
 
     # ------------------------------------------------------------------ derivatives
     def _atom_major_scores(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -39,7 +39,7 @@ from hmoe_sim._validation import (
     check_positive_float,
     check_positive_int,
 )
-from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
+from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, dict_repr, softmax_mix
 from hmoe_sim.models.flat import AnalyticJacobian, Piece, min_pairwise_distance
 
 __all__ = ["FrozenAttention", "HMoE", "STRUCTURES", "CODE_ACTIVATIONS", "CODE_DERIVATIVES", "FIRST_LEVEL_GATES"]
@@ -281,7 +281,7 @@ class HMoE(AnalyticJacobian, MixtureModel):
             lead = torch.broadcast_shapes(scores.shape[:-1], logits.shape[:-1])
             scores = torch.cat([scores.expand(*lead, -1), logits.expand(*lead, -1)], dim=-1)
             experts = torch.cat([experts.expand(*lead, -1), values.expand(*lead, -1)], dim=-1)
-        return _softmax_mix(scores, experts)
+        return softmax_mix(scores, experts)
 
     def head_weights(self, free: Params, X: torch.Tensor) -> torch.Tensor:
         """First-level weights ``pi_h(X)``, ``(*batch, n, H)``."""

@@ -192,7 +192,7 @@ def _number(key: str, value: object, *, minimum: float, strict: bool) -> float:
 
 
 #: checks of the known ``fit.options`` (keyword arguments of ``fit_batch``); unknown names are
-#: rejected by ``hmoe_sim.sweep.runner.check_estimator_options`` against fit_batch's signature
+#: rejected by ``hmoe_sim.sweep.checks.check_estimator_options`` against fit_batch's signature
 _OPTION_CHECKS: dict[str, Any] = {
     "epochs": lambda k, v: _int(k, v, 1),
     "batch_size": lambda k, v: _int(k, v, 1),

@@ -23,6 +23,7 @@ import pandas as pd
 
 from hmoe_sim.models.hmoe import HMoE
 from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.setup import series_setup
 
 __all__ = ["PER_TRUTH_COLUMNS", "series_heads", "per_truth_table", "ensemble_table", "structure_pairs",
            "paired_largest_n", "ensemble_slope"]
@@ -35,8 +36,6 @@ PER_TRUTH_COLUMNS = ["truth", "H", "series", "structure", "loss", "slope", "ci_l
 
 def series_heads(config: SweepConfig) -> dict[str, int]:
     """Number of heads ``H`` of each HMoE series (series of other models are left out)."""
-    from hmoe_sim.sweep.runner import series_setup
-
     out = {}
     for s in config.series:
         model = series_setup(config, s, s["truth_seeds"][0]).fit_model

@@ -18,8 +18,10 @@ from collections.abc import Collection
 import numpy as np
 import pandas as pd
 
+from hmoe_sim.identifiability import flat_directions, loss_floor
 from hmoe_sim.rates import FLOOR_TOLERANCE, SeriesEvidence, fit_rate, rate_verdict
 from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.setup import series_setup
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
            "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
@@ -153,9 +155,6 @@ def upper_half(sizes: list[int]) -> list[int]:
 
 def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
     """:func:`hmoe_sim.identifiability.loss_floor` per (truth, series, loss); ``L2`` has floor 0."""
-    from hmoe_sim.identifiability import loss_floor
-    from hmoe_sim.sweep.runner import series_setup
-
     out: dict[tuple[int, str, str], float] = {}
     spec = config.data["losses"]
     for s in config.series:
@@ -169,9 +168,6 @@ def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
 
 def flat_counts(config: SweepConfig) -> dict[tuple[int, str, str], tuple[int, int]]:
     """:func:`hmoe_sim.identifiability.flat_directions` per (truth, series, loss) for the Voronoi losses."""
-    from hmoe_sim.identifiability import flat_directions
-    from hmoe_sim.sweep.runner import series_setup
-
     out: dict[tuple[int, str, str], tuple[int, int]] = {}
     spec = config.data["losses"]
     for s in config.series:

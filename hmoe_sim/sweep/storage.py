@@ -32,21 +32,16 @@ less the umask, like any other file) and moved in place with ``os.replace``; a s
 any moment leaves only whole files behind, plus at most some ``.*.tmp`` files that the next
 sweep into the directory removes.
 
-The lock is an ``flock`` on ``DIR/.hmoe-sim.lock``, which also records the holder. The kernel
-drops an ``flock`` when its process ends, however it ends; a lock file still naming a holder
-when the lock is free was left by a killed sweep and is taken over with a notice.
+The lock is an ``flock`` on ``DIR/.hmoe-sim.lock``, which also records the holder
+(:mod:`~hmoe_sim.sweep.lock`); a lock file left by a killed sweep is taken over with a notice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
-import fcntl
 import json
 import os
 import secrets
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,8 +53,9 @@ import pyarrow.parquet as pq
 from hmoe_sim import __version__
 from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, plan_cells
 from hmoe_sim.sweep.config import SweepConfig, fingerprint_of, parse_config
+from hmoe_sim.sweep.lock import LOCK_FILE, hold_lock, read_lock_info
 
-__all__ = ["CellInvalid", "RunDir", "RunLocked", "atomic_write"]
+__all__ = ["CellInvalid", "RunDir", "atomic_write"]
 
 CONFIG_FILE = "config.resolved.json"
 RESULTS_FILE = "results.parquet"
@@ -68,16 +64,11 @@ SUMMARY_FILE = "summary.csv"
 BOUNDARY_FILE = "boundary.csv"
 PER_TRUTH_FILE = "per_truth.csv"
 ENSEMBLE_FILE = "ensemble.csv"
-LOCK_FILE = ".hmoe-sim.lock"
 CELLS_DIR = "cells"
 #: parquet key-value metadata key of the hmoe-sim record in cell files and results.parquet
 METADATA_KEY = b"hmoe_sim"
 #: columns every cell file must have (besides the configured loss columns)
 CELL_KEY_COLUMNS = ("truth", "series", "control", "n", "replication")
-
-
-class RunLocked(ValueError):
-    """The run directory is locked by another sweep (the message names the holder)."""
 
 
 class CellInvalid(ValueError):
@@ -123,26 +114,6 @@ def _parquet_record(path: Path) -> dict[str, Any] | None:
     metadata = pq.read_schema(path).metadata or {}
     raw = metadata.get(METADATA_KEY)
     return None if raw is None else json.loads(raw)
-
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _describe_holder(info: dict[str, Any]) -> str:
-    pid = info.get("pid", "?")
-    host = info.get("host", "?")
-    return f"pid {pid} on {host}, started {info.get('started', '?')}"
 
 
 class RunDir:
@@ -228,64 +199,14 @@ class RunDir:
         -----
         A lock file left by a sweep that was killed (its ``flock`` is gone with it) is taken
         over with a notice through ``notify``, and the temporary files such a sweep may have
-        left (``.*.tmp``) are removed.
+        left (``.*.tmp``) are removed (:func:`hmoe_sim.sweep.lock.hold_lock`).
         """
-        say = notify if notify is not None else (lambda msg: None)
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path / LOCK_FILE
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = self._read_lock_info(lock_path)
-                who = _describe_holder(holder) if holder else "a process that has not recorded itself yet"
-                raise RunLocked(f"run directory {str(self.path)!r} is in use by another sweep ({who}); "
-                                "wait for it to finish or stop it, or choose another --out") from None
-            # the holder we waited on may have removed the file after we opened it: retry on the new one
-            try:
-                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        try:
-            previous = self._read_lock_info(lock_path)
-            if previous:
-                pid = previous.get("pid")
-                gone = "that process is gone" if isinstance(pid, int) and not _pid_alive(pid) else \
-                    "it no longer holds the lock"
-                say(f"taking over the stale lock of a killed sweep ({_describe_holder(previous)}; {gone})")
-                self._remove_temporary_files(say)
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-            os.fsync(fd)
+        with hold_lock(self.path, notify, on_takeover=self._remove_temporary_files):
             yield
-        finally:
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
-            os.close(fd)
-
-    @staticmethod
-    def _read_lock_info(lock_path: Path) -> dict[str, Any]:
-        try:
-            text = lock_path.read_text()
-        except OSError:
-            return {}
-        try:
-            info = json.loads(text)
-        except json.JSONDecodeError:
-            return {}
-        return info if isinstance(info, dict) else {}
 
     def lock_holder(self) -> dict[str, Any]:
         """What the lock file records (``{}`` when there is none): ``pid``, ``host``, ``started``."""
-        return self._read_lock_info(self.path / LOCK_FILE)
+        return read_lock_info(self.path / LOCK_FILE)
 
     def _remove_temporary_files(self, say: Callable[[str], None]) -> None:
         leftovers = [p for d in (self.path, self.path / CELLS_DIR) if d.is_dir() for p in d.glob(".*.tmp")]

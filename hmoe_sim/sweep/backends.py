@@ -1,0 +1,229 @@
+"""Where the cells of a sweep run: in-process, a pool of worker processes, or dask.
+
+:class:`Execution` holds the execution choices of a sweep (``jobs``, ``backend``,
+``scheduler``), none of which can change a number; :meth:`Execution.capped` keeps worker
+processes x torch threads per cell within the cores this process may use, with a one-line
+notice. :func:`cell_results` yields ``(cell, frame)`` pairs in order of completion: in-process
+for one job (or one cell), from ``jobs`` spawned worker processes
+(``concurrent.futures.ProcessPoolExecutor``) for several, or from a dask.distributed cluster
+through joblib's dask backend.
+
+Worker processes never outlive the sweep: they ignore Ctrl-C (the parent's business), are
+killed by the kernel when their parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere each
+worker checks twice a second that its parent is alive and exits when it is not), and closing
+the iterator early (an exception, Ctrl-C or SIGTERM in the caller) terminates and reaps them.
+A dask LocalCluster's workers are watched by their nannies, which exit when the sweep is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from hmoe_sim.sweep.cell import run_cell
+from hmoe_sim.sweep.cells import Cell
+
+__all__ = ["BACKENDS", "ORPHAN_POLL_SECONDS", "Execution", "cell_results", "usable_cores"]
+
+BACKENDS = ("local", "dask")
+#: how often a worker process checks that the sweep that started it is still alive
+ORPHAN_POLL_SECONDS = 0.5
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a sweep's cells are spread: execution choices only, never part of a result.
+
+    Attributes
+    ----------
+    jobs : int
+        Cells computed at once (spawned worker processes for ``local``, workers of a new
+        LocalCluster for ``dask``).
+    backend : {"local", "dask"}
+        In-process / a process pool, or a dask.distributed cluster through joblib.
+    scheduler : str or None
+        Address of a running dask scheduler (``backend="dask"`` only); ``None`` starts a
+        LocalCluster.
+    dask_processes : bool
+        Whether a LocalCluster uses worker processes (threads when ``False``).
+
+    Raises
+    ------
+    ValueError
+        An unknown backend, ``jobs`` not a positive integer, or a scheduler without dask.
+    """
+
+    jobs: int = 1
+    backend: str = "local"
+    scheduler: str | None = None
+    dask_processes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {list(BACKENDS)}")
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ValueError(f"jobs must be a positive integer, got {self.jobs!r}")
+        if self.scheduler is not None and self.backend != "dask":
+            raise ValueError(f"scheduler={self.scheduler!r} needs backend='dask'")
+
+    def capped(self, threads: int, say: Callable[[str], None]) -> Execution:
+        """This execution with at most ``usable_cores() // threads`` jobs (at least one).
+
+        ``jobs`` cells at once, each running ``threads`` torch threads, would oversubscribe the
+        cores this process may use (:func:`usable_cores`) when ``jobs * threads`` exceeds them;
+        the jobs are then lowered and ``say`` gets one line saying so. A remote dask cluster
+        (``scheduler`` given) brings its own cores and is left alone.
+        """
+        if self.scheduler is not None:
+            return self
+        cores = usable_cores()
+        most = max(1, cores // threads)
+        if self.jobs <= most:
+            return self
+        say(f"--jobs {self.jobs} x {threads} torch thread(s) per cell is more than the {cores} usable cores; "
+            f"running {most} job(s) at a time")
+        return dataclasses.replace(self, jobs=most)
+
+
+def cell_results(todo: list[Cell], config_dict: dict[str, Any],
+                 execution: Execution) -> Generator[tuple[Cell, pd.DataFrame], None, None]:
+    """Compute the cells ``todo`` of a resolved configuration; yield ``(cell, frame)`` as each finishes.
+
+    In-process (:func:`~hmoe_sim.sweep.cell.run_cell` in this process) for one job or one
+    cell, else in ``execution.jobs`` spawned worker processes, or on dask
+    (``execution.backend == "dask"``). Close the generator to stop early: workers are
+    terminated and reaped.
+    """
+    if execution.backend == "dask":
+        return _dask_results(todo, config_dict, execution.jobs, execution.scheduler, execution.dask_processes)
+    if execution.jobs == 1 or len(todo) == 1:
+        return _inline_results(todo, config_dict)
+    return _process_results(todo, config_dict, execution.jobs)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(ORPHAN_POLL_SECONDS)
+    os._exit(1)
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Set up a worker process: Ctrl-C is the parent's business; never outlive the parent.
+
+    The kernel kills the worker when its parent dies (Linux); elsewhere, and as a fallback, a
+    daemon thread exits the worker once its parent pid changes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="hmoe-sim-parent-watch",
+                     daemon=True).start()
+
+
+def _run_pair(config_dict: dict[str, Any], cell: Cell) -> tuple[Cell, pd.DataFrame]:
+    return cell, run_cell(config_dict, cell)
+
+
+def _inline_results(todo: list[Cell],
+                    config_dict: dict[str, Any]) -> Generator[tuple[Cell, pd.DataFrame], None, None]:
+    for cell in todo:
+        yield cell, run_cell(config_dict, cell)
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes now (running cells are abandoned) and reap them."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    executor.shutdown(wait=True, cancel_futures=True)
+    for p in processes:
+        p.join(5)
+        if p.is_alive():  # pragma: no cover - a worker ignoring SIGTERM
+            p.kill()
+            p.join(5)
+
+
+def _process_results(todo: list[Cell], config_dict: dict[str, Any],
+                     jobs: int) -> Generator[tuple[Cell, pd.DataFrame], None, None]:
+    """Cells computed by ``jobs`` spawned worker processes, in order of completion.
+
+    Closing the generator early (an exception in the caller, Ctrl-C, SIGTERM) terminates the
+    workers and waits for them; a normal end shuts the pool down cleanly.
+    """
+    context = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context,
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+    finished = False
+    try:
+        pending: set[Future[tuple[Cell, pd.DataFrame]]] = {executor.submit(_run_pair, config_dict, c) for c in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    yield future.result()
+                except BrokenProcessPool as err:
+                    raise RuntimeError("a worker process died while computing a cell (killed from outside, or out "
+                                       "of memory?); finished cells are kept, rerun to resume") from err
+        finished = True
+    finally:
+        if finished:
+            executor.shutdown(wait=True)
+        else:
+            _stop_workers(executor)
+
+
+def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, scheduler: str | None,
+                  processes: bool) -> Generator[tuple[Cell, pd.DataFrame], None, None]:
+    from dask.distributed import Client, LocalCluster
+    from joblib import Parallel, delayed, parallel_config
+
+    with contextlib.ExitStack() as stack:
+        if scheduler is None:
+            cluster = stack.enter_context(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=processes,
+                                                       dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        else:
+            try:
+                client = stack.enter_context(Client(scheduler, timeout="20s"))
+            except (OSError, TimeoutError) as err:
+                raise ValueError(f"cannot connect to the dask scheduler at {scheduler!r}: {err}") from err
+        with parallel_config(backend="dask", wait_for_workers_timeout=60):
+            parallel = Parallel(return_as="generator_unordered")
+            yield from parallel(delayed(_run_pair)(config_dict, c) for c in todo)
+        del client

@@ -1,0 +1,258 @@
+"""Every check a sweep runs before any work: configuration, estimator options, memory, files, dask.
+
+:func:`check_before_work` runs them in order -- the estimator settings of every series
+(:func:`check_estimator_options`, with the memory check :func:`check_memory` and the
+identifiability check), the output directory (writable, file names short enough
+(:func:`check_file_names`), a layout of this plan), and the dask scheduler -- and raises a
+one-line ``ValueError`` naming the bad key or value before anything is written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmoe_sim.devices import resolve_device, resolve_dtype
+from hmoe_sim.estimators import fit_batch, jacobian_bytes
+from hmoe_sim.identifiability import nonidentifiable_reason
+from hmoe_sim.sweep.cells import Cell, cell_hash, plan_cells
+from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
+from hmoe_sim.sweep.storage import RunDir
+
+__all__ = ["check_before_work", "check_dask", "check_estimator_options", "check_file_names", "check_memory",
+           "cpu_available_memory"]
+
+
+def check_before_work(config: SweepConfig, out: str | Path, *, dask: bool = False,
+                      scheduler: str | None = None) -> tuple[RunDir, list[Cell]]:
+    """Run every check of a sweep of ``config`` into ``out``; return the run directory and the plan.
+
+    In order: :func:`check_estimator_options`; ``out`` non-empty and writable;
+    :func:`check_file_names`; the directory's layout for this plan (``RunDir.check_layout``);
+    and for the dask backend (``dask=True``) :func:`check_dask`. Nothing is written.
+
+    Raises
+    ------
+    ValueError
+        The first failed check, in one line naming the key or value.
+    """
+    check_estimator_options(config)
+    if not str(out).strip():
+        raise ValueError(f"--out {str(out)!r} is empty; give a run directory (use --out . for the current directory)")
+    run = RunDir(out)
+    run.check_writable()
+    check_file_names(config, run)
+    cells = plan_cells(config)
+    run.check_layout([(c, cell_hash(config, c)) for c in cells])
+    if dask:
+        check_dask(scheduler)
+    return run, cells
+
+
+def check_estimator_options(config: SweepConfig) -> None:
+    """Validate every series' estimator settings before any fitting.
+
+    Checks ``fit.bounds`` (keys ``default``, ``limits``, ``boundary_tol``; names must be
+    parameters of the fitted model) and ``fit.options`` (extra keyword arguments of
+    ``fit_batch`` / ``fit_multistart``), that the device exists, that one cell can fit
+    in the device's memory (:func:`check_memory`), and that every series' truth is
+    identifiable at its true size (:func:`hmoe_sim.identifiability.nonidentifiable_reason`,
+    checked on the series' first truth seed) unless ``allow_nonidentifiable = true``.
+
+    Raises
+    ------
+    ValueError
+        Naming the offending key.
+    """
+    resolve_device(config.data["device"])
+    reserved = {"model", "X", "y", "init", "method", "bounds", "max_iter", "tol", "device", "dtype", "truth", "seed",
+                "show_progress", "mask"}
+    for i, s in enumerate(config.series):
+        key = f"series[{i}].fit"
+        fit = s["fit"]
+        unknown = sorted(set(fit["bounds"]) - {"default", "limits", "boundary_tol"})
+        if unknown:
+            raise ValueError(f"unknown config key(s) {[f'{key}.bounds.{u}' for u in unknown]}; "
+                             "known: default, limits, boundary_tol")
+        setup = series_setup(config, s, s["truth_seeds"][0])
+        try:
+            bounds = fit_bounds(fit["bounds"])
+            bounds.check_names(setup.fit_model)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config key {key + '.bounds'!r}: {err}") from err
+        accepted = set(inspect.signature(fit_batch).parameters) - reserved
+        bad = sorted(set(fit["options"]) - accepted)
+        if bad:
+            raise ValueError(f"unknown config key(s) {[f'{key}.options.{b}' for b in bad]}; "
+                             f"fit_batch accepts {sorted(accepted)}")
+        check_memory(config, s, setup)
+        if not config.data["allow_nonidentifiable"]:
+            reason = nonidentifiable_reason(s["preset"], s["truth_options"], seed=s["truth_seeds"][0])
+            if reason is not None:
+                raise ValueError(f"series[{i}] ({s['name']!r}, preset {s['preset']!r}) is not identifiable at its "
+                                 f"true size: {reason}; a rate measured on it is not a rate of its parameters. "
+                                 "Set allow_nonidentifiable = true to run it anyway")
+
+
+def _read_int(path: str) -> int | None:
+    """The integer a one-value file holds (``None`` when missing, unreadable or e.g. ``max``)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_available_memory() -> int:
+    """Memory this process can still use, in bytes: the least of what applies.
+
+    ``MemAvailable`` of ``/proc/meminfo``, the address-space limit (``RLIMIT_AS``, when set)
+    and the cgroup's limit less its usage (cgroup v2 ``memory.max`` / ``memory.current``, or
+    v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``); physical RAM when none is known.
+
+    Returns
+    -------
+    int
+    """
+    import resource
+
+    candidates = [int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and soft > 0:
+        candidates.append(int(soft))
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is not None and limit < 1 << 60:
+            candidates.append(max(0, limit - (_read_int(usage_file) or 0)))
+            break
+    return min(candidates)
+
+
+def _device_memory(device: torch.device) -> int:
+    """Memory of ``device`` in bytes: total for a GPU, available to this process for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return cpu_available_memory()
+
+
+#: what a temporary name adds to a file name (``.NAME.<12 hex>.tmp``)
+_TMP_EXTRA = len(".") + len(".0123456789ab.tmp")
+
+
+def check_file_names(config: SweepConfig, run: RunDir) -> None:
+    """Raise when a cell file or the figure of ``config`` would have too long a file name.
+
+    Checked on the longest cell key of every series (largest truth seed, control, ``n`` and
+    block) with its hash and the temporary-file suffix, and on ``<name>.png``, against the
+    file-name limit of the file system holding ``run`` (255 when unknown).
+
+    Raises
+    ------
+    ValueError
+        Naming the config key (``series[i].name`` or ``name``), its value and the length.
+    """
+    probe = run.path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        limit = int(os.pathconf(probe, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        limit = 255
+    blocks = -(-config.replications // int(config.data["sample"]["chunk"]))
+    for i, s in enumerate(config.series):
+        for control in ["", *config.controls]:
+            cell = Cell(max(s["truth_seeds"]), s["name"], control, max(config.sizes), blocks - 1, ())
+            length = len(run.cell_path(cell, "0" * 16).name.encode()) + _TMP_EXTRA
+            if length > limit:
+                raise ValueError(f"config key 'series[{i}].name': {s['name']!r} makes cell file names of {length} "
+                                 f"characters, more than the {limit} a file name may have; shorten it")
+    for part in f"{config.name}.png".split("/"):
+        if len(part.encode()) + _TMP_EXTRA > limit:
+            raise ValueError(f"config key 'name': {config.name!r} makes a figure file name of "
+                             f"{len(part.encode())} characters, too long for a file name (limit {limit}); shorten it")
+
+
+def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup) -> None:
+    """Raise when one cell of ``series`` plainly cannot fit in the device's memory.
+
+    A lower bound of what one cell needs at the largest ``n``: its data (``min(sample.chunk,
+    replications)`` data sets of ``n * (D + 1)`` float64 numbers, drawn at once) plus the
+    Jacobian work of a single fit (:func:`~hmoe_sim.estimators.jacobian_bytes`, what
+    :func:`~hmoe_sim.estimators.auto_chunk_size` budgets); separately, the L2 evaluation sample of the
+    cell (the points and the fitted values there). Each is compared with the device's total
+    memory (for the CPU: the memory available to this process, :func:`cpu_available_memory`),
+    so only a configuration that cannot run on this machine now is refused. A
+    ``fit.options.max_memory`` below what one fit's Jacobian needs at the largest ``n`` is
+    refused too.
+
+    Raises
+    ------
+    ValueError
+        Naming ``sample.sizes`` (or ``losses.l2_n_eval``), the value and the memory needed.
+    """
+    device = resolve_device(config.data["device"])
+    available = _device_memory(device)
+    batch = min(int(config.data["sample"]["chunk"]), config.replications)
+    dim = setup.fit_model.input_dim
+    n = max(config.sizes)
+    per_fit = jacobian_bytes(n, setup.fit_model.n_params, resolve_dtype(config.data["dtype"]),
+                             analytic=hasattr(setup.fit_model, "value_and_jacobian"))
+    need = 8 * batch * n * (dim + 1) + per_fit
+    gib = 1024**3
+    where = f"{device.type} memory ({available / gib:.1f} GiB{' available' if device.type == 'cpu' else ''})"
+    budget = series["fit"]["options"].get("max_memory")
+    if budget is not None and budget < per_fit:
+        i = next(j for j, s in enumerate(config.series) if s["name"] == series["name"])
+        raise ValueError(f"config key 'series[{i}].fit.options.max_memory': {budget} bytes is below the {per_fit} "
+                         f"bytes one fit needs at n = {n} ({setup.fit_model.n_params} parameters)")
+    if need > available:
+        raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {need / gib:.1f} GiB for one cell of "
+                         f"series {series['name']!r} ({batch} data sets and one fit's Jacobian), more than the "
+                         f"{where}")
+    n_eval = int(config.data["losses"]["l2_n_eval"]) if config.data["losses"]["l2"] else 0
+    need_l2 = 8 * n_eval * (dim + batch)  # the evaluation sample and the cell's fitted values on it
+    if need_l2 > available:
+        raise ValueError(f"config key 'losses.l2_n_eval': {n_eval} evaluation points need at least "
+                         f"{need_l2 / gib:.1f} GiB for one cell, more than the {where}")
+
+
+def check_dask(scheduler: str | None) -> None:
+    """Fail early when dask.distributed is missing or the scheduler address cannot be reached.
+
+    Raises
+    ------
+    ValueError
+        dask is not installed, or ``scheduler`` is malformed or unreachable (named).
+    """
+    try:
+        import dask.distributed  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise ValueError("backend 'dask' needs dask.distributed: pip install 'hmoe-sim[dist]'") from err
+    if scheduler is None:
+        return
+    protocol, _, rest = scheduler.rpartition("://")
+    if protocol not in ("", "tcp", "tls"):
+        return
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"dask scheduler address {scheduler!r} is not of the form tcp://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot reach the dask scheduler at {scheduler!r}: {err.strerror or err}") from err
