@@ -69,7 +69,7 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     import numpy as np
 
     if "control" in summary:
-        controls = summary[summary["control"].fillna("") != ""]
+        controls = summary[summary["control"].fillna("") == "noise_free"]
         summary = summary[summary["control"].fillna("") == ""]
     else:
         controls = summary.iloc[0:0]
@@ -207,7 +207,7 @@ def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | N
     """
     if not losses:
         raise ValueError("losses must name at least one loss column")
-    has_controls = "control" in summary and bool((summary["control"].fillna("") != "").any())
+    has_controls = "control" in summary and bool((summary["control"].fillna("") == "noise_free").any())
     rows = 2 if has_controls else 1
     fig, axes = plt.subplots(rows, len(losses), figsize=(5.4 * len(losses), 4.2 + 2.6 * (rows - 1) + 1.6),
                              layout="constrained", squeeze=False, sharex="col",

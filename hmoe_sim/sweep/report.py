@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hmoe_sim.identifiability import flat_directions, loss_floor
-from hmoe_sim.rates import FLOOR_TOLERANCE, SeriesEvidence, fit_rate, rate_verdict
+from hmoe_sim.rates import FLOOR_TOLERANCE, SeriesEvidence, fit_rate, perturbation_exponent, rate_verdict
 from hmoe_sim.sweep.config import SweepConfig
 from hmoe_sim.sweep.setup import series_setup
 
@@ -198,6 +198,10 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
         row["spread_ratio"] = np.nan
     n_max = max(config.sizes)
     row["noisy_level"] = _median_at(main, loss, n_max)
+    ladder = config.control_perturbations
+    rungs = [(p, _median_at(controls[name], loss, n_max)) for name, p in ladder.items() if name in controls]
+    row["control_perturb_exponent"] = perturbation_exponent(*zip(*rungs, strict=True)) if len(rungs) >= 2 else np.nan
+    row["control_perturb_levels"] = "; ".join(f"{p:g}: {v:.3g}" for p, v in rungs)
     control = controls.get("noise_free")
     if control is None or control.empty:
         row.update({"control_slope": np.nan, "control_ci_low": np.nan, "control_ci_high": np.nan,
@@ -275,7 +279,10 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
     ci_high_worst`` (the rate of the largest near-optimal loss), ``spread_ratio`` (median over
     fits of ``(max - min) / best`` over the near-optimal starts), ``control_slope,
     control_ci_low, control_ci_high, control_level`` (the noise-free control; its median loss
-    at the largest n), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
+    at the largest n), ``control_perturb_exponent`` and ``control_perturb_levels`` (the
+    exponent ``a`` of ``level ~ p^a`` over the control-perturbation ladder,
+    :func:`hmoe_sim.rates.perturbation_exponent`, and its ``p: level`` pairs; NaN and empty
+    without a ladder), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
     (:func:`loss_floors`); ``identifiable`` (the floor is at most
     :data:`hmoe_sim.rates.FLOOR_TOLERANCE`: every exact representation of the truth in the fitted
     class has zero loss -- a property of the class, decided by no fit); how the noisy fits were
@@ -346,6 +353,8 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
             for control, rows_of in [("", main), *controls.items()]:
                 for n in config.sizes:
                     part = rows_of[rows_of["n"] == n]
+                    if control in config.control_perturbations and part.empty:
+                        continue  # a ladder rung is fitted at the largest n only
                     row: dict[str, object] = {"truth": truth, "series": s["name"], "control": control, "n": n,
                                               "n_fits": len(part), "n_flagged": int(bad[part.index].sum())}
                     for col in ("diverged", "on_boundary", "converged"):
