@@ -6,8 +6,10 @@ commit which configs changed their protocol and why (every stored cell of them i
 import json
 import sys
 from pathlib import Path
+
 from hmoe_sim.sweep import load_config, plan_cells
 from hmoe_sim.sweep.cells import cell_hash
+
 p = Path("tests/data/config_hashes.json")
 data = json.loads(p.read_text())
 for name in sys.argv[1:]:
