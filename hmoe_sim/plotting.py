@@ -34,7 +34,8 @@ REFERENCE_SLOPES: dict[str, float] = {"n^-1/2": RATE_PARAMETRIC, "n^-1/4": RATE_
 
 
 def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str] | None = None,
-                   references: dict[str, float] | None = None) -> None:
+                   references: dict[str, float] | None = None, control_ax: plt.Axes | None = None,
+                   legend: bool = True) -> None:
     """Draw one loss's convergence plot on ``ax`` (log-log).
 
     Parameters
@@ -52,6 +53,11 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     references : dict of str to float, optional
         Dashed reference slopes (default :data:`REFERENCE_SLOPES`), anchored at the first
         plotted mean.
+    control_ax : matplotlib Axes, optional
+        Where the noise-free controls go (their own axes, so that controls at round-off do not
+        squeeze the data into the top of the panel); default ``ax``.
+    legend : bool, default True
+        Draw a legend on ``ax`` (``False`` when the caller puts one legend outside the axes).
 
     Notes
     -----
@@ -63,7 +69,7 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     import numpy as np
 
     if "control" in summary:
-        controls = summary[summary["control"].fillna("") != ""]
+        controls = summary[summary["control"].fillna("") == "noise_free"]
         summary = summary[summary["control"].fillna("") == ""]
     else:
         controls = summary.iloc[0:0]
@@ -97,7 +103,8 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
             ax.plot(grid, np.exp(float(r["intercept"])) * grid ** float(r["slope"]), "-", color=color, label=label)
         else:
             ax.plot([], [], "o", color=color, label=f"{name}: no slope")
-        _draw_control(ax, controls[controls["series"] == name].sort_values("n"), loss, color, name)
+        _draw_control(ax if control_ax is None else control_ax, controls[controls["series"] == name].sort_values("n"),
+                      loss, color, name, faint=control_ax is None)
     if anchor is not None:
         grid = np.geomspace(summary["n"].min(), summary["n"].max(), 50)
         for j, (text, slope) in enumerate(refs.items()):
@@ -106,16 +113,20 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sample size n")
-    ax.set_ylabel(f"{loss} (mean, +-2 SD; faint: noise-free control median)")
+    ax.set_ylabel(f"{loss} (mean, +-2 SD)" + ("; faint: noise-free control median" if control_ax is None else ""))
     ax.grid(True, which="both", alpha=0.25)
-    if len(names) > 3:  # many series: the legend goes under the axes, where it hides no point
-        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(0.0, -0.16), borderaxespad=0.0)
-    else:
-        ax.legend(fontsize=7, loc="best")
+    if control_ax is not None:
+        control_ax.set_xscale("log")
+        control_ax.set_yscale("log")
+        control_ax.set_xlabel("sample size n")
+        control_ax.set_ylabel(f"{loss}, noise-free control (median)")
+        control_ax.grid(True, which="both", alpha=0.25)
+    if legend:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
-def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str) -> None:
-    """The noise-free control of a series: its median loss per n, faint, beside the series."""
+def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str, *, faint: bool = True) -> None:
+    """The noise-free control of a series: its median loss per n (faint when beside the series)."""
     import numpy as np
 
     if part.empty:
@@ -124,7 +135,7 @@ def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str) -> None:
     med = part[f"{loss}_median"].to_numpy(dtype=float)
     keep = np.isfinite(med) & (med > 0)
     if keep.any():
-        ax.plot(n[keep], med[keep], "s:", color=color, alpha=0.4, ms=3, lw=1,
+        ax.plot(n[keep], med[keep], "s:", color=color, alpha=0.4 if faint else 1.0, ms=3, lw=1,
                 label=f"{name}, noise-free control (median)")
 
 
@@ -178,8 +189,9 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> pl
             ax.set_xlabel(f"slope of log {loss} on log n (95% CI)")
             ax.set_title(f"{loss}, H = {h}")
             ax.grid(True, axis="x", alpha=0.25)
-            if col == 0:
-                ax.legend(fontsize=7, loc="best", title="open marker: verdict not 'rate'", title_fontsize=7)
+            if col == len(losses) - 1:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                          title="open marker:\nverdict not 'rate'", title_fontsize=7)
     if title:
         fig.suptitle(title)
     return fig
@@ -187,19 +199,32 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> pl
 
 def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | None = None,
                      references: dict[str, float] | None = None, title: str | None = None) -> plt.Figure:
-    """One log-log panel per loss, all series overlaid (e.g. shared vs non-shared).
+    """One log-log column per loss, all series overlaid (e.g. shared vs non-shared).
 
-    See :func:`plot_rate_axes` for the arguments; returns the ``Figure``.
+    The top row holds the noisy data, the bottom row (when ``summary`` has noise-free
+    controls) the controls in their own axes; each column's legend sits under it, outside the
+    axes. See :func:`plot_rate_axes` for the arguments; returns the ``Figure``.
     """
     if not losses:
         raise ValueError("losses must name at least one loss column")
-    n_series = len(series) if series is not None else summary["series"].nunique()
-    height = 4.3 if n_series <= 3 else 4.3 + 0.42 * n_series * (2 if "control" in summary else 1)
-    fig, axes = plt.subplots(1, len(losses), figsize=(5.6 * len(losses), height), layout="constrained",
-                             squeeze=False)
-    for ax, loss in zip(axes[0], losses, strict=True):
-        plot_rate_axes(ax, summary, rates, loss, series=series, references=references)
+    has_controls = "control" in summary and bool((summary["control"].fillna("") == "noise_free").any())
+    rows = 2 if has_controls else 1
+    fig, axes = plt.subplots(rows, len(losses), figsize=(5.4 * len(losses), 4.2 + 2.6 * (rows - 1) + 1.6),
+                             layout="constrained", squeeze=False, sharex="col",
+                             height_ratios=[3, 2][:rows])
+    for col, loss in enumerate(losses):
+        ax = axes[0][col]
+        plot_rate_axes(ax, summary, rates, loss, series=series, references=references,
+                       control_ax=axes[1][col] if has_controls else None, legend=False)
         ax.set_title(loss)
+        if has_controls:
+            ax.set_xlabel("")
+        handles, labels = ax.get_legend_handles_labels()
+        if has_controls:
+            more = axes[1][col].get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        axes[-1][col].legend(handles, labels, fontsize=6.5, loc="upper left", bbox_to_anchor=(0.0, -0.22),
+                             borderaxespad=0.0)
     if title:
         fig.suptitle(title)
     return fig

@@ -21,7 +21,7 @@ Theorem reference rates (theory.md section 4) are named constants:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,7 +39,14 @@ __all__ = [
     "ROUND_OFF_FRACTION",
     "SPREAD_LIMIT",
     "FLOOR_TOLERANCE",
+    "MIN_CONVERGED_FRACTION",
+    "MIN_SIZES",
+    "MIN_DECADES",
+    "FLOOR_NEAR",
+    "SeriesEvidence",
+    "Verdict",
     "rate_verdict",
+    "perturbation_exponent",
 ]
 
 #: exponent of ``n^-1/2`` (parametric rate)
@@ -224,66 +231,223 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
 
 
 #: verdicts, in the order they are tested (the first that applies is given)
-VERDICTS = ("unchecked", "noise-free-artefact", "floor", "set-valued", "no-decay", "rate")
-#: a control loss at or below this fraction of the noisy loss (same n) has fallen to round-off
-ROUND_OFF_FRACTION = 1e-8
+VERDICTS = ("unchecked", "optimisation-limited", "no-decay", "short-range", "pre-asymptotic",
+            "noise-free-artefact", "set-valued", "floor", "rate")
+#: a control loss at or below this fraction of the noisy loss (same n) has fallen to round-off.
+#: Round-off of a loss is not float64 epsilon: on a second-order flat direction a fit that
+#: reproduces ``f*`` to 1e-16 leaves its atoms 1e-8 off, so D2 (first power of distances) sits at
+#: 1e-8 to 1e-6 of the noisy level while D1 (squared) sits at 1e-14. Controls stopped by their
+#: start sit at 3e-4 (perturbation 0.01) and above. The line lies two decades from either.
+ROUND_OFF_FRACTION = 1e-5
 #: identification spread ``median (max - min) / best`` above which the estimate is set-valued
 SPREAD_LIMIT = 0.5
 #: a loss floor at or below this is round-off of an exact zero (losses are of order one at the truths' scales)
 FLOOR_TOLERANCE = 1e-10
+#: at least this fraction of the kept noisy fits must have converged (and as many not be worse than the truth)
+MIN_CONVERGED_FRACTION = 0.8
+#: a rate needs at least this many sample sizes ...
+MIN_SIZES = 4
+#: ... spanning at least this many decades of n
+MIN_DECADES = 1.0
+#: a noisy loss within this factor of a positive class floor (at the largest n) is "near the floor"
+FLOOR_NEAR = 10.0
 
 
 def _inside(value: float, low: float, high: float) -> bool:
     return bool(np.isfinite(value) and np.isfinite(low) and np.isfinite(high) and low <= value <= high)
 
 
-def rate_verdict(*, checked: bool, slope: float, ci: tuple[float, float], control_ci: tuple[float, float],
-                 control_level: float, noisy_level: float, loss_floor: float, spread_ratio: float,
-                 worst_ci: tuple[float, float]) -> str:
-    """Whether a fitted slope is a statistical rate: the first of :data:`VERDICTS` that applies.
+def _ci(low: float, high: float) -> str:
+    return f"[{low:+.2f}, {high:+.2f}]"
 
-    1. ``unchecked``: no noise-free control, or one start and no random starts (``checked``
-       false), or no slope could be fitted;
-    2. ``noise-free-artefact``: the noisy slope lies inside the noise-free control's CI and the
-       control's loss has not fallen to round-off (``control_level > 1e-8 * noisy_level``, both
-       medians at the largest n): the slope is made by the protocol, not by the noise;
-    3. ``floor``: the loss has a positive floor on exact representations of ``f*``
-       (``loss_floor > 1e-10``, :data:`FLOOR_TOLERANCE`: a floor of ``2e-16`` is round-off of an
-       exact zero) and the control stays above round-off: the estimator really lands
-       on a positive-loss exact representation;
-    4. ``set-valued``: the near-optimal starts disagree (``spread_ratio > 0.5``), or the CI of the
-       worst near-optimal loss contains 0 while the estimate's does not;
-    5. ``no-decay``: the CI of the slope reaches 0 or above (or is not finite): the data do not
-       show the loss falling, whatever the other checks say;
-    6. ``rate``: none of the above.
 
-    Parameters
+@dataclass(frozen=True)
+class SeriesEvidence:
+    """Everything :func:`rate_verdict` reads about one (truth, series, loss) row of ``rates.csv``.
+
+    Attributes
     ----------
-    checked : bool
-        A noise-free control was run and there were at least two starts.
-    slope, ci
-        The estimate's slope and its CI.
-    control_ci : (float, float)
+    has_control : bool
+        A noise-free control of the series was fitted.
+    truth_free_starts : bool
+        The estimate was chosen among starts that include truth-free (random) ones, or the series'
+        protocol *is* its start (``protocol_start``).
+    protocol_start : bool
+        The start and the iteration budget are the protocol under test (e.g. the papers' SGD):
+        such a series is judged by its control and never by its convergence.
+    slope, ci_low, ci_high : float
+        The noisy slope over the whole range and its CI.
+    n_sizes : int
+        Distinct sample sizes with a usable fit.
+    n_min, n_max : float
+        Smallest and largest of them.
+    upper_ci_low, upper_ci_high : float
+        CI of the slope over the upper half of the n grid.
+    converged_fraction : float
+        Fraction of the kept noisy fits whose optimiser reported convergence.
+    worse_fraction : float
+        Fraction of the noisy fits whose empirical risk exceeds the truth's on the same data by
+        more than the near-optimal margin (the optimiser missed a better point it could see).
+    control_ci_low, control_ci_high : float
         CI of the noise-free control's slope.
     control_level, noisy_level : float
         Median control loss and median noisy loss at the largest n.
     loss_floor : float
-        :func:`hmoe_sim.identifiability.loss_floor` of the loss on the model class.
+        Largest loss over the exact representations of the truth in the fitted class
+        (:func:`hmoe_sim.identifiability.loss_floor`): positive when the class does not identify
+        the parameters through ``f``.
     spread_ratio : float
-        Median over fits of ``(max - min) / best`` over the near-optimal starts.
-    worst_ci : (float, float)
+        Median over fits of ``(max - min) / best`` loss over the near-optimal starts.
+    worst_ci_low, worst_ci_high : float
         CI of the slope of the largest near-optimal loss.
     """
-    if not checked or not np.isfinite(slope):
-        return "unchecked"
-    above_round_off = bool(np.isfinite(control_level) and control_level > ROUND_OFF_FRACTION * noisy_level)
-    if above_round_off and _inside(slope, *control_ci):
-        return "noise-free-artefact"
-    if above_round_off and np.isfinite(loss_floor) and loss_floor > FLOOR_TOLERANCE:
-        return "floor"
-    best_excludes_zero = not _inside(0.0, *ci) and all(np.isfinite(ci))
-    if (np.isfinite(spread_ratio) and spread_ratio > SPREAD_LIMIT) or (best_excludes_zero and _inside(0.0, *worst_ci)):
-        return "set-valued"
-    if not (all(np.isfinite(ci)) and ci[1] < 0.0):
-        return "no-decay"
-    return "rate"
+
+    has_control: bool
+    truth_free_starts: bool
+    slope: float
+    ci_low: float
+    ci_high: float
+    n_sizes: int
+    n_min: float
+    n_max: float
+    upper_ci_low: float
+    upper_ci_high: float
+    converged_fraction: float
+    worse_fraction: float
+    control_ci_low: float
+    control_ci_high: float
+    control_level: float
+    noisy_level: float
+    loss_floor: float
+    spread_ratio: float
+    worst_ci_low: float
+    worst_ci_high: float
+    protocol_start: bool = False
+
+
+class Verdict(NamedTuple):
+    """A verdict of :data:`VERDICTS` and, in words, the evidence that decided it."""
+
+    verdict: str
+    evidence: str
+
+
+def _optimisation(e: SeriesEvidence) -> str:
+    if e.protocol_start:
+        return ""
+    if not (np.isfinite(e.converged_fraction) and e.converged_fraction >= MIN_CONVERGED_FRACTION):
+        return (f"{e.converged_fraction:.0%} of the kept noisy fits converged "
+                f"(needs {MIN_CONVERGED_FRACTION:.0%})")
+    if not (np.isfinite(e.worse_fraction) and e.worse_fraction <= 1 - MIN_CONVERGED_FRACTION):
+        return (f"{e.worse_fraction:.0%} of the noisy fits end worse than the truth beyond the near-optimal margin "
+                f"(at most {1 - MIN_CONVERGED_FRACTION:.0%} allowed)")
+    return ""
+
+
+def rate_verdict(e: SeriesEvidence) -> Verdict:
+    """Whether a fitted slope is a statistical rate: the first of :data:`VERDICTS` that applies.
+
+    1. ``unchecked``: no noise-free control, or no truth-free start (only near-truth starts, whose
+       result a start perturbation alone can move), or no slope could be fitted;
+    2. ``optimisation-limited``: fewer than 80% of the kept noisy fits converged, or more than 20%
+       end worse than the truth beyond the near-optimal margin (skipped for a series whose
+       protocol is its start, ``protocol_start``);
+    3. ``no-decay``: the slope's CI reaches 0 or above, or is not finite;
+    4. ``short-range``: fewer than :data:`MIN_SIZES` sizes, or less than :data:`MIN_DECADES`
+       decade of n;
+    5. ``pre-asymptotic``: the CIs of the whole-range slope and of the upper-half slope do not
+       overlap (or the upper half has no CI): the loss is still bending over the range;
+    6. ``noise-free-artefact``: the slope lies inside the noise-free control's CI and the
+       control has not fallen to round-off (``control_level > 1e-5 * noisy_level``): the
+       protocol makes the slope, not the noise;
+    7. ``set-valued``: the near-optimal starts (random ones included) disagree
+       (``spread_ratio > 0.5``), or the worst near-optimal loss has a CI that reaches 0, or the
+       noise-free control stays above round-off without decaying (its CI reaches 0): without
+       noise the estimator lands on a set of exact representations, not on the truth;
+    8. ``floor``: the class has a positive floor (``loss_floor > 1e-10``) and the noisy loss at
+       the largest n is within a factor :data:`FLOOR_NEAR` of it;
+    9. ``rate``: none of the above.
+
+    Parameters
+    ----------
+    e : SeriesEvidence
+        The row's evidence.
+
+    Returns
+    -------
+    Verdict
+        ``(verdict, evidence)``; ``evidence`` names the test that decided and its numbers.
+    """
+    if not e.has_control:
+        return Verdict("unchecked", "no noise-free control was fitted")
+    if not e.truth_free_starts:
+        return Verdict("unchecked", "no truth-free (random) start: the estimate depends on the near-truth start")
+    if not np.isfinite(e.slope):
+        return Verdict("unchecked", "no slope could be fitted (fewer than two sizes with usable fits)")
+    why = _optimisation(e)
+    if why:
+        return Verdict("optimisation-limited", why)
+    if not (np.isfinite(e.ci_low) and np.isfinite(e.ci_high) and e.ci_high < 0.0):
+        return Verdict("no-decay", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)}: the CI reaches 0")
+    decades = float(np.log10(e.n_max / e.n_min)) if e.n_min > 0 else 0.0
+    if e.n_sizes < MIN_SIZES or decades < MIN_DECADES - 1e-9:
+        return Verdict("short-range", f"{e.n_sizes} sizes over {decades:.2f} decades of n "
+                                      f"(needs {MIN_SIZES} over {MIN_DECADES:g})")
+    upper_known = bool(np.isfinite(e.upper_ci_low) and np.isfinite(e.upper_ci_high))
+    if not upper_known or e.upper_ci_high < e.ci_low or e.upper_ci_low > e.ci_high:
+        return Verdict("pre-asymptotic", f"whole-range CI {_ci(e.ci_low, e.ci_high)} and upper-half CI "
+                                         f"{_ci(e.upper_ci_low, e.upper_ci_high)} do not overlap")
+    above_round_off = bool(np.isfinite(e.control_level) and e.control_level > ROUND_OFF_FRACTION * e.noisy_level)
+    if above_round_off and _inside(e.slope, e.control_ci_low, e.control_ci_high):
+        return Verdict("noise-free-artefact",
+                       f"slope {e.slope:+.2f} inside the noise-free control's CI "
+                       f"{_ci(e.control_ci_low, e.control_ci_high)}, control at {e.control_level:.2g} "
+                       f"(noisy {e.noisy_level:.2g}), above round-off")
+    if np.isfinite(e.spread_ratio) and e.spread_ratio > SPREAD_LIMIT:
+        return Verdict("set-valued", f"near-optimal starts disagree: spread ratio {e.spread_ratio:.2g} "
+                                     f"> {SPREAD_LIMIT:g}")
+    if np.isfinite(e.worst_ci_low) and not (np.isfinite(e.worst_ci_high) and e.worst_ci_high < 0.0):
+        return Verdict("set-valued", f"the worst near-optimal loss does not decay: CI "
+                                     f"{_ci(e.worst_ci_low, e.worst_ci_high)}")
+    if above_round_off and not (np.isfinite(e.control_ci_high) and e.control_ci_high < 0.0):
+        return Verdict("set-valued", f"without noise the fits stay at {e.control_level:.2g} (control CI "
+                                     f"{_ci(e.control_ci_low, e.control_ci_high)} reaches 0): the estimator "
+                                     "lands on a set, not a point")
+    if np.isfinite(e.loss_floor) and e.loss_floor > FLOOR_TOLERANCE and e.noisy_level <= FLOOR_NEAR * e.loss_floor:
+        return Verdict("floor", f"noisy loss {e.noisy_level:.2g} at n = {e.n_max:.0f} within {FLOOR_NEAR:g}x of "
+                                f"the class floor {e.loss_floor:.2g}")
+    return Verdict("rate", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)} over {e.n_sizes} sizes "
+                           f"({decades:.1f} decades), upper-half CI overlaps; control "
+                           + ("at round-off" if not above_round_off else
+                              f"slope CI {_ci(e.control_ci_low, e.control_ci_high)} excludes it"))
+
+
+def perturbation_exponent(perturbations: Any, levels: Any) -> float:
+    """Exponent ``a`` of ``level ~ C p^a``: how the noise-free control's loss depends on its start.
+
+    A least-squares line through ``(log p, log level)``. About 2 when the control stops on an
+    exact flat direction at a distance set by the start (a second-order loss of a first-order
+    offset), about 0 when it reaches round-off whatever the start.
+
+    Parameters
+    ----------
+    perturbations : array-like
+        ``(m,)`` distinct positive start perturbations (``m >= 2``).
+    levels : array-like
+        ``(m,)`` median control loss at each perturbation.
+
+    Returns
+    -------
+    float
+        The exponent; NaN when fewer than two levels are finite and positive.
+    """
+    p = np.asarray(perturbations, dtype=np.float64)
+    v = np.asarray(levels, dtype=np.float64)
+    if p.ndim != 1 or v.shape != p.shape:
+        raise ValueError(f"perturbations and levels must be 1-D of equal length, got shapes {p.shape} and {v.shape}")
+    if np.any(~np.isfinite(p)) or np.any(p <= 0):
+        raise ValueError(f"perturbations must be finite and positive, got {p.tolist()}")
+    ok = np.isfinite(v) & (v > 0)
+    if np.unique(p[ok]).size < 2:
+        return float("nan")
+    return float(_ols(np.log(p[ok]), np.log(v[ok]))[0])

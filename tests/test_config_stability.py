@@ -4,7 +4,10 @@
 fingerprint and the hash of every planned cell as computed by the code of commit 36f72b0
 (before the sweep package was split). A change to them would break resume and cell reuse of
 every existing run directory. Both include the package version: a version bump changes every
-fingerprint and cell hash by design, and then this file is regenerated on purpose. The run
+fingerprint and cell hash by design, and then this file is regenerated on purpose. A config whose
+protocol changes on purpose (issue 17 gave calibration_exact, calibration_overspecified, quick and
+the hora_* configs random starts and the control-perturbation ladder) gets its entry regenerated
+by ``python tests/data/record_config_hashes.py NAME.toml``. The run
 directories committed under ``experiments/results`` are checked against their own
 ``config.resolved.json`` as well.
 """

@@ -15,7 +15,6 @@ from roundoff import assert_frames_match
 from hmoe_sim.data import sample_batch
 from hmoe_sim.estimators import fit_batch, init_near_truth
 from hmoe_sim.models.presets import make_preset
-from hmoe_sim.rates import VERDICTS, rate_verdict
 from hmoe_sim.sweep import parse_config, run_sweep
 from hmoe_sim.sweep.cell import near_optimal
 from hmoe_sim.sweep.ensemble import ensemble_table, per_truth_table
@@ -105,35 +104,7 @@ def test_near_optimal_margin_in_log_likelihood_units():
     assert near_optimal(tiny, np.array([1e-32]), 100, 0.5, np.array([1.0])).tolist() == [[True, True, False]]
 
 
-BASE_VERDICT = dict(checked=True, slope=-0.5, ci=(-0.6, -0.4), control_ci=(-3.0, -2.0), control_level=1e-20,
-                    noisy_level=1e-3, loss_floor=0.0, spread_ratio=0.01, worst_ci=(-0.6, -0.4))
-
-
-@pytest.mark.parametrize(("change", "expected"), [
-    ({}, "rate"),
-    ({"checked": False}, "unchecked"),
-    ({"slope": float("nan")}, "unchecked"),
-    # the control falls at the same slope and is far above round-off: the protocol makes the slope
-    ({"control_ci": (-0.7, -0.3), "control_level": 1e-4}, "noise-free-artefact"),
-    # same control CI, but the control reached round-off: not an artefact
-    ({"control_ci": (-0.7, -0.3), "control_level": 1e-13}, "rate"),
-    # a positive floor that the control really sits on
-    ({"loss_floor": 0.3, "control_level": 0.03}, "floor"),
-    # a positive floor on the class, but the control reached round-off: the class alone never earns 'floor'
-    ({"loss_floor": 0.3}, "rate"),
-    # a floor at round-off (e.g. 2e-16 from duplicated codes) is an exact zero
-    ({"loss_floor": 2e-16, "control_level": 0.03}, "rate"),
-    ({"spread_ratio": 0.8}, "set-valued"),
-    ({"worst_ci": (-0.3, 0.2)}, "set-valued"),
-    # the data do not show a decay: a positive slope, a CI through 0, a CI that ends at 0, no CI
-    ({"slope": 0.5, "ci": (0.2, 0.8), "worst_ci": (0.2, 0.8)}, "no-decay"),
-    ({"slope": 0.0, "ci": (-1.0, 1.0), "worst_ci": (-1.0, 1.0)}, "no-decay"),
-    ({"slope": -0.4, "ci": (-0.8, 0.0), "worst_ci": (-0.8, 0.0)}, "no-decay"),
-    ({"ci": (float("nan"), float("nan"))}, "no-decay"),
-])
-def test_each_verdict_from_a_constructed_case(change: dict, expected: str):
-    assert rate_verdict(**{**BASE_VERDICT, **change}) == expected
-    assert expected in VERDICTS
+SIZES = (100, 316, 1000, 3162, 10000)
 
 
 def _fake_results(truths: list[int], slopes: dict[str, float], control_levels: dict[str, float]) -> pd.DataFrame:
@@ -142,22 +113,27 @@ def _fake_results(truths: list[int], slopes: dict[str, float], control_levels: d
     for t in truths:
         for series, slope in slopes.items():
             for control, level in (("", None), ("noise_free", control_levels[series])):
-                for n in (100, 1000, 10000):
+                for n in SIZES:
                     for r in range(2):
                         value = (1 + 0.01 * r) * (n / 100.0) ** slope if level is None else level
                         rows.append({"truth": t, "series": series, "control": control, "n": n, "replication": r,
                                      "D1": value, "D1_min": value, "D1_max": value * 1.01, "diverged": False,
-                                     "on_boundary": False, "risk": 1.0, "risk_truth": 1.0})
+                                     "on_boundary": False, "risk": 1.0, "risk_truth": 1.0, "converged": True,
+                                     "start": 2 * r})
     return pd.DataFrame(rows)
 
 
 def test_rates_and_ensemble_tables_on_a_constructed_ensemble():
     raw = copy.deepcopy(SMALL)
     raw["truth"]["seeds"] = [1, 2, 3]
-    raw["sample"]["sizes"] = [100, 1000, 10000]
+    raw["sample"]["sizes"] = list(SIZES)
     raw["losses"] = {"kinds": ["D1"], "l2": False}
     config = parse_config(raw)
-    results = _fake_results([1, 2, 3], {"shared": -0.5, "nonshared": -0.25}, {"shared": 1e-14, "nonshared": 1e-2})
+    stuck = _fake_results([1, 2, 3], {"shared": -0.5, "nonshared": -0.25}, {"shared": 1e-14, "nonshared": 1e-2})
+    verdicts = rates_table(stuck, config, n_boot=200, floors={}).groupby("series")["verdict"].unique()
+    # a control that stays at 1e-2 at every n: without noise the fit lands on a set
+    assert verdicts.map(list).to_dict() == {"nonshared": ["set-valued"], "shared": ["rate"]}
+    results = _fake_results([1, 2, 3], {"shared": -0.5, "nonshared": -0.25}, {"shared": 1e-14, "nonshared": 1e-15})
     rates = rates_table(results, config, n_boot=200, floors={})
     assert len(rates) == 6 and set(rates["verdict"]) == {"rate"}
     shared = rates[rates["series"] == "shared"]
@@ -172,4 +148,10 @@ def test_rates_and_ensemble_tables_on_a_constructed_ensemble():
     assert row["verdict_pairs"] == "rate/rate: 3"
     assert row["diff_median"] == pytest.approx(-0.25, abs=1e-3)
     assert row["n_shared_ci_below"] == 3
-    assert row["control_ratio_median"] == pytest.approx(1e12)
+    # the kept start was a random one (index 2 >= n_starts) on one replication in two
+    np.testing.assert_allclose(rates["best_random_fraction"], 0.5)
+    assert (rates["converged_fraction"] == 1.0).all()
+    assert rates["identifiable"].isna().all()  # no floors given: unknown, never a guess
+    floors = {(t, s, "D1"): floor for t in (1, 2, 3) for s, floor in (("shared", 0.0), ("nonshared", 0.2))}
+    with_floors = rates_table(results, config, n_boot=200, floors=floors)
+    assert with_floors.set_index("series")["identifiable"].to_dict() == {"shared": True, "nonshared": False}

@@ -6,6 +6,8 @@
 * :mod:`~hmoe_sim.identifiability.spectra` -- local identifiability at the true size by the
   singular values of the Jacobian of ``f`` (:func:`jacobian_spectrum`,
   :func:`nonidentifiable_reason`);
+* :mod:`~hmoe_sim.identifiability.flat` -- flat directions of the fitted class at the base split
+  and how many of them move the loss (:func:`flat_directions`);
 * :mod:`~hmoe_sim.identifiability.tables` -- the diagnostic tables over the preset cases
   (:func:`floor_table`, :func:`spectrum_table`).
 """
@@ -14,13 +16,16 @@ from hmoe_sim.identifiability.exact import (
     EXACT_TOL,
     FLOOR_KINDS,
     atoms_per_group,
+    base_representation,
     exact_representations,
     loss_floor,
     representation_losses,
 )
+from hmoe_sim.identifiability.flat import LOSS_MOVE_TOL, FlatDirections, flat_directions
 from hmoe_sim.identifiability.spectra import (
     GAUGE_MODES,
     JacobianSpectrum,
+    flat_basis,
     gate_logit_spread,
     gauge_directions,
     jacobian_spectrum,
@@ -34,10 +39,15 @@ __all__ = [
     "EXACT_TOL",
     "FLOOR_KINDS",
     "GAUGE_MODES",
+    "LOSS_MOVE_TOL",
     "Case",
+    "FlatDirections",
     "JacobianSpectrum",
     "atoms_per_group",
+    "base_representation",
     "exact_representations",
+    "flat_basis",
+    "flat_directions",
     "floor_table",
     "gate_logit_spread",
     "gauge_directions",

@@ -67,8 +67,8 @@ from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.flat import FlatMoE
 from hmoe_sim.models.hmoe import HMoE
 
-__all__ = ["EXACT_TOL", "FLOOR_KINDS", "atoms_per_group", "exact_representations", "loss_floor",
-           "representation_losses"]
+__all__ = ["EXACT_TOL", "FLOOR_KINDS", "atoms_per_group", "base_representation", "exact_representations",
+           "loss_floor", "representation_losses"]
 
 #: loss kinds accepted by :func:`loss_floor` (``"L2"`` is a function of ``f``: its floor is 0)
 FLOOR_KINDS = ("D1", "D2", "L2")
@@ -197,6 +197,18 @@ def _build(fit_model: MixtureModel, true_model: MixtureModel, truth: Params, spl
         out["a"] = out["a"] * keep.unsqueeze(-1)
         out["b"] = out["b"] * keep
     return out
+
+
+def base_representation(fit_model: MixtureModel, true_model: MixtureModel, truth: Params) -> Params:
+    """The base split of ``truth`` in ``fit_model``'s class (unbatched float64, exact by construction).
+
+    Atom ``i`` copies true atom ``i mod k*`` with the mass (softmax) or expert (sigmoid) shared
+    among the copies, as described in this module's docstring.
+    """
+    _check_pair(fit_model, true_model, truth)
+    truth64 = true_model.cast(truth, device="cpu", dtype=torch.float64)
+    split = _default_split(fit_model, atoms_per_group(true_model))
+    return _from_grouped(fit_model, _build(fit_model, true_model, truth64, split))
 
 
 def _unit_expert_direction(d: int) -> tuple[torch.Tensor, torch.Tensor]:

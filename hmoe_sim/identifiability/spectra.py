@@ -179,26 +179,35 @@ def gate_logit_spread(model: FlatMoE, params: Params, X: torch.Tensor) -> np.nda
 
 
 # ----------------------------------------------------------------------------- presets
-def _zero_directions(model: MixtureModel, params: Params, X: torch.Tensor, threshold: float) -> tuple[int, list[str]]:
-    """Number of singular values below ``threshold`` x largest (gauge removed) and the coordinates
-    that carry most of their right singular vectors."""
+def flat_basis(model: MixtureModel, params: Params, X: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal flat directions ``(n_params, m)`` of ``J / sqrt(n)`` at ``params``, gauge removed.
+
+    The right singular vectors (mapped back to the full parameter coordinates) whose singular
+    value is below ``threshold`` x the largest, on the complement of :func:`gauge_directions`.
+    ``X`` needs at least as many rows as the model has free scalars.
+    """
+    if X.shape[0] < model.n_params:
+        raise ValueError(f"flat_basis needs at least n_params = {model.n_params} inputs, got {X.shape[0]}")
     p64 = model.cast(params, device="cpu", dtype=torch.float64)
     J = _jacobian(model, p64, X) / math.sqrt(X.shape[0])
     basis = gauge_directions(model, p64)
     comp = torch.linalg.svd(basis, full_matrices=True)[0][:, basis.shape[1]:] if basis.shape[1] else None
-    Jc = J @ comp if comp is not None else J
-    _, s, vh = torch.linalg.svd(Jc, full_matrices=False)
-    small = s < threshold * s[0]
-    if not bool(small.any()):
+    _, s, vh = torch.linalg.svd(J @ comp if comp is not None else J, full_matrices=False)
+    v = vh[s < threshold * s[0]].T
+    return comp @ v if comp is not None else v
+
+
+def _zero_directions(model: MixtureModel, params: Params, X: torch.Tensor, threshold: float) -> tuple[int, list[str]]:
+    """Number of singular values below ``threshold`` x largest (gauge removed) and the coordinates
+    that carry most of their right singular vectors."""
+    v = flat_basis(model, params, X, threshold)
+    if not v.shape[1]:
         return 0, []
-    v = vh[small].T
-    if comp is not None:
-        v = comp @ v
     energy = (v**2).sum(-1)
     order = torch.argsort(energy, descending=True)
     names = parameter_names(model)
     top = [names[int(i)] for i in order[:8] if energy[int(i)] > 0.05 * energy[order[0]]]
-    return int(small.sum()), top
+    return int(v.shape[1]), top
 
 
 def nonidentifiable_reason(

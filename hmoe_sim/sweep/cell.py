@@ -87,7 +87,8 @@ def _starts(setup: SeriesSetup, fit: dict[str, Any], n: int, seeds: list[list[in
 
     def one(s: int, seed: int) -> Params:
         if s >= n_main or fit["init"] == "random":
-            return init_random(setup.fit_model, batch_shape=(), bounds=bounds, seed=seed, dtype=dtype)
+            return init_random(setup.fit_model, batch_shape=(), bounds=bounds, seed=seed, dtype=dtype,
+                               scale=fit.get("random_scale", 1.0))
         if fit["init"] == "paper":
             return init_paper(setup.fit_model, setup.score_model, setup.score_truth, n, batch_shape=(), seed=seed,
                               noise=fit["paper_noise"], bounds=bounds, dtype=dtype)
@@ -128,7 +129,9 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         A resolved configuration (:meth:`SweepConfig.to_dict`); plain data, so that it
         travels to worker processes.
     cell : Cell
-        The cell to compute.
+        The cell to compute. A control (``"noise_free"`` or a ladder rung ``"perturb_<p>"``) is
+        fitted to the same inputs without noise; a rung uses one near-truth start at
+        perturbation ``p`` instead of the series' starts.
 
     Returns
     -------
@@ -142,11 +145,14 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     """
     config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series, cell.truth)
     fit = series["fit"]
+    rung = config.control_perturbations.get(cell.control)
+    if rung is not None:  # a rung of the ladder: one near-truth start at its perturbation
+        fit = {**fit, "init": "near_truth", "perturbation": rung, "n_starts": 1, "random_starts": 0}
     root = config.data["root_seed"]
     device = resolve_device(config.data["device"])
     dtype = resolve_dtype(config.data["dtype"])
     b, m = len(cell.reps), fit["n_starts"] + fit["random_starts"]
-    noise = 0.0 if cell.control == "noise_free" else setup.noise_std
+    noise = setup.noise_std if cell.control == "" else 0.0  # every control is noise-free
     with _torch_threads(config.data["threads"]):
         seeds = data_seeds(root, cell.truth, cell.n, cell.reps)
         X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, noise, seeds,

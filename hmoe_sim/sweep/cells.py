@@ -54,7 +54,8 @@ class Cell:
     series : str
         Series name (from the configuration).
     control : str
-        ``""`` for the series itself, or the name of a control (``"noise_free"``).
+        ``""`` for the series itself, or the name of a control (``"noise_free"``, or a rung
+        ``"perturb_<p>"`` of the control-perturbation ladder).
     n : int
         Sample size.
     chunk : int
@@ -78,13 +79,21 @@ class Cell:
 
 
 def plan_cells(config: SweepConfig) -> list[Cell]:
-    """Every cell of the sweep, in (truth, series, control, n, block) order."""
+    """Every cell of the sweep, in (truth, series, control, n, block) order, then the ladder's.
+
+    The control-perturbation ladder (:attr:`SweepConfig.control_perturbations`) adds, per truth
+    and series, one control per rung at the largest n only.
+    """
     reps = config.replications
     size = int(config.data["sample"]["chunk"])
     blocks = [tuple(range(start, min(start + size, reps))) for start in range(0, reps, size)]
     controls = [""] + list(config.data["sample"]["controls"])
+    ladder = list(config.control_perturbations)
+    n_max = max(config.sizes)
     return [Cell(t, s["name"], c, n, b, r) for t in config.truth_seeds for s in config.series
-            if t in s["truth_seeds"] for c in controls for n in config.sizes for b, r in enumerate(blocks)]
+            if t in s["truth_seeds"] for c in controls for n in config.sizes for b, r in enumerate(blocks)] + \
+        [Cell(t, s["name"], c, n_max, b, r) for t in config.truth_seeds for s in config.series
+         if t in s["truth_seeds"] for c in ladder for b, r in enumerate(blocks)]
 
 
 def cell_spec(config: SweepConfig, cell: Cell) -> dict[str, Any]:

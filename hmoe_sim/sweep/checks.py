@@ -175,7 +175,7 @@ def check_file_names(config: SweepConfig, run: RunDir) -> None:
         limit = 255
     blocks = -(-config.replications // int(config.data["sample"]["chunk"]))
     for i, s in enumerate(config.series):
-        for control in ["", *config.controls]:
+        for control in ["", *config.controls, *config.control_perturbations]:
             cell = Cell(max(s["truth_seeds"]), s["name"], control, max(config.sizes), blocks - 1, ())
             length = len(run.cell_path(cell, "0" * 16).name.encode()) + _TMP_EXTRA
             if length > limit:

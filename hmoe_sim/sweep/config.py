@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,12 +58,13 @@ from hmoe_sim.data import X_DISTRIBUTIONS
 from hmoe_sim.estimators.api import LOSSES, METHODS
 from hmoe_sim.estimators.init import PAPER_NOISE
 from hmoe_sim.models.presets import PRESETS, make_preset
+from hmoe_sim.sweep.keys import as_bool, as_float, as_int, as_name, as_number, as_str, check_keys, fail, fail_bool
 
-__all__ = ["SweepConfig", "fingerprint_of", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS"]
+__all__ = ["SweepConfig", "fingerprint_of", "load_config", "parse_config", "LOSS_KINDS", "INIT_KINDS", "CONTROL_KINDS",
+           "LADDER_PREFIX"]
 
 LOSS_KINDS = ("D1", "D2")
 INIT_KINDS = ("near_truth", "random", "paper")
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
 
 _TOP_KEYS = {"name", "description", "root_seed", "device", "dtype", "threads", "truth", "sample", "fit", "series",
              "losses", "allow_nonidentifiable"}
@@ -84,125 +84,83 @@ _FIT_DEFAULTS: dict[str, Any] = {
 }
 _SAMPLE_DEFAULTS: dict[str, Any] = {"sizes": None, "grid": None, "replications": 20, "chunk": 10,
                                     "x_dist": "uniform", "controls": []}
+#: keys resolved only when used (absent from the resolved configuration otherwise, so that every
+#: configuration written before they existed keeps its fingerprint and cell hashes)
+_FIT_OPTIONAL = {"random_scale": 1.0}
+_SAMPLE_OPTIONAL = {"control_perturbations": []}
+#: prefix of the control-perturbation ladder's control names (``"perturb_0.01"``)
+LADDER_PREFIX = "perturb_"
 _LOSS_DEFAULTS: dict[str, Any] = {"kinds": ["D1", "D2"], "r": 1, "l2": True, "l2_n_eval": 10000}
-
-
-def _fail(key: str, message: str) -> ValueError:
-    return ValueError(f"config key {key!r}: {message}")
-
-
-def _check_keys(key: str, table: object, allowed: set[str] | Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(table, Mapping):
-        raise _fail(key, f"expected a table, got {table!r}")
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        where = f"{key}." if key else ""
-        raise ValueError(f"unknown config key(s) {[where + u for u in unknown]}; known keys: {sorted(allowed)}")
-    return dict(table)
-
-
-def _int(key: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(key, f"must be an integer, got {value!r}")
-    if value < minimum:
-        raise _fail(key, f"must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _float(key: str, value: object, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(key, f"must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or (positive and v <= 0) or v < 0:
-        raise _fail(key, f"must be a finite {'positive' if positive else 'non-negative'} number, got {value!r}")
-    return v
-
-
-def _str(key: str, value: object, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str):
-        raise _fail(key, f"must be a string, got {value!r}")
-    if choices is not None and value not in choices:
-        raise _fail(key, f"unknown value {value!r}; expected one of {list(choices)}")
-    return value
-
-
-def _name(key: str, value: object) -> str:
-    v = _str(key, value)
-    if not v or not set(v) <= _NAME_CHARS or v.startswith((".", "/")) or ".." in v:
-        raise _fail(key, f"{v!r} must be non-empty and use only letters, digits and _-./")
-    return v
 
 
 def _sizes(sample: dict[str, Any]) -> list[int]:
     sizes, grid = sample["sizes"], sample["grid"]
     if (sizes is None) == (grid is None):
-        raise _fail("sample.sizes", "give exactly one of sample.sizes (a list) or sample.grid "
+        raise fail("sample.sizes", "give exactly one of sample.sizes (a list) or sample.grid "
                                     "({min, max, points}: a log grid)")
     if sizes is not None:
         if not isinstance(sizes, list) or not sizes:
-            raise _fail("sample.sizes", f"must be a non-empty list of integers, got {sizes!r}")
-        out = [_int(f"sample.sizes[{i}]", s, 2) for i, s in enumerate(sizes)]
+            raise fail("sample.sizes", f"must be a non-empty list of integers, got {sizes!r}")
+        out = [as_int(f"sample.sizes[{i}]", s, 2) for i, s in enumerate(sizes)]
     else:
-        g = _check_keys("sample.grid", grid, {"min", "max", "points"})
+        g = check_keys("sample.grid", grid, {"min", "max", "points"})
         missing = sorted({"min", "max", "points"} - set(g))
         if missing:
-            raise _fail("sample.grid", f"missing {missing}")
-        lo, hi = _int("sample.grid.min", g["min"], 2), _int("sample.grid.max", g["max"], 2)
-        pts = _int("sample.grid.points", g["points"], 2)
+            raise fail("sample.grid", f"missing {missing}")
+        lo, hi = as_int("sample.grid.min", g["min"], 2), as_int("sample.grid.max", g["max"], 2)
+        pts = as_int("sample.grid.points", g["points"], 2)
         if pts > MAX_FITS:
-            raise _fail("sample.grid.points", f"{pts} sizes is more than the {MAX_FITS} fits one sweep may hold")
+            raise fail("sample.grid.points", f"{pts} sizes is more than the {MAX_FITS} fits one sweep may hold")
         if hi <= lo:
-            raise _fail("sample.grid.max", f"must exceed sample.grid.min={lo}, got {hi}")
+            raise fail("sample.grid.max", f"must exceed sample.grid.min={lo}, got {hi}")
         out = [round(lo * (hi / lo) ** (i / (pts - 1))) for i in range(pts)]
     if len(set(out)) != len(out):
-        raise _fail("sample.sizes", f"sizes must be distinct, got {out}")
+        raise fail("sample.sizes", f"sizes must be distinct, got {out}")
     if len(out) < 2:
-        raise _fail("sample.sizes", f"a rate needs at least two sample sizes, got {out}")
+        raise fail("sample.sizes", f"a rate needs at least two sample sizes, got {out}")
     return sorted(out)
 
 
 def _fit(key: str, table: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
-    t = _check_keys(key, table, _FIT_DEFAULTS)
+    t = check_keys(key, table, {**_FIT_DEFAULTS, **_FIT_OPTIONAL})
     f = copy.deepcopy(dict(base))
     f.update(copy.deepcopy(t))
-    f["method"] = _str(f"{key}.method", f["method"], METHODS)
-    f["max_iter"] = _int(f"{key}.max_iter", f["max_iter"], 1)
-    f["tol"] = _float(f"{key}.tol", f["tol"])
-    f["init"] = _str(f"{key}.init", f["init"], INIT_KINDS)
-    f["perturbation"] = _float(f"{key}.perturbation", f["perturbation"], positive=False)
-    f["n_starts"] = _int(f"{key}.n_starts", f["n_starts"], 1)
-    f["random_starts"] = _int(f"{key}.random_starts", f["random_starts"], 0)
-    f["near_optimal_loglik"] = _float(f"{key}.near_optimal_loglik", f["near_optimal_loglik"], positive=False)
-    f["paper_noise"] = _str(f"{key}.paper_noise", f["paper_noise"], PAPER_NOISE)
+    f["method"] = as_str(f"{key}.method", f["method"], METHODS)
+    f["max_iter"] = as_int(f"{key}.max_iter", f["max_iter"], 1)
+    f["tol"] = as_float(f"{key}.tol", f["tol"])
+    f["init"] = as_str(f"{key}.init", f["init"], INIT_KINDS)
+    f["perturbation"] = as_float(f"{key}.perturbation", f["perturbation"], positive=False)
+    f["n_starts"] = as_int(f"{key}.n_starts", f["n_starts"], 1)
+    f["random_starts"] = as_int(f"{key}.random_starts", f["random_starts"], 0)
+    f["near_optimal_loglik"] = as_float(f"{key}.near_optimal_loglik", f["near_optimal_loglik"], positive=False)
+    if f["random_starts"] > 0:
+        f["random_scale"] = as_float(f"{key}.random_scale", f.get("random_scale", _FIT_OPTIONAL["random_scale"]))
+    elif "random_scale" in t:
+        raise fail(f"{key}.random_scale", f"{t['random_scale']!r} is set but {key}.random_starts is 0; "
+                                           "the scale applies to random starts only")
+    else:
+        f.pop("random_scale", None)
+    f["paper_noise"] = as_str(f"{key}.paper_noise", f["paper_noise"], PAPER_NOISE)
     for sub in ("bounds", "options"):
         if not isinstance(f[sub], Mapping):
-            raise _fail(f"{key}.{sub}", f"must be a table, got {f[sub]!r}")
+            raise fail(f"{key}.{sub}", f"must be a table, got {f[sub]!r}")
         f[sub] = dict(f[sub])
     f["options"] = _fit_options(f"{key}.options", f["options"])
     return f
 
 
-def _number(key: str, value: object, *, minimum: float, strict: bool) -> float:
-    """A finite number ``> minimum`` (``strict``) or ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _fail(key, f"must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise _fail(key, f"must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return float(value)
-
-
 #: checks of the known ``fit.options`` (keyword arguments of ``fit_batch``); unknown names are
 #: rejected by ``hmoe_sim.sweep.checks.check_estimator_options`` against fit_batch's signature
 _OPTION_CHECKS: dict[str, Any] = {
-    "epochs": lambda k, v: _int(k, v, 1),
-    "batch_size": lambda k, v: _int(k, v, 1),
-    "chunk_size": lambda k, v: _int(k, v, 1),
-    "lr": lambda k, v: _number(k, v, minimum=0.0, strict=True),
-    "ftol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
-    "xtol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
-    "gtol": lambda k, v: _number(k, v, minimum=0.0, strict=False),
-    "loss": lambda k, v: _str(k, v, LOSSES),
-    "max_memory": lambda k, v: _int(k, v, 1),
+    "epochs": lambda k, v: as_int(k, v, 1),
+    "batch_size": lambda k, v: as_int(k, v, 1),
+    "chunk_size": lambda k, v: as_int(k, v, 1),
+    "lr": lambda k, v: as_number(k, v, minimum=0.0, strict=True),
+    "ftol": lambda k, v: as_number(k, v, minimum=0.0, strict=False),
+    "xtol": lambda k, v: as_number(k, v, minimum=0.0, strict=False),
+    "gtol": lambda k, v: as_number(k, v, minimum=0.0, strict=False),
+    "loss": lambda k, v: as_str(k, v, LOSSES),
+    "max_memory": lambda k, v: as_int(k, v, 1),
 }
 
 #: the most fits one sweep may plan (truths x series x (1 + controls) x sizes x replications);
@@ -214,10 +172,11 @@ def _check_plan_size(out: dict[str, Any]) -> None:
     """Refuse a plan of more than :data:`MAX_FITS` fits, naming its fits and cells, before building it."""
     sample = out["sample"]
     reps, chunk = sample["replications"], sample["chunk"]
-    groups = sum(len(s["truth_seeds"]) for s in out["series"]) * (1 + len(sample["controls"])) * len(sample["sizes"])
+    groups = sum(len(s["truth_seeds"]) for s in out["series"]) * (
+        (1 + len(sample["controls"])) * len(sample["sizes"]) + len(sample.get("control_perturbations", [])))
     fits, cells = groups * reps, groups * -(-reps // chunk)
     if fits > MAX_FITS:
-        raise _fail("sample.replications", f"{reps} replications plan {fits} fits in {cells} cells, more than the "
+        raise fail("sample.replications", f"{reps} replications plan {fits} fits in {cells} cells, more than the "
                                            f"{MAX_FITS} fits one sweep may hold; lower sample.replications (or the "
                                            "number of sizes, series or truths)")
 
@@ -282,6 +241,15 @@ class SweepConfig:
         """The controls fitted beside every series (``["noise_free"]`` or ``[]``)."""
         return list(self.data["sample"]["controls"])
 
+    @property
+    def control_perturbations(self) -> dict[str, float]:
+        """The control-perturbation ladder: control name (``"perturb_0.01"``) -> start perturbation.
+
+        Each rung is a noise-free fit at the largest n from one near-truth start at that
+        perturbation (``sample.control_perturbations``; empty when not set).
+        """
+        return {f"{LADDER_PREFIX}{p:g}": float(p) for p in self.data["sample"].get("control_perturbations", [])}
+
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the resolved configuration (JSON-able)."""
         return copy.deepcopy(self.data)
@@ -318,85 +286,88 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
         Unknown keys, bad values, an unknown preset or preset option, or a truth that
         cannot be built; the message names the key.
     """
-    top = _check_keys("", raw, _TOP_KEYS)
+    top = check_keys("", raw, _TOP_KEYS)
     out: dict[str, Any] = {
-        "name": _name("name", top.get("name", default_name)),
-        "description": _str("description", top.get("description", "")),
-        "root_seed": _int("root_seed", top.get("root_seed", 0), 0),
-        "device": _str("device", top.get("device", "cpu")),
-        "dtype": _str("dtype", top.get("dtype", "float64"), ("float32", "float64")),
-        "threads": _int("threads", top.get("threads", 1), 1),
+        "name": as_name("name", top.get("name", default_name)),
+        "description": as_str("description", top.get("description", "")),
+        "root_seed": as_int("root_seed", top.get("root_seed", 0), 0),
+        "device": as_str("device", top.get("device", "cpu")),
+        "dtype": as_str("dtype", top.get("dtype", "float64"), ("float32", "float64")),
+        "threads": as_int("threads", top.get("threads", 1), 1),
     }
     if not (out["device"] in ("cpu", "cuda", "gpu") or out["device"].startswith("cuda:")):
-        raise _fail("device", f"unknown device {out['device']!r}; use 'cpu', 'cuda' or 'cuda:<index>'")
+        raise fail("device", f"unknown device {out['device']!r}; use 'cpu', 'cuda' or 'cuda:<index>'")
 
-    truth = _check_keys("truth", top.get("truth", {}), {"preset", "seed", "seeds", "options"})
+    truth = check_keys("truth", top.get("truth", {}), {"preset", "seed", "seeds", "options"})
     if "preset" not in truth:
-        raise _fail("truth.preset", f"is required; one of {sorted(PRESETS)}")
+        raise fail("truth.preset", f"is required; one of {sorted(PRESETS)}")
     out["truth"] = {
-        "preset": _str("truth.preset", truth["preset"], tuple(sorted(PRESETS))),
+        "preset": as_str("truth.preset", truth["preset"], tuple(sorted(PRESETS))),
         "seeds": _truth_seeds(truth),
-        "options": dict(_check_keys("truth.options", truth.get("options", {}),
+        "options": dict(check_keys("truth.options", truth.get("options", {}),
                                     set().union(*(PRESETS[p][1] for p in PRESETS)))),
     }
-    out["allow_nonidentifiable"] = _bool("allow_nonidentifiable", top.get("allow_nonidentifiable", False))
+    out["allow_nonidentifiable"] = as_bool("allow_nonidentifiable", top.get("allow_nonidentifiable", False))
 
-    sample = _check_keys("sample", top.get("sample", {}), _SAMPLE_DEFAULTS)
-    sample = {**_SAMPLE_DEFAULTS, **sample}
-    reps = _int("sample.replications", sample["replications"], 2)
+    sample = check_keys("sample", top.get("sample", {}), {**_SAMPLE_DEFAULTS, **_SAMPLE_OPTIONAL})
+    sample = {**_SAMPLE_DEFAULTS, **_SAMPLE_OPTIONAL, **sample}
+    reps = as_int("sample.replications", sample["replications"], 2)
     out["sample"] = {
         "sizes": _sizes(sample),
         "replications": reps,
-        "chunk": _int("sample.chunk", sample["chunk"], 1),
-        "x_dist": _str("sample.x_dist", sample["x_dist"], X_DISTRIBUTIONS),
+        "chunk": as_int("sample.chunk", sample["chunk"], 1),
+        "x_dist": as_str("sample.x_dist", sample["x_dist"], X_DISTRIBUTIONS),
         "controls": _controls(sample["controls"]),
     }
+    ladder = _perturbations(sample["control_perturbations"])
+    if ladder:
+        out["sample"]["control_perturbations"] = ladder
 
     base_fit = _fit("fit", top.get("fit", {}), _FIT_DEFAULTS)
     raw_series = top.get("series")
     if not isinstance(raw_series, list) or not raw_series:
-        raise _fail("series", "at least one [[series]] table is required")
+        raise fail("series", "at least one [[series]] table is required")
     series: list[dict[str, Any]] = []
     for i, s in enumerate(raw_series):
         key = f"series[{i}]"
-        s = _check_keys(key, s, {"name", "preset", "truth_options", "structure", "fit", "truth_seeds"})
+        s = check_keys(key, s, {"name", "preset", "truth_options", "structure", "fit", "truth_seeds"})
         if "name" not in s:
-            raise _fail(f"{key}.name", "is required")
-        preset = _str(f"{key}.preset", s.get("preset", out["truth"]["preset"]), tuple(sorted(PRESETS)))
+            raise fail(f"{key}.name", "is required")
+        preset = as_str(f"{key}.preset", s.get("preset", out["truth"]["preset"]), tuple(sorted(PRESETS)))
         opts = {**out["truth"]["options"], **dict(s.get("truth_options", {}))} \
             if isinstance(s.get("truth_options", {}), Mapping) else s.get("truth_options")
-        opts = _check_keys(f"{key}.truth_options", opts, PRESETS[preset][1])
+        opts = check_keys(f"{key}.truth_options", opts, PRESETS[preset][1])
         structure = s.get("structure")
         if structure is not None:
-            structure = _str(f"{key}.structure", structure, ("shared", "nonshared"))
+            structure = as_str(f"{key}.structure", structure, ("shared", "nonshared"))
             if not preset.startswith("hmoe"):
-                raise _fail(f"{key}.structure", f"only applies to HMoE presets, not {preset!r}")
+                raise fail(f"{key}.structure", f"only applies to HMoE presets, not {preset!r}")
             if structure == "shared" and preset == "hmoe-nonshared":
-                raise _fail(f"{key}.structure", "a non-shared truth cannot be scored by a shared fit; "
+                raise fail(f"{key}.structure", "a non-shared truth cannot be scored by a shared fit; "
                                                 "draw the truth from 'hmoe-shared'")
-        series.append({"name": _name(f"{key}.name", s["name"]), "preset": preset,
+        series.append({"name": as_name(f"{key}.name", s["name"]), "preset": preset,
                        "truth_options": opts,
                        "structure": structure, "fit": _fit(f"{key}.fit", s.get("fit", {}), base_fit),
                        "truth_seeds": _series_truths(f"{key}.truth_seeds", s.get("truth_seeds"),
                                                      out["truth"]["seeds"])})
     names = [s["name"] for s in series]
     if len(set(names)) != len(names):
-        raise _fail("series", f"series names must be distinct, got {names}")
+        raise fail("series", f"series names must be distinct, got {names}")
     out["series"] = series
 
-    losses = _check_keys("losses", top.get("losses", {}), _LOSS_DEFAULTS)
+    losses = check_keys("losses", top.get("losses", {}), _LOSS_DEFAULTS)
     losses = {**_LOSS_DEFAULTS, **losses}
     kinds = losses["kinds"]
     if not isinstance(kinds, list):
-        raise _fail("losses.kinds", f"must be a list, got {kinds!r}")
+        raise fail("losses.kinds", f"must be a list, got {kinds!r}")
     out["losses"] = {
-        "kinds": [_str(f"losses.kinds[{i}]", k, LOSS_KINDS) for i, k in enumerate(kinds)],
-        "r": _int("losses.r", losses["r"], 1),
-        "l2": bool(losses["l2"]) if isinstance(losses["l2"], bool) else _fail_bool("losses.l2", losses["l2"]),
-        "l2_n_eval": _int("losses.l2_n_eval", losses["l2_n_eval"], 1),
+        "kinds": [as_str(f"losses.kinds[{i}]", k, LOSS_KINDS) for i, k in enumerate(kinds)],
+        "r": as_int("losses.r", losses["r"], 1),
+        "l2": bool(losses["l2"]) if isinstance(losses["l2"], bool) else fail_bool("losses.l2", losses["l2"]),
+        "l2_n_eval": as_int("losses.l2_n_eval", losses["l2_n_eval"], 1),
     }
     if not out["losses"]["kinds"] and not out["losses"]["l2"]:
-        raise _fail("losses", "record at least one loss (losses.kinds or losses.l2)")
+        raise fail("losses", "record at least one loss (losses.kinds or losses.l2)")
 
     _check_plan_size(out)
     # Build every truth now, so that a bad preset option fails before any fitting.
@@ -405,30 +376,22 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
             try:
                 make_preset(s["preset"], seed=seed, **s["truth_options"])
             except (ValueError, TypeError) as err:
-                raise _fail(f"series[{i}].truth_options", f"the truth (seed {seed}) cannot be built: {err}") from err
+                raise fail(f"series[{i}].truth_options", f"the truth (seed {seed}) cannot be built: {err}") from err
     return SweepConfig(out)
-
-
-def _fail_bool(key: str, value: object) -> bool:
-    raise _fail(key, f"must be true or false, got {value!r}")
-
-
-def _bool(key: str, value: object) -> bool:
-    return value if isinstance(value, bool) else _fail_bool(key, value)
 
 
 def _truth_seeds(truth: Mapping[str, Any]) -> list[int]:
     """``truth.seed`` (one truth) or ``truth.seeds`` (an ensemble, declared before anything runs)."""
     if "seed" in truth and "seeds" in truth:
-        raise _fail("truth.seeds", "give either truth.seed (one truth) or truth.seeds (an ensemble), not both")
+        raise fail("truth.seeds", "give either truth.seed (one truth) or truth.seeds (an ensemble), not both")
     if "seeds" not in truth:
-        return [_int("truth.seed", truth.get("seed", 0), 0)]
+        return [as_int("truth.seed", truth.get("seed", 0), 0)]
     seeds = truth["seeds"]
     if not isinstance(seeds, list) or not seeds:
-        raise _fail("truth.seeds", f"must be a non-empty list of integers, got {seeds!r}")
-    out = [_int(f"truth.seeds[{i}]", v, 0) for i, v in enumerate(seeds)]
+        raise fail("truth.seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    out = [as_int(f"truth.seeds[{i}]", v, 0) for i, v in enumerate(seeds)]
     if len(set(out)) != len(out):
-        raise _fail("truth.seeds", f"seeds must be distinct, got {out}")
+        raise fail("truth.seeds", f"seeds must be distinct, got {out}")
     return out
 
 
@@ -437,22 +400,35 @@ def _series_truths(key: str, value: object, seeds: list[int]) -> list[int]:
     if value is None:
         return list(seeds)
     if not isinstance(value, list) or not value:
-        raise _fail(key, f"must be a non-empty list of truth seeds, got {value!r}")
-    out = [_int(f"{key}[{i}]", v, 0) for i, v in enumerate(value)]
+        raise fail(key, f"must be a non-empty list of truth seeds, got {value!r}")
+    out = [as_int(f"{key}[{i}]", v, 0) for i, v in enumerate(value)]
     missing = sorted(set(out) - set(seeds))
     if missing:
-        raise _fail(key, f"seeds {missing} are not in truth.seeds={seeds}")
+        raise fail(key, f"seeds {missing} are not in truth.seeds={seeds}")
     if len(set(out)) != len(out):
-        raise _fail(key, f"seeds must be distinct, got {out}")
+        raise fail(key, f"seeds must be distinct, got {out}")
     return [t for t in seeds if t in out]
 
 
 def _controls(value: object) -> list[str]:
     if not isinstance(value, list):
-        raise _fail("sample.controls", f"must be a list (e.g. [\"noise_free\"]), got {value!r}")
-    out = [_str(f"sample.controls[{i}]", v, CONTROL_KINDS) for i, v in enumerate(value)]
+        raise fail("sample.controls", f"must be a list (e.g. [\"noise_free\"]), got {value!r}")
+    out = [as_str(f"sample.controls[{i}]", v, CONTROL_KINDS) for i, v in enumerate(value)]
     if len(set(out)) != len(out):
-        raise _fail("sample.controls", f"controls must be distinct, got {out}")
+        raise fail("sample.controls", f"controls must be distinct, got {out}")
+    return out
+
+
+def _perturbations(value: object) -> list[float]:
+    """``sample.control_perturbations``: empty, or at least two distinct positive start perturbations."""
+    key = "sample.control_perturbations"
+    if not isinstance(value, list):
+        raise fail(key, f"must be a list of start perturbations (e.g. [0.01, 0.1]), got {value!r}")
+    out = sorted(as_float(f"{key}[{i}]", v) for i, v in enumerate(value))
+    if len(set(out)) != len(out):
+        raise fail(key, f"perturbations must be distinct, got {value!r}")
+    if len(out) == 1:
+        raise fail(key, f"an exponent needs at least two perturbations, got {value!r}")
     return out
 
 

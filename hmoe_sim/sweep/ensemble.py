@@ -9,8 +9,11 @@ tables here summarise it without choosing truths after looking:
 * :func:`ensemble_table` -- per (H, loss): how many truths got each pair of verdicts
   (shared, non-shared), the median and a bootstrap CI over truths of the paired slope
   difference (shared minus non-shared, over the truths where both verdicts are ``rate``), the
-  number of truths on which the shared CI lies entirely below the non-shared CI, and the
-  paired ratio of the noise-free control levels (non-shared over shared).
+  number of truths on which the shared CI lies entirely below the non-shared CI; and, from the
+  per-fit results, the comparisons that read the noisy data directly:
+  :func:`paired_largest_n` (shared minus non-shared log loss at the largest n, paired by
+  replication, per truth and over truths, with a sign count) and :func:`ensemble_slope` (one
+  slope per structure over all truths, one intercept per truth).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from hmoe_sim.models.hmoe import HMoE
 from hmoe_sim.sweep.config import SweepConfig
 from hmoe_sim.sweep.setup import series_setup
 
-__all__ = ["PER_TRUTH_COLUMNS", "series_heads", "per_truth_table", "ensemble_table", "structure_pairs"]
+__all__ = ["PER_TRUTH_COLUMNS", "series_heads", "per_truth_table", "ensemble_table", "structure_pairs",
+           "paired_largest_n", "ensemble_slope"]
 
 PER_TRUTH_COLUMNS = ["truth", "H", "series", "structure", "loss", "slope", "ci_low", "ci_high", "verdict",
-                     "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio", "control_slope",
-                     "control_ci_low", "control_ci_high", "control_level", "noisy_level", "loss_floor", "n_used"]
+                     "evidence", "identifiable", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio",
+                     "control_slope", "control_ci_low", "control_ci_high", "control_level", "noisy_level",
+                     "loss_floor", "n_used"]
 
 
 def series_heads(config: SweepConfig) -> dict[str, int]:
@@ -72,8 +77,8 @@ def _bootstrap_median(values: np.ndarray, n_boot: int, level: float, seed: int) 
     return float(np.median(values)), float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))
 
 
-def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, *, n_boot: int = 2000, level: float = 0.95,
-                   seed: int = 0) -> pd.DataFrame:
+def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, results: pd.DataFrame | None = None, *,
+                   n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Per (H, loss): the ensemble of truths summarised, shared against non-shared (paired by truth).
 
     Columns: ``H, loss, shared, nonshared, n_truths`` (truths with both series), ``verdict_pairs``
@@ -81,8 +86,15 @@ def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, *, n_boot: int 
     ``diff_median, diff_ci_low, diff_ci_high`` (median over truths of slope(shared) -
     slope(non-shared), with a percentile-bootstrap CI over truths, over the truths where both
     verdicts are ``rate``), ``n_shared_ci_below`` (truths on which the shared CI lies entirely
-    below the non-shared CI), ``control_ratio_median, control_ratio_min, control_ratio_max``
-    (over truths of the non-shared control level divided by the shared one).
+    below the non-shared CI), ``n_shared_rate`` and ``n_nonshared_rate`` (truths whose verdict is
+    ``rate``), ``n_both_decay, decay_diff_median, decay_diff_ci_low, decay_diff_ci_high`` (the
+    paired slope difference over the truths where both slopes' CIs lie below 0, whatever the
+    verdicts). With ``results`` (the per-fit table) also ``largest_n, largest_n_diff_median,
+    largest_n_diff_ci_low, largest_n_diff_ci_high, n_shared_below`` (:func:`paired_largest_n`)
+    and per structure ``{shared,nonshared}_ensemble_slope, _ci_low, _ci_high``
+    (:func:`ensemble_slope`). The ratio of the noise-free control levels is not reported: a
+    control that stops on a flat direction sits at a level set by its start (``rates.csv``,
+    ``control_perturb_exponent``), so the ratio measures the protocol, not the data.
     """
     rows = []
     for h, (shared, nonshared) in structure_pairs(config).items():
@@ -96,15 +108,113 @@ def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, *, n_boot: int 
             both = (a["verdict"] == "rate") & (b["verdict"] == "rate")
             diff = (a.loc[both, "slope"] - b.loc[both, "slope"]).to_numpy(dtype=float)
             med, lo, hi = _bootstrap_median(diff, n_boot, level, seed)
-            ratio = (b["control_level"] / a["control_level"]).to_numpy(dtype=float)
-            ratio = ratio[np.isfinite(ratio)]
-            rows.append({
+            decay = (a["ci_high"] < 0) & (b["ci_high"] < 0)
+            dmed, dlo, dhi = _bootstrap_median((a.loc[decay, "slope"] - b.loc[decay, "slope"]).to_numpy(dtype=float),
+                                               n_boot, level, seed)
+            row = {
                 "H": h, "loss": loss, "shared": shared, "nonshared": nonshared, "n_truths": len(truths),
                 "verdict_pairs": "; ".join(f"{k}: {int(v)}" for k, v in sorted(pairs.items())),
                 "n_both_rate": int(both.sum()), "diff_median": med, "diff_ci_low": lo, "diff_ci_high": hi,
                 "n_shared_ci_below": int((a["ci_high"] < b["ci_low"]).sum()),
-                "control_ratio_median": float(np.median(ratio)) if len(ratio) else np.nan,
-                "control_ratio_min": float(ratio.min()) if len(ratio) else np.nan,
-                "control_ratio_max": float(ratio.max()) if len(ratio) else np.nan,
-            })
+                "n_shared_rate": int((a["verdict"] == "rate").sum()),
+                "n_nonshared_rate": int((b["verdict"] == "rate").sum()),
+                "n_both_decay": int(decay.sum()), "decay_diff_median": dmed, "decay_diff_ci_low": dlo,
+                "decay_diff_ci_high": dhi,
+            }
+            if results is not None:
+                _, paired = paired_largest_n(results, shared, nonshared, loss, n_boot=n_boot, level=level, seed=seed)
+                row.update({"largest_n": paired["n_max"], "largest_n_diff_median": paired["median"],
+                            "largest_n_diff_ci_low": paired["ci_low"], "largest_n_diff_ci_high": paired["ci_high"],
+                            "n_shared_below": paired["n_shared_below"]})
+                for kind, name in (("shared", shared), ("nonshared", nonshared)):
+                    fit = ensemble_slope(results, name, loss, n_boot=n_boot, level=level, seed=seed)
+                    row.update({f"{kind}_ensemble_slope": fit["slope"], f"{kind}_ensemble_ci_low": fit["ci_low"],
+                                f"{kind}_ensemble_ci_high": fit["ci_high"]})
+            rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _noisy_losses(results: pd.DataFrame, series: str, loss: str) -> pd.DataFrame:
+    """Noisy fits of one series with a finite positive loss: ``truth, n, replication, log``."""
+    part = results[(results["series"] == series) & (results["control"].fillna("").astype(str) == "")]
+    values = part[loss].to_numpy(dtype=float)
+    keep = np.isfinite(values) & (values > 0)
+    out = part.loc[keep, ["truth", "n", "replication"]].copy()
+    out["log"] = np.log(values[keep])
+    return out
+
+
+def paired_largest_n(results: pd.DataFrame, shared: str, nonshared: str, loss: str, *, n_boot: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Shared minus non-shared log loss at the largest n, paired by data set.
+
+    Both structures are fitted to the same data sets (replication ``r`` of truth ``t`` at size
+    ``n``), so the difference is taken per data set. Per truth: the mean difference over the
+    replications fitted by both, with a percentile-bootstrap CI over replications. Over truths:
+    the median of the per-truth means with a bootstrap CI over truths, and the number of truths
+    whose mean is negative (shared below non-shared).
+
+    Returns
+    -------
+    (pandas.DataFrame, dict)
+        Per truth ``truth, n, n_pairs, diff, diff_ci_low, diff_ci_high``; and the ensemble
+        ``n_max, n_truths, n_shared_below, median, ci_low, ci_high``.
+    """
+    a, b = _noisy_losses(results, shared, loss), _noisy_losses(results, nonshared, loss)
+    rng = np.random.default_rng(seed)
+    alpha = (1 - level) / 2
+    rows = []
+    for truth in sorted(set(a["truth"]) & set(b["truth"])):
+        at, bt = a[a["truth"] == truth], b[b["truth"] == truth]
+        n_max = min(at["n"].max(), bt["n"].max())
+        pair = at[at["n"] == n_max].merge(bt[bt["n"] == n_max], on=["truth", "n", "replication"])
+        diff = (pair["log_x"] - pair["log_y"]).to_numpy()
+        if len(diff) == 0:
+            continue
+        boot = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+        rows.append({"truth": int(truth), "n": int(n_max), "n_pairs": len(diff), "diff": float(diff.mean()),
+                     "diff_ci_low": float(np.quantile(boot, alpha)),
+                     "diff_ci_high": float(np.quantile(boot, 1 - alpha))})
+    per_truth = pd.DataFrame(rows, columns=["truth", "n", "n_pairs", "diff", "diff_ci_low", "diff_ci_high"])
+    med, lo, hi = _bootstrap_median(per_truth["diff"].to_numpy(dtype=float), n_boot, level, seed)
+    summary = {"n_max": float(per_truth["n"].max()) if len(per_truth) else np.nan, "n_truths": len(per_truth),
+               "n_shared_below": int((per_truth["diff"] < 0).sum()), "median": med, "ci_low": lo, "ci_high": hi}
+    return per_truth, summary
+
+
+def ensemble_slope(results: pd.DataFrame, series: str, loss: str, *, n_boot: int = 2000, level: float = 0.95,
+                   seed: int = 0) -> dict[str, float]:
+    """One slope of log loss on log n over every truth of a series, one intercept per truth.
+
+    The OLS slope after centring ``log n`` and ``log loss`` within each truth. The CI is a
+    percentile bootstrap that resamples the replications within each (truth, n) cell, keeping
+    the design, as :func:`hmoe_sim.rates.fit_rate` does for one truth.
+
+    Returns
+    -------
+    dict
+        ``slope, ci_low, ci_high, n_truths, n_fits``.
+    """
+    data = _noisy_losses(results, series, loss).sort_values(["truth", "n", "replication"], kind="stable")
+    if data.empty or data.groupby("truth")["n"].nunique().max() < 2:
+        return {"slope": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n_truths": 0, "n_fits": len(data)}
+    x = np.log(data["n"].to_numpy(dtype=float))
+    y = data["log"].to_numpy()
+    truth = data["truth"].to_numpy()
+    x_c = x - pd.Series(x).groupby(truth).transform("mean").to_numpy()
+    sxx = float(np.sum(x_c**2))
+
+    def slope_of(values: np.ndarray) -> np.ndarray:
+        centred = values - pd.DataFrame(values.T).groupby(truth).transform("mean").to_numpy().T
+        return (centred * x_c).sum(-1) / sxx
+
+    cells = data.groupby(["truth", "n"]).indices
+    rng = np.random.default_rng(seed)
+    idx = np.empty((n_boot, len(data)), dtype=np.int64)
+    for rows in cells.values():
+        rows = np.sort(rows)
+        idx[:, rows] = rows[rng.integers(0, len(rows), size=(n_boot, len(rows)))]
+    boot = slope_of(y[idx])
+    alpha = (1 - level) / 2
+    return {"slope": float(slope_of(y[None, :])[0]), "ci_low": float(np.quantile(boot, alpha)),
+            "ci_high": float(np.quantile(boot, 1 - alpha)), "n_truths": int(len(set(truth))), "n_fits": len(data)}

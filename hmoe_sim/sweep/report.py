@@ -18,14 +18,14 @@ from collections.abc import Collection
 import numpy as np
 import pandas as pd
 
-from hmoe_sim.identifiability import loss_floor
-from hmoe_sim.rates import fit_rate, rate_verdict
+from hmoe_sim.identifiability import flat_directions, loss_floor
+from hmoe_sim.rates import FLOOR_TOLERANCE, SeriesEvidence, fit_rate, perturbation_exponent, rate_verdict
 from hmoe_sim.sweep.config import SweepConfig
 from hmoe_sim.sweep.setup import series_setup
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
            "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
-           "loss_floors", "upper_half"]
+           "loss_floors", "flat_counts", "upper_half", "protocol_is_start"]
 
 #: leading columns of ``rates.csv``
 RATE_COLUMNS = ["truth", "series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max"]
@@ -74,16 +74,24 @@ def flagged(results: pd.DataFrame, exclude: Collection[str] = EXCLUDED_BOUNDARY)
     return out
 
 
-def worse_than_truth(results: pd.DataFrame) -> pd.Series:
+def worse_than_truth(results: pd.DataFrame, loglik_margin: float | None = None) -> pd.Series:
     """Per fit: its empirical risk exceeds the truth's on the same data (a least-squares fit never does).
 
-    A relative margin of ``1e-9`` absorbs rounding; NaN risks count as worse.
+    With ``loglik_margin`` ``None`` a relative margin of ``1e-9`` absorbs rounding. With a
+    margin (a series' ``fit.near_optimal_loglik``) a fit counts only when the truth would not
+    be near-optimal beside it: ``risk - risk_truth > (2 margin / n) risk_truth``, the
+    first-order form of ``(n/2) log(RSS / RSS_truth) > margin``
+    (:func:`hmoe_sim.sweep.runner.near_optimal`). NaN risks count as worse.
     """
     if "risk" not in results or "risk_truth" not in results:
         return pd.Series(False, index=results.index)
     risk, truth = results["risk"].to_numpy(dtype=float), results["risk_truth"].to_numpy(dtype=float)
     ok = np.isfinite(truth)
-    worse = ok & ~(risk <= truth * (1 + 1e-9))
+    if loglik_margin is None:
+        slack = truth * 1e-9
+    else:
+        slack = 2.0 * float(loglik_margin) / results["n"].to_numpy(dtype=float) * truth
+    worse = ok & ~(risk - truth <= slack)
     return pd.Series(worse, index=results.index)
 
 
@@ -158,6 +166,20 @@ def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
     return out
 
 
+def flat_counts(config: SweepConfig) -> dict[tuple[int, str, str], tuple[int, int]]:
+    """:func:`hmoe_sim.identifiability.flat_directions` per (truth, series, loss) for the Voronoi losses."""
+    out: dict[tuple[int, str, str], tuple[int, int]] = {}
+    spec = config.data["losses"]
+    for s in config.series:
+        for t in s["truth_seeds"]:
+            setup = series_setup(config, s, t)
+            for loss in loss_columns(config):
+                if loss != "L2":
+                    out[(t, s["name"], loss)] = tuple(flat_directions(setup.fit_model, setup.score_model,
+                                                                      setup.score_truth, loss, r=spec["r"]))
+    return out
+
+
 def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataFrame], loss: str,
                  config: SweepConfig, n_boot: int, level: float) -> dict[str, object]:
     """Upper-half, worst-case, spread and noise-free-control columns of one rates row."""
@@ -176,6 +198,10 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
         row["spread_ratio"] = np.nan
     n_max = max(config.sizes)
     row["noisy_level"] = _median_at(main, loss, n_max)
+    ladder = config.control_perturbations
+    rungs = [(p, _median_at(controls[name], loss, n_max)) for name, p in ladder.items() if name in controls]
+    row["control_perturb_exponent"] = perturbation_exponent(*zip(*rungs, strict=True)) if len(rungs) >= 2 else np.nan
+    row["control_perturb_levels"] = "; ".join(f"{p:g}: {v:.3g}" for p, v in rungs)
     control = controls.get("noise_free")
     if control is None or control.empty:
         row.update({"control_slope": np.nan, "control_ci_low": np.nan, "control_ci_high": np.nan,
@@ -188,9 +214,56 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
     return row
 
 
+def protocol_is_start(series: dict) -> bool:
+    """The series' start and iteration budget are the protocol under test (the papers' SGD)."""
+    return series["fit"]["method"] == "sgd-paper"
+
+
+def _protocol_columns(main: pd.DataFrame, ok: pd.Series, series: dict, loss: str) -> dict[str, object]:
+    """How the noisy fits of one series were optimised: convergence, misses, truth-free starts."""
+    fit = series["fit"]
+    kept = main[ok]
+    converged = kept["converged"].astype(bool).to_numpy() if "converged" in kept else np.zeros(len(kept), bool)
+    worse = worse_than_truth(main, fit["near_optimal_loglik"])
+    finite = np.isfinite(main["risk"].to_numpy(dtype=float)) if "risk" in main else np.zeros(len(main), bool)
+    row: dict[str, object] = {
+        "n_converged": int(converged.sum()),
+        "converged_fraction": float(converged.mean()) if len(kept) else np.nan,
+        "n_worse_beyond_margin": int(worse.sum()),
+        "worse_fraction": float(worse.sum() / max(int(finite.sum()), 1)) if len(main) else np.nan,
+        "n_random_starts": int(fit["random_starts"]),
+    }
+    if fit["random_starts"] and "start" in kept and len(kept):
+        row["best_random_fraction"] = float((kept["start"].to_numpy() >= fit["n_starts"]).mean())
+    else:
+        row["best_random_fraction"] = np.nan
+    return row
+
+
+def _evidence(row: dict[str, object], series: dict, controls: dict[str, pd.DataFrame]) -> SeriesEvidence:
+    """The :class:`hmoe_sim.rates.SeriesEvidence` of one rates row."""
+    def num(key: str) -> float:
+        value = row.get(key, np.nan)
+        return float(value) if value is not None else float("nan")
+
+    protocol = protocol_is_start(series)
+    n_sizes = row.get("n_sizes", 0)
+    return SeriesEvidence(
+        has_control="noise_free" in controls and not controls["noise_free"].empty,
+        truth_free_starts=protocol or series["fit"]["random_starts"] > 0, protocol_start=protocol,
+        slope=num("slope"), ci_low=num("ci_low"), ci_high=num("ci_high"),
+        n_sizes=int(n_sizes) if np.isfinite(float(n_sizes)) else 0, n_min=num("n_min"), n_max=num("n_max"),
+        upper_ci_low=num("ci_low_upper"), upper_ci_high=num("ci_high_upper"),
+        converged_fraction=num("converged_fraction"), worse_fraction=num("worse_fraction"),
+        control_ci_low=num("control_ci_low"), control_ci_high=num("control_ci_high"),
+        control_level=num("control_level"), noisy_level=num("noisy_level"), loss_floor=num("loss_floor"),
+        spread_ratio=num("spread_ratio"), worst_ci_low=num("ci_low_worst"), worst_ci_high=num("ci_high_worst"))
+
+
 def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 2000, level: float = 0.95,
                 exclude: Collection[str] = EXCLUDED_BOUNDARY,
-                floors: dict[tuple[int, str, str], float] | None = None) -> pd.DataFrame:
+                floors: dict[tuple[int, str, str], float] | None = None,
+                flats: dict[tuple[int, str, str], tuple[int, int]] | None = None) -> pd.DataFrame:
     """One row per (truth, series, loss): the fitted log-log slope with its CI and its verdict.
 
     Columns: ``truth, series, loss, slope, ci_low, ci_high, n_min, n_max`` then the rest of
@@ -206,13 +279,25 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
     ci_high_worst`` (the rate of the largest near-optimal loss), ``spread_ratio`` (median over
     fits of ``(max - min) / best`` over the near-optimal starts), ``control_slope,
     control_ci_low, control_ci_high, control_level`` (the noise-free control; its median loss
-    at the largest n), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
-    (:func:`loss_floors`) and ``verdict`` (:func:`hmoe_sim.rates.rate_verdict`).
+    at the largest n), ``control_perturb_exponent`` and ``control_perturb_levels`` (the
+    exponent ``a`` of ``level ~ p^a`` over the control-perturbation ladder,
+    :func:`hmoe_sim.rates.perturbation_exponent`, and its ``p: level`` pairs; NaN and empty
+    without a ladder), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
+    (:func:`loss_floors`); ``identifiable`` (the floor is at most
+    :data:`hmoe_sim.rates.FLOOR_TOLERANCE`: every exact representation of the truth in the fitted
+    class has zero loss -- a property of the class, decided by no fit); how the noisy fits were
+    optimised: ``n_converged, converged_fraction`` (of the kept fits), ``n_worse_beyond_margin,
+    worse_fraction`` (:func:`worse_than_truth` with the series' near-optimal margin),
+    ``n_random_starts`` and ``best_random_fraction`` (how often the kept start was a random
+    one); and ``verdict, evidence`` (:func:`hmoe_sim.rates.rate_verdict`: the verdict and the
+    test that decided it, in words).
 
-    ``floors`` defaults to :func:`loss_floors` of ``config``.
+    ``floors`` defaults to :func:`loss_floors` of ``config``, ``flats`` (columns ``n_flat,
+    n_flat_loss``; missing keys give NaN) to :func:`flat_counts`.
     """
     rows = []
     floors = loss_floors(config) if floors is None else floors
+    flats = flat_counts(config) if flats is None else flats
     bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
     for truth in config.truth_seeds:
         for s in config.series:
@@ -220,7 +305,6 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                 continue
             main, controls = _parts(results, truth, s["name"])
             idx = main.index
-            checked = bool(controls) and s["fit"]["n_starts"] + s["fit"]["random_starts"] >= 2
             for loss in loss_columns(config):
                 ok = usable(main, loss, exclude=exclude)
                 counts = {"n_fits": len(main), "n_used": int(ok.sum()), "n_flagged": int(bad[idx].sum()),
@@ -239,12 +323,11 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                     row.update({f"preferred_{which}": sens.get("preferred", ""), f"n_used_{which}": int(chosen.sum())})
                 row.update(_diagnostics(main, ok, controls, loss, config, n_boot, level))
                 row["loss_floor"] = floors.get((truth, s["name"], loss), np.nan)
-                row["verdict"] = rate_verdict(
-                    checked=checked, slope=float(row["slope"]), ci=(float(row["ci_low"]), float(row["ci_high"])),
-                    control_ci=(float(row["control_ci_low"]), float(row["control_ci_high"])),
-                    control_level=float(row["control_level"]), noisy_level=float(row["noisy_level"]),
-                    loss_floor=float(row["loss_floor"]), spread_ratio=float(row["spread_ratio"]),
-                    worst_ci=(float(row["ci_low_worst"]), float(row["ci_high_worst"])))
+                row.update(_protocol_columns(main, ok, s, loss))
+                floor = float(row["loss_floor"])
+                row["identifiable"] = bool(floor <= FLOOR_TOLERANCE) if np.isfinite(floor) else None
+                row["n_flat"], row["n_flat_loss"] = flats.get((truth, s["name"], loss), (np.nan, np.nan))
+                row["verdict"], row["evidence"] = rate_verdict(_evidence(row, s, controls))
                 rows.append(row)
     table = pd.DataFrame(rows)
     rest = [c for c in table.columns if c not in RATE_COLUMNS]
@@ -270,12 +353,15 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
             for control, rows_of in [("", main), *controls.items()]:
                 for n in config.sizes:
                     part = rows_of[rows_of["n"] == n]
+                    if control in config.control_perturbations and part.empty:
+                        continue  # a ladder rung is fitted at the largest n only
                     row: dict[str, object] = {"truth": truth, "series": s["name"], "control": control, "n": n,
                                               "n_fits": len(part), "n_flagged": int(bad[part.index].sum())}
                     for col in ("diverged", "on_boundary", "converged"):
                         row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
                     row["n_boundary_excluded"] = int(excl[part.index].sum())
-                    row["n_worse_than_truth"] = int(worse[part.index].sum())
+                    # a control's truth has risk exactly 0, so every control fit would count
+                    row["n_worse_than_truth"] = np.nan if control else int(worse[part.index].sum())
                     for loss in loss_columns(config):
                         chosen = usable(part, loss, exclude=exclude) if not control else \
                             pd.Series(np.isfinite(part[loss].to_numpy(dtype=float)), index=part.index)

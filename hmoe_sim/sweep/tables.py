@@ -47,5 +47,5 @@ def derived_tables(results: pd.DataFrame, config: SweepConfig) -> dict[str, pd.D
     if len(config.truth_seeds) > 1 and structure_pairs(config):
         per_truth = per_truth_table(rates, config)
         tables[PER_TRUTH_FILE] = per_truth
-        tables[ENSEMBLE_FILE] = ensemble_table(per_truth, config)
+        tables[ENSEMBLE_FILE] = ensemble_table(per_truth, config, results)
     return tables
