@@ -19,7 +19,14 @@ import numpy as np
 import pandas as pd
 
 from hmoe_sim.identifiability import flat_directions, loss_floor
-from hmoe_sim.rates import FLOOR_TOLERANCE, SeriesEvidence, fit_rate, perturbation_exponent, rate_verdict
+from hmoe_sim.rates import (
+    FLOOR_TOLERANCE,
+    ROUND_OFF_FRACTION,
+    SeriesEvidence,
+    fit_rate,
+    perturbation_exponent,
+    rate_verdict,
+)
 from hmoe_sim.sweep.config import SweepConfig
 from hmoe_sim.sweep.setup import series_setup
 
@@ -200,7 +207,10 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
     row["noisy_level"] = _median_at(main, loss, n_max)
     ladder = config.control_perturbations
     rungs = [(p, _median_at(controls[name], loss, n_max)) for name, p in ladder.items() if name in controls]
-    row["control_perturb_exponent"] = perturbation_exponent(*zip(*rungs, strict=True)) if len(rungs) >= 2 else np.nan
+    # levels at round-off carry no exponent: their ratio is round-off too
+    measured = [(p, v) for p, v in rungs if v > ROUND_OFF_FRACTION * row["noisy_level"]]
+    row["control_perturb_exponent"] = perturbation_exponent(*zip(*measured, strict=True)) \
+        if len(measured) >= 2 else np.nan
     row["control_perturb_levels"] = "; ".join(f"{p:g}: {v:.3g}" for p, v in rungs)
     control = controls.get("noise_free")
     if control is None or control.empty:
@@ -281,8 +291,9 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
     control_ci_low, control_ci_high, control_level`` (the noise-free control; its median loss
     at the largest n), ``control_perturb_exponent`` and ``control_perturb_levels`` (the
     exponent ``a`` of ``level ~ p^a`` over the control-perturbation ladder,
-    :func:`hmoe_sim.rates.perturbation_exponent`, and its ``p: level`` pairs; NaN and empty
-    without a ladder), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
+    :func:`hmoe_sim.rates.perturbation_exponent`, over the rungs above round-off -- NaN when
+    fewer than two are, since a ratio of round-off levels is round-off -- and its ``p: level``
+    pairs; NaN and empty without a ladder), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
     (:func:`loss_floors`); ``identifiable`` (the floor is at most
     :data:`hmoe_sim.rates.FLOOR_TOLERANCE`: every exact representation of the truth in the fitted
     class has zero loss -- a property of the class, decided by no fit); how the noisy fits were
