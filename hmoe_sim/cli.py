@@ -82,13 +82,13 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     per_truth = run.path / PER_TRUTH_FILE
     if len(config.truth_seeds) > 1 and per_truth.is_file():
         run.check_table(PER_TRUTH_FILE, fingerprint, _note)
-        title = (f"{config.name}: {len(config.truth_seeds)} truths of {config.data['truth']['preset']}, "
+        title = (f"{config.name}: {len(config.truth_seeds)} truths of {config.truth.preset}, "
                  f"{config.replications} replications per n")
         table = pd.read_csv(per_truth).drop(columns=["fingerprint"], errors="ignore")
         fig = plot_forest(table, [c for c in ("D1", "L2") if c in loss_columns(config)], title=title)
     else:
         summary = summary_table(results, config)
-        title = f"{config.name}: {config.data['truth']['preset']}, {config.replications} replications per n"
+        title = f"{config.name}: {config.truth.preset}, {config.replications} replications per n"
         fig = plot_rate_panels(summary, rates, loss_columns(config), title=title)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)

@@ -250,7 +250,7 @@ def test_adding_a_size_or_a_replication_computes_only_the_new_cells(reference, t
 
 def test_chunks_are_fixed_blocks_whatever_the_replication_count():
     two = config_of(TOML.replace("chunk = 1", "chunk = 10"))
-    assert two.data["sample"]["chunk"] == 10  # no longer clipped to the replication count
+    assert two.sample.chunk == 10  # no longer clipped to the replication count
     a = config_of(TOML.replace("chunk = 1", "chunk = 2").replace("replications = 2", "replications = 4"))
     b = config_of(TOML.replace("chunk = 1", "chunk = 2").replace("replications = 2", "replications = 5"))
     ha = {c: cell_hash(a, c) for c in plan_cells(a)}

@@ -39,10 +39,10 @@ def test_unused_optional_keys_stay_out_of_the_resolved_config():
 def test_random_scale_is_recorded_with_random_starts_and_refused_without():
     raw = copy.deepcopy(BASE)
     raw["fit"].update(random_starts=2)
-    assert parse_config(raw).series[0]["fit"]["random_scale"] == 1.0
+    assert parse_config(raw).series[0].fit.random_scale == 1.0
     raw["fit"]["random_scale"] = 2.0
     scaled = parse_config(raw)
-    assert scaled.series[0]["fit"]["random_scale"] == 2.0
+    assert scaled.series[0].fit.random_scale == 2.0
     # the scale moves the random starts, so it moves the cell hash
     unscaled = copy.deepcopy(raw)
     del unscaled["fit"]["random_scale"]

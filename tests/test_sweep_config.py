@@ -97,7 +97,7 @@ def test_load_config_reads_toml(tmp_path: Path):
     f.write_text('[truth]\npreset = "sigmoid-regime1"\n[sample]\nsizes = [100, 200]\nreplications = 2\n'
                  '[[series]]\nname = "linear/converged"\n')
     cfg = load_config(f)
-    assert cfg.name == "mine" and cfg.series[0]["preset"] == "sigmoid-regime1"
+    assert cfg.name == "mine" and cfg.series[0].preset == "sigmoid-regime1"
     f.write_text("[truth\n")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_config(f)

@@ -11,6 +11,7 @@ where it runs (in-process, a worker process or a dask worker; identical bit for 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from functools import lru_cache
@@ -26,17 +27,23 @@ from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth, init_paper, 
 from hmoe_sim.losses import l2_error, voronoi_losses_for
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.sweep.cells import Cell, data_seeds, l2_seed, seed_int, sgd_seeds, start_seeds
-from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.config import FitConfig, SeriesConfig, SweepConfig, parse_config
 from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
 
 __all__ = ["near_optimal", "run_cell"]
 
 
+@lru_cache(maxsize=8)
+def _cached_config(config_key: str) -> SweepConfig:
+    """The typed configuration of a resolved one (JSON text), parsed once per process."""
+    return parse_config(json.loads(config_key))
+
+
 @lru_cache(maxsize=64)
 def _cached_setup(config_key: str, series_name: str, truth_seed: int
-                  ) -> tuple[SweepConfig, dict[str, Any], SeriesSetup]:
-    config = SweepConfig(json.loads(config_key))
-    series = next(s for s in config.series if s["name"] == series_name)
+                  ) -> tuple[SweepConfig, SeriesConfig, SeriesSetup]:
+    config = _cached_config(config_key)
+    series = config.series_named(series_name)
     return config, series, series_setup(config, series, truth_seed)
 
 
@@ -52,30 +59,30 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def _losses(model: MixtureModel, params: Params, setup: SeriesSetup, config: SweepConfig) -> dict[str, np.ndarray]:
     """Every configured loss per fit; fits with non-finite parameters get NaN (never scored)."""
-    spec = config.data["losses"]
+    spec = config.losses
     batch = next(iter(params.values())).shape[0]
     finite = torch.ones(batch, dtype=torch.bool, device=next(iter(params.values())).device)
     for v in params.values():
         finite &= torch.isfinite(v.reshape(batch, -1)).all(-1)
-    names = list(spec["kinds"]) + (["L2"] if spec["l2"] else [])
+    names = spec.columns
     out = {name: np.full(batch, np.nan) for name in names}
     idx = torch.nonzero(finite).flatten()
     if idx.numel() == 0:
         return out
     sub = {k: v[idx] for k, v in params.items()}
     sel = idx.cpu().numpy()
-    if spec["kinds"]:
-        d = voronoi_losses_for(model, sub, setup.score_model, setup.score_truth, kinds=spec["kinds"], r=spec["r"])
+    if spec.kinds:
+        d = voronoi_losses_for(model, sub, setup.score_model, setup.score_truth, kinds=list(spec.kinds), r=spec.r)
         for k, v in d.items():
             out[k][sel] = v.detach().to("cpu", torch.float64).numpy()
-    if spec["l2"]:
-        l2 = l2_error(model, sub, setup.score_truth, true_model=setup.score_model, n_eval=spec["l2_n_eval"],
-                      seed=l2_seed(config.data["root_seed"]), x_dist=config.data["sample"]["x_dist"])
+    if spec.l2:
+        l2 = l2_error(model, sub, setup.score_truth, true_model=setup.score_model, n_eval=spec.l2_n_eval,
+                      seed=l2_seed(config.root_seed), x_dist=config.sample.x_dist)
         out["L2"][sel] = l2.detach().to("cpu", torch.float64).numpy()
     return out
 
 
-def _starts(setup: SeriesSetup, fit: dict[str, Any], n: int, seeds: list[list[int]], bounds: Bounds,
+def _starts(setup: SeriesSetup, fit: FitConfig, n: int, seeds: list[list[int]], bounds: Bounds,
             dtype: torch.dtype) -> Params:
     """Every start of a cell, batch shape ``(b, m)`` (or ``(b,)`` for one start).
 
@@ -83,17 +90,17 @@ def _starts(setup: SeriesSetup, fit: dict[str, Any], n: int, seeds: list[list[in
     group's start, whose noise shrinks with ``n``); starts ``n_starts ...`` are random starts.
     Each start is drawn from its own seed, so a start does not depend on which cell holds it.
     """
-    n_main = fit["n_starts"]
+    n_main = fit.n_starts
 
     def one(s: int, seed: int) -> Params:
-        if s >= n_main or fit["init"] == "random":
+        if s >= n_main or fit.init == "random":
             return init_random(setup.fit_model, batch_shape=(), bounds=bounds, seed=seed, dtype=dtype,
-                               scale=fit.get("random_scale", 1.0))
-        if fit["init"] == "paper":
+                               scale=fit.random_scale)
+        if fit.init == "paper":
             return init_paper(setup.fit_model, setup.score_model, setup.score_truth, n, batch_shape=(), seed=seed,
-                              noise=fit["paper_noise"], bounds=bounds, dtype=dtype)
+                              noise=fit.paper_noise, bounds=bounds, dtype=dtype)
         return init_near_truth(setup.fit_model, setup.score_model, setup.score_truth, batch_shape=(),
-                               perturbation=fit["perturbation"], seed=seed, bounds=bounds, dtype=dtype)
+                               perturbation=fit.perturbation, seed=seed, bounds=bounds, dtype=dtype)
 
     per_rep = [[one(s, seed) for s, seed in enumerate(row)] for row in seeds]
     stacked = {k: torch.stack([torch.stack([p[k] for p in row]) for row in per_rep]) for k in per_rep[0][0]}
@@ -144,30 +151,30 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         ``"a:hi,beta0:lo"``; ``start``: the index of the kept start).
     """
     config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series, cell.truth)
-    fit = series["fit"]
+    fit = series.fit
     rung = config.control_perturbations.get(cell.control)
     if rung is not None:  # a rung of the ladder: one near-truth start at its perturbation
-        fit = {**fit, "init": "near_truth", "perturbation": rung, "n_starts": 1, "random_starts": 0}
-    root = config.data["root_seed"]
-    device = resolve_device(config.data["device"])
-    dtype = resolve_dtype(config.data["dtype"])
-    b, m = len(cell.reps), fit["n_starts"] + fit["random_starts"]
+        fit = dataclasses.replace(fit, init="near_truth", perturbation=rung, n_starts=1, random_starts=0)
+    root = config.root_seed
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype)
+    b, m = len(cell.reps), fit.n_starts + fit.random_starts
     noise = setup.noise_std if cell.control == "" else 0.0  # every control is noise-free
-    with _torch_threads(config.data["threads"]):
+    with _torch_threads(config.threads):
         seeds = data_seeds(root, cell.truth, cell.n, cell.reps)
         X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, noise, seeds,
-                            x_dist=config.data["sample"]["x_dist"], device=device, dtype=dtype)
-        bounds = fit_bounds(fit["bounds"])
+                            x_dist=config.sample.x_dist, device=device, dtype=dtype)
+        bounds = fit_bounds(fit.bounds)
         init = _starts(setup, fit, cell.n, start_seeds(root, cell.truth, cell.n, cell.reps, m), bounds, dtype)
-        result = fit_batch(setup.fit_model, X, y, init, method=fit["method"], bounds=bounds, max_iter=fit["max_iter"],
-                           tol=fit["tol"], device=device, dtype=dtype, truth=setup.score_truth,
-                           seed=sgd_seeds(root, cell.truth, cell.n, cell.reps), **fit["options"])
+        result = fit_batch(setup.fit_model, X, y, init, method=fit.method, bounds=bounds, max_iter=fit.max_iter,
+                           tol=fit.tol, device=device, dtype=dtype, truth=setup.score_truth,
+                           seed=sgd_seeds(root, cell.truth, cell.n, cell.reps), **fit.options)
         every = result.all_starts if result.all_starts is not None else result
         all_losses = {k: v.reshape(b, m) for k, v in _losses(setup.fit_model, every.params, setup, config).items()}
         scale = y.square().mean(-1).to("cpu", torch.float64).numpy()
     risk_all = every.risk.detach().to("cpu", torch.float64).numpy().reshape(b, m)
     best = result.start.cpu().numpy()
-    near = near_optimal(risk_all, risk_all[np.arange(b), best], cell.n, fit["near_optimal_loglik"], scale)
+    near = near_optimal(risk_all, risk_all[np.arange(b), best], cell.n, fit.near_optimal_loglik, scale)
     near[np.arange(b), best] = True
     losses: dict[str, np.ndarray] = {}
     for name, values in all_losses.items():
@@ -185,7 +192,7 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     head = pd.DataFrame({
         "truth": np.full(b, cell.truth, dtype=np.int64),
         "series": cell.series,
-        "structure": series.get("structure") or "",
+        "structure": series.structure or "",
         "control": cell.control,
         "n": np.full(b, cell.n, dtype=np.int64),
         "replication": np.asarray(cell.reps, dtype=np.int64),

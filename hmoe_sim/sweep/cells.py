@@ -85,15 +85,15 @@ def plan_cells(config: SweepConfig) -> list[Cell]:
     and series, one control per rung at the largest n only.
     """
     reps = config.replications
-    size = int(config.data["sample"]["chunk"])
+    size = config.sample.chunk
     blocks = [tuple(range(start, min(start + size, reps))) for start in range(0, reps, size)]
-    controls = [""] + list(config.data["sample"]["controls"])
+    controls = ["", *config.controls]
     ladder = list(config.control_perturbations)
     n_max = max(config.sizes)
-    return [Cell(t, s["name"], c, n, b, r) for t in config.truth_seeds for s in config.series
-            if t in s["truth_seeds"] for c in controls for n in config.sizes for b, r in enumerate(blocks)] + \
-        [Cell(t, s["name"], c, n_max, b, r) for t in config.truth_seeds for s in config.series
-         if t in s["truth_seeds"] for c in ladder for b, r in enumerate(blocks)]
+    return [Cell(t, s.name, c, n, b, r) for t in config.truth_seeds for s in config.series
+            if t in s.truth_seeds for c in controls for n in config.sizes for b, r in enumerate(blocks)] + \
+        [Cell(t, s.name, c, n_max, b, r) for t in config.truth_seeds for s in config.series
+         if t in s.truth_seeds for c in ladder for b, r in enumerate(blocks)]
 
 
 def cell_spec(config: SweepConfig, cell: Cell) -> dict[str, Any]:
@@ -114,22 +114,21 @@ def cell_spec(config: SweepConfig, cell: Cell) -> dict[str, Any]:
     ValueError
         If ``cell.series`` is not a series of ``config``.
     """
-    data = config.data
-    series = [s for s in data["series"] if s["name"] == cell.series]
-    if not series:
-        raise ValueError(f"cell {cell.key!r}: series {cell.series!r} is not in the configuration "
-                         f"(series: {[s['name'] for s in data['series']]})")
+    try:
+        series = config.series_named(cell.series)
+    except ValueError as err:
+        raise ValueError(f"cell {cell.key!r}: {err}") from None
     spec = {
         "schema": CELL_SCHEMA_VERSION,
         "version": __version__,
-        "root_seed": data["root_seed"],
-        "device": data["device"],
-        "dtype": data["dtype"],
-        "threads": data["threads"],
-        "truth": {k: v for k, v in data["truth"].items() if k != "seeds"},  # the cell's own seed is cell.truth
-        "series": {k: v for k, v in series[0].items() if k not in ("name", "truth_seeds")},
-        "x_dist": data["sample"]["x_dist"],
-        "losses": data["losses"],
+        "root_seed": config.root_seed,
+        "device": config.device,
+        "dtype": config.dtype,
+        "threads": config.threads,
+        "truth": {k: v for k, v in config.truth.to_dict().items() if k != "seeds"},  # the cell's own is cell.truth
+        "series": {k: v for k, v in series.to_dict().items() if k not in ("name", "truth_seeds")},
+        "x_dist": config.sample.x_dist,
+        "losses": config.losses.to_dict(),
         "cell": dataclasses.asdict(cell),
     }
     return json.loads(json.dumps(spec, sort_keys=True))

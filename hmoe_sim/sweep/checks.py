@@ -13,7 +13,6 @@ import inspect
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,7 +20,7 @@ from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators import fit_batch, jacobian_bytes
 from hmoe_sim.identifiability import nonidentifiable_reason
 from hmoe_sim.sweep.cells import Cell, cell_hash, plan_cells
-from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
 from hmoe_sim.sweep.storage import RunDir
 
@@ -58,9 +57,9 @@ def check_before_work(config: SweepConfig, out: str | Path, *, dask: bool = Fals
 def check_estimator_options(config: SweepConfig) -> None:
     """Validate every series' estimator settings before any fitting.
 
-    Checks ``fit.bounds`` (keys ``default``, ``limits``, ``boundary_tol``; names must be
-    parameters of the fitted model) and ``fit.options`` (extra keyword arguments of
-    ``fit_batch`` / ``fit_multistart``), that the device exists, that one cell can fit
+    Checks ``fit.bounds`` (its keys are checked by :func:`~hmoe_sim.sweep.config.parse_config`;
+    here: the names must be parameters of the fitted model) and ``fit.options`` (extra keyword
+    arguments of ``fit_batch`` / ``fit_multistart``), that the device exists, that one cell can fit
     in the device's memory (:func:`check_memory`), and that every series' truth is
     identifiable at its true size (:func:`hmoe_sim.identifiability.nonidentifiable_reason`,
     checked on the series' first truth seed) unless ``allow_nonidentifiable = true``.
@@ -70,32 +69,27 @@ def check_estimator_options(config: SweepConfig) -> None:
     ValueError
         Naming the offending key.
     """
-    resolve_device(config.data["device"])
+    resolve_device(config.device)
     reserved = {"model", "X", "y", "init", "method", "bounds", "max_iter", "tol", "device", "dtype", "truth", "seed",
                 "show_progress", "mask"}
     for i, s in enumerate(config.series):
         key = f"series[{i}].fit"
-        fit = s["fit"]
-        unknown = sorted(set(fit["bounds"]) - {"default", "limits", "boundary_tol"})
-        if unknown:
-            raise ValueError(f"unknown config key(s) {[f'{key}.bounds.{u}' for u in unknown]}; "
-                             "known: default, limits, boundary_tol")
-        setup = series_setup(config, s, s["truth_seeds"][0])
+        setup = series_setup(config, s, s.truth_seeds[0])
         try:
-            bounds = fit_bounds(fit["bounds"])
+            bounds = fit_bounds(s.fit.bounds)
             bounds.check_names(setup.fit_model)
         except (TypeError, ValueError) as err:
             raise ValueError(f"config key {key + '.bounds'!r}: {err}") from err
         accepted = set(inspect.signature(fit_batch).parameters) - reserved
-        bad = sorted(set(fit["options"]) - accepted)
+        bad = sorted(set(s.fit.options) - accepted)
         if bad:
             raise ValueError(f"unknown config key(s) {[f'{key}.options.{b}' for b in bad]}; "
                              f"fit_batch accepts {sorted(accepted)}")
         check_memory(config, s, setup)
-        if not config.data["allow_nonidentifiable"]:
-            reason = nonidentifiable_reason(s["preset"], s["truth_options"], seed=s["truth_seeds"][0])
+        if not config.allow_nonidentifiable:
+            reason = nonidentifiable_reason(s.preset, s.truth_options, seed=s.truth_seeds[0])
             if reason is not None:
-                raise ValueError(f"series[{i}] ({s['name']!r}, preset {s['preset']!r}) is not identifiable at its "
+                raise ValueError(f"series[{i}] ({s.name!r}, preset {s.preset!r}) is not identifiable at its "
                                  f"true size: {reason}; a rate measured on it is not a rate of its parameters. "
                                  "Set allow_nonidentifiable = true to run it anyway")
 
@@ -173,13 +167,13 @@ def check_file_names(config: SweepConfig, run: RunDir) -> None:
         limit = int(os.pathconf(probe, "PC_NAME_MAX"))
     except (OSError, ValueError):
         limit = 255
-    blocks = -(-config.replications // int(config.data["sample"]["chunk"]))
+    blocks = -(-config.replications // config.sample.chunk)
     for i, s in enumerate(config.series):
         for control in ["", *config.controls, *config.control_perturbations]:
-            cell = Cell(max(s["truth_seeds"]), s["name"], control, max(config.sizes), blocks - 1, ())
+            cell = Cell(max(s.truth_seeds), s.name, control, max(config.sizes), blocks - 1, ())
             length = len(run.cell_path(cell, "0" * 16).name.encode()) + _TMP_EXTRA
             if length > limit:
-                raise ValueError(f"config key 'series[{i}].name': {s['name']!r} makes cell file names of {length} "
+                raise ValueError(f"config key 'series[{i}].name': {s.name!r} makes cell file names of {length} "
                                  f"characters, more than the {limit} a file name may have; shorten it")
     for part in f"{config.name}.png".split("/"):
         if len(part.encode()) + _TMP_EXTRA > limit:
@@ -187,7 +181,7 @@ def check_file_names(config: SweepConfig, run: RunDir) -> None:
                              f"{len(part.encode())} characters, too long for a file name (limit {limit}); shorten it")
 
 
-def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup) -> None:
+def check_memory(config: SweepConfig, series: SeriesConfig, setup: SeriesSetup) -> None:
     """Raise when one cell of ``series`` plainly cannot fit in the device's memory.
 
     A lower bound of what one cell needs at the largest ``n``: its data (``min(sample.chunk,
@@ -205,26 +199,26 @@ def check_memory(config: SweepConfig, series: dict[str, Any], setup: SeriesSetup
     ValueError
         Naming ``sample.sizes`` (or ``losses.l2_n_eval``), the value and the memory needed.
     """
-    device = resolve_device(config.data["device"])
+    device = resolve_device(config.device)
     available = _device_memory(device)
-    batch = min(int(config.data["sample"]["chunk"]), config.replications)
+    batch = min(config.sample.chunk, config.replications)
     dim = setup.fit_model.input_dim
     n = max(config.sizes)
-    per_fit = jacobian_bytes(n, setup.fit_model.n_params, resolve_dtype(config.data["dtype"]),
+    per_fit = jacobian_bytes(n, setup.fit_model.n_params, resolve_dtype(config.dtype),
                              analytic=hasattr(setup.fit_model, "value_and_jacobian"))
     need = 8 * batch * n * (dim + 1) + per_fit
     gib = 1024**3
     where = f"{device.type} memory ({available / gib:.1f} GiB{' available' if device.type == 'cpu' else ''})"
-    budget = series["fit"]["options"].get("max_memory")
+    budget = series.fit.options.get("max_memory")
     if budget is not None and budget < per_fit:
-        i = next(j for j, s in enumerate(config.series) if s["name"] == series["name"])
+        i = next(j for j, s in enumerate(config.series) if s.name == series.name)
         raise ValueError(f"config key 'series[{i}].fit.options.max_memory': {budget} bytes is below the {per_fit} "
                          f"bytes one fit needs at n = {n} ({setup.fit_model.n_params} parameters)")
     if need > available:
         raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {need / gib:.1f} GiB for one cell of "
-                         f"series {series['name']!r} ({batch} data sets and one fit's Jacobian), more than the "
+                         f"series {series.name!r} ({batch} data sets and one fit's Jacobian), more than the "
                          f"{where}")
-    n_eval = int(config.data["losses"]["l2_n_eval"]) if config.data["losses"]["l2"] else 0
+    n_eval = config.losses.l2_n_eval if config.losses.l2 else 0
     need_l2 = 8 * n_eval * (dim + batch)  # the evaluation sample and the cell's fitted values on it
     if need_l2 > available:
         raise ValueError(f"config key 'losses.l2_n_eval': {n_eval} evaluation points need at least "

@@ -38,16 +38,16 @@ def series_heads(config: SweepConfig) -> dict[str, int]:
     """Number of heads ``H`` of each HMoE series (series of other models are left out)."""
     out = {}
     for s in config.series:
-        model = series_setup(config, s, s["truth_seeds"][0]).fit_model
+        model = series_setup(config, s, s.truth_seeds[0]).fit_model
         if isinstance(model, HMoE):
-            out[s["name"]] = int(model.n_heads)
+            out[s.name] = int(model.n_heads)
     return out
 
 
 def structure_pairs(config: SweepConfig) -> dict[int, tuple[str, str]]:
     """Per ``H``: the (shared, non-shared) series pair; ``H`` with another mix of series is left out."""
     heads = series_heads(config)
-    structure = {s["name"]: s.get("structure") for s in config.series}
+    structure = {s.name: s.structure for s in config.series}
     pairs = {}
     for h in sorted(set(heads.values())):
         names = [n for n, v in heads.items() if v == h]
@@ -61,7 +61,7 @@ def structure_pairs(config: SweepConfig) -> dict[int, tuple[str, str]]:
 def per_truth_table(rates: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
     """``rates.csv`` of an ensemble reduced to :data:`PER_TRUTH_COLUMNS` (one row per truth, H, series, loss)."""
     heads = series_heads(config)
-    structure = {s["name"]: s.get("structure") or "" for s in config.series}
+    structure = {s.name: s.structure or "" for s in config.series}
     table = rates[rates["series"].isin(heads)].copy()
     table["H"] = table["series"].map(heads).astype(int)
     table["structure"] = table["series"].map(structure)

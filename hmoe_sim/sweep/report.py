@@ -27,7 +27,7 @@ from hmoe_sim.rates import (
     perturbation_exponent,
     rate_verdict,
 )
-from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 from hmoe_sim.sweep.setup import series_setup
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
@@ -47,8 +47,7 @@ EXCLUDED_BOUNDARY: frozenset[str] = frozenset()
 
 def loss_columns(config: SweepConfig) -> list[str]:
     """The loss columns a sweep records (``D1``, ``D2``, ``L2`` as configured)."""
-    spec = config.data["losses"]
-    return list(spec["kinds"]) + (["L2"] if spec["l2"] else [])
+    return config.losses.columns
 
 
 def _labels(results: pd.DataFrame) -> pd.Series:
@@ -163,27 +162,25 @@ def upper_half(sizes: list[int]) -> list[int]:
 def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
     """:func:`hmoe_sim.identifiability.loss_floor` per (truth, series, loss); ``L2`` has floor 0."""
     out: dict[tuple[int, str, str], float] = {}
-    spec = config.data["losses"]
     for s in config.series:
-        for t in s["truth_seeds"]:
+        for t in s.truth_seeds:
             setup = series_setup(config, s, t)
             for loss in loss_columns(config):
-                out[(t, s["name"], loss)] = 0.0 if loss == "L2" else float(
-                    loss_floor(setup.fit_model, setup.score_model, setup.score_truth, loss, r=spec["r"]))
+                out[(t, s.name, loss)] = 0.0 if loss == "L2" else float(
+                    loss_floor(setup.fit_model, setup.score_model, setup.score_truth, loss, r=config.losses.r))
     return out
 
 
 def flat_counts(config: SweepConfig) -> dict[tuple[int, str, str], tuple[int, int]]:
     """:func:`hmoe_sim.identifiability.flat_directions` per (truth, series, loss) for the Voronoi losses."""
     out: dict[tuple[int, str, str], tuple[int, int]] = {}
-    spec = config.data["losses"]
     for s in config.series:
-        for t in s["truth_seeds"]:
+        for t in s.truth_seeds:
             setup = series_setup(config, s, t)
             for loss in loss_columns(config):
                 if loss != "L2":
-                    out[(t, s["name"], loss)] = tuple(flat_directions(setup.fit_model, setup.score_model,
-                                                                      setup.score_truth, loss, r=spec["r"]))
+                    out[(t, s.name, loss)] = tuple(flat_directions(setup.fit_model, setup.score_model,
+                                                                   setup.score_truth, loss, r=config.losses.r))
     return out
 
 
@@ -224,33 +221,33 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
     return row
 
 
-def protocol_is_start(series: dict) -> bool:
+def protocol_is_start(series: SeriesConfig) -> bool:
     """The series' start and iteration budget are the protocol under test (the papers' SGD)."""
-    return series["fit"]["method"] == "sgd-paper"
+    return series.fit.method == "sgd-paper"
 
 
-def _protocol_columns(main: pd.DataFrame, ok: pd.Series, series: dict, loss: str) -> dict[str, object]:
+def _protocol_columns(main: pd.DataFrame, ok: pd.Series, series: SeriesConfig, loss: str) -> dict[str, object]:
     """How the noisy fits of one series were optimised: convergence, misses, truth-free starts."""
-    fit = series["fit"]
+    fit = series.fit
     kept = main[ok]
     converged = kept["converged"].astype(bool).to_numpy() if "converged" in kept else np.zeros(len(kept), bool)
-    worse = worse_than_truth(main, fit["near_optimal_loglik"])
+    worse = worse_than_truth(main, fit.near_optimal_loglik)
     finite = np.isfinite(main["risk"].to_numpy(dtype=float)) if "risk" in main else np.zeros(len(main), bool)
     row: dict[str, object] = {
         "n_converged": int(converged.sum()),
         "converged_fraction": float(converged.mean()) if len(kept) else np.nan,
         "n_worse_beyond_margin": int(worse.sum()),
         "worse_fraction": float(worse.sum() / max(int(finite.sum()), 1)) if len(main) else np.nan,
-        "n_random_starts": int(fit["random_starts"]),
+        "n_random_starts": fit.random_starts,
     }
-    if fit["random_starts"] and "start" in kept and len(kept):
-        row["best_random_fraction"] = float((kept["start"].to_numpy() >= fit["n_starts"]).mean())
+    if fit.random_starts and "start" in kept and len(kept):
+        row["best_random_fraction"] = float((kept["start"].to_numpy() >= fit.n_starts).mean())
     else:
         row["best_random_fraction"] = np.nan
     return row
 
 
-def _evidence(row: dict[str, object], series: dict, controls: dict[str, pd.DataFrame]) -> SeriesEvidence:
+def _evidence(row: dict[str, object], series: SeriesConfig, controls: dict[str, pd.DataFrame]) -> SeriesEvidence:
     """The :class:`hmoe_sim.rates.SeriesEvidence` of one rates row."""
     def num(key: str) -> float:
         value = row.get(key, np.nan)
@@ -260,7 +257,7 @@ def _evidence(row: dict[str, object], series: dict, controls: dict[str, pd.DataF
     n_sizes = row.get("n_sizes", 0)
     return SeriesEvidence(
         has_control="noise_free" in controls and not controls["noise_free"].empty,
-        truth_free_starts=protocol or series["fit"]["random_starts"] > 0, protocol_start=protocol,
+        truth_free_starts=protocol or series.fit.random_starts > 0, protocol_start=protocol,
         slope=num("slope"), ci_low=num("ci_low"), ci_high=num("ci_high"),
         n_sizes=int(n_sizes) if np.isfinite(float(n_sizes)) else 0, n_min=num("n_min"), n_max=num("n_max"),
         upper_ci_low=num("ci_low_upper"), upper_ci_high=num("ci_high_upper"),
@@ -312,9 +309,9 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
     bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
     for truth in config.truth_seeds:
         for s in config.series:
-            if truth not in s["truth_seeds"]:
+            if truth not in s.truth_seeds:
                 continue
-            main, controls = _parts(results, truth, s["name"])
+            main, controls = _parts(results, truth, s.name)
             idx = main.index
             for loss in loss_columns(config):
                 ok = usable(main, loss, exclude=exclude)
@@ -324,7 +321,7 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                           "n_on_boundary": int(main["on_boundary"].astype(bool).sum()) if "on_boundary" in main
                           else 0,
                           "n_boundary_excluded": int(excl[idx].sum()), "n_worse_than_truth": int(worse[idx].sum())}
-                row: dict[str, object] = {"truth": truth, "series": s["name"], "loss": loss}
+                row: dict[str, object] = {"truth": truth, "series": s.name, "loss": loss}
                 row.update({k: v for k, v in _rate(main, ok, loss, n_boot, level).items() if k not in row})
                 row.update(counts)
                 for which in ("all", "inside"):
@@ -333,11 +330,11 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                     row.update(_slope_columns(which, sens))
                     row.update({f"preferred_{which}": sens.get("preferred", ""), f"n_used_{which}": int(chosen.sum())})
                 row.update(_diagnostics(main, ok, controls, loss, config, n_boot, level))
-                row["loss_floor"] = floors.get((truth, s["name"], loss), np.nan)
+                row["loss_floor"] = floors.get((truth, s.name, loss), np.nan)
                 row.update(_protocol_columns(main, ok, s, loss))
                 floor = float(row["loss_floor"])
                 row["identifiable"] = bool(floor <= FLOOR_TOLERANCE) if np.isfinite(floor) else None
-                row["n_flat"], row["n_flat_loss"] = flats.get((truth, s["name"], loss), (np.nan, np.nan))
+                row["n_flat"], row["n_flat_loss"] = flats.get((truth, s.name, loss), (np.nan, np.nan))
                 row["verdict"], row["evidence"] = rate_verdict(_evidence(row, s, controls))
                 rows.append(row)
     table = pd.DataFrame(rows)
@@ -358,15 +355,15 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
     bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
     for truth in config.truth_seeds:
         for s in config.series:
-            if truth not in s["truth_seeds"]:
+            if truth not in s.truth_seeds:
                 continue
-            main, controls = _parts(results, truth, s["name"])
+            main, controls = _parts(results, truth, s.name)
             for control, rows_of in [("", main), *controls.items()]:
                 for n in config.sizes:
                     part = rows_of[rows_of["n"] == n]
                     if control in config.control_perturbations and part.empty:
                         continue  # a ladder rung is fitted at the largest n only
-                    row: dict[str, object] = {"truth": truth, "series": s["name"], "control": control, "n": n,
+                    row: dict[str, object] = {"truth": truth, "series": s.name, "control": control, "n": n,
                                               "n_fits": len(part), "n_flagged": int(bad[part.index].sum())}
                     for col in ("diverged", "on_boundary", "converged"):
                         row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0

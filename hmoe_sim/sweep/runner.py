@@ -212,7 +212,7 @@ def run_sweep(
     if device is not None:
         config = config.with_overrides(device=device)
     run, cells = check_before_work(config, out, dask=backend == "dask", scheduler=scheduler)
-    execution = execution.capped(config.data["threads"], say)
+    execution = execution.capped(config.threads, say)
 
     fp = config.fingerprint
     counts = {"done": 0, "computed": 0}

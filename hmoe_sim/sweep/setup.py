@@ -7,6 +7,7 @@ Used by the checks before work (:mod:`~hmoe_sim.sweep.checks`), by every cell
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from hmoe_sim.estimators import Bounds
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.hmoe import HMoE
 from hmoe_sim.models.presets import make_preset
-from hmoe_sim.sweep.config import SweepConfig
+from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 
 __all__ = ["SeriesSetup", "fit_bounds", "series_setup"]
 
@@ -45,16 +46,16 @@ class SeriesSetup:
     noise_std: float
 
 
-def series_setup(config: SweepConfig, series: dict[str, Any], truth_seed: int | None = None) -> SeriesSetup:
+def series_setup(config: SweepConfig, series: SeriesConfig, truth_seed: int | None = None) -> SeriesSetup:
     """Build the models and truths of one series of ``config`` on truth ``truth_seed``.
 
     ``truth_seed`` defaults to the configuration's first truth seed.
     """
     seed = config.truth_seeds[0] if truth_seed is None else truth_seed
-    setup = make_preset(series["preset"], seed=seed, **series["truth_options"])
+    setup = make_preset(series.preset, seed=seed, **series.truth_options)
     true_model, truth, fit_model = setup.true_model, setup.truth, setup.fit_model
     score_model, score_truth = true_model, truth
-    structure = series.get("structure")
+    structure = series.structure
     if structure is not None and isinstance(fit_model, HMoE) and structure != fit_model.structure:
         assert isinstance(true_model, HMoE)
         fit_model = fit_model.with_structure(structure)
@@ -62,12 +63,12 @@ def series_setup(config: SweepConfig, series: dict[str, Any], truth_seed: int | 
     return SeriesSetup(true_model, truth, fit_model, score_model, score_truth, setup.noise_std)
 
 
-def fit_bounds(spec: dict[str, Any]) -> Bounds:
+def fit_bounds(spec: Mapping[str, Any]) -> Bounds:
     """The fit box of a series' resolved ``fit.bounds`` table.
 
     Parameters
     ----------
-    spec : dict
+    spec : mapping
         Keys ``default`` (a ``(low, high)`` pair), ``limits`` (parameter name -> pair) and
         ``boundary_tol``, each optional.
 
