@@ -1,7 +1,9 @@
 """Power of the headline design before it runs (issue 22): CI half-widths for -1/2 against 0.
 
-Reads the per-fit spread of log D1 from a committed run (default: the truth ensemble of
-2026-11, near-truth starts, n = 316..3107), takes the median over (truth, size) cells of the
+Reads the per-fit spread of log D1 from a committed run (default: the losses of the truth
+ensemble of 2026-11 -- near-truth starts only, n = 316..3107 -- kept as
+experiments/results/power/hora_truths_2026-11_losses.parquet after its rerun replaced it),
+takes the median over (truth, size) cells of the
 standard deviation of log D1 per structure and H, and prints and writes the expected half-width
 of a per-truth slope CI, of the ensemble slope CI (truths pooled) and of the paired
 largest-n difference, for candidate designs. Pure arithmetic on committed data: seconds.
@@ -41,7 +43,9 @@ def cell_spread(results: pd.DataFrame, loss: str = "D1") -> pd.Series:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=ROOT / "experiments/results/hora_truths/results.parquet")
+    parser.add_argument("--results", type=Path,
+                        default=ROOT / "experiments/results/power/hora_truths_2026-11_losses.parquet",
+                        help="a results.parquet (or its truth, series, control, n, replication and loss columns)")
     parser.add_argument("--truths", type=int, nargs=2, default=(8, 4), metavar=("H2", "H4"),
                         help="truths pooled in the ensemble slope at H = 2 and H = 4 (default 8 4)")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments/results/power/power.csv")
