@@ -17,7 +17,8 @@ from hmoe_sim.estimators._lm import solve_lm
 from hmoe_sim.models.flat import FlatMoE
 
 CASES = [("softmax-linear", {}), ("softmax-relu", {}), ("sigmoid-regime2", {}), ("hmoe-nonshared", {}),
-         ("hmoe-nonshared", {"first_level": "softmax"}), ("hmoe-shared", {})]
+         ("hmoe-nonshared", {"first_level": "softmax"}), ("hmoe-shared", {}),
+         ("hmoe-shared", {"code_activation": "identity", "first_level": "softmax"})]
 
 
 def _problem(name: str, options: dict, B: int = 3, n: int = 40, *, structured: bool = True, masked: bool = False):
@@ -67,15 +68,20 @@ def test_normal_equations_equal_those_of_the_assembled_jacobian(name, options, m
     ("softmax-linear", True, 21 * 45 / 54**2),  # D = 8, k = 3: u has 6 entries (21 pairs), (1, x) 9 (45 pairs)
     ("sigmoid-regime2", True, 55 * 45 / 90**2),  # k = 5: u has 10 entries (55 pairs), P = 90
     ("hmoe-nonshared", True, 36 * 15 / 40**2),  # H = 2, L = 2, D = 4: u has 8 entries, (1, x) 5, P = 40
-    ("hmoe-shared", False, None),  # columns of W1, W2, w3, z are not (factor) x (1, x): J is assembled
+    # shared: the blocks are the non-shared Jacobian's (P_ns = 40), mapped to the P = 30 columns by M
+    ("hmoe-shared", True, 36 * 15 / 40**2),
 ])
 def test_which_models_get_the_factored_form(name, factored, ratio):
     _, problem, theta = _problem(name, {})
-    layout = khatri_rao_layout(problem.linearize(theta).pieces, problem.X.shape[-1])
+    lin = problem.linearize(theta)
+    layout = khatri_rao_layout(lin.pieces, problem.X.shape[-1])
     assert (layout is not None) == factored
     if factored:
-        assert layout.n_columns == problem.model.n_params
+        blocks = problem.model.n_params if lin.column_map is None else lin.column_map.shape[-2]
+        assert layout.n_columns == blocks
         assert layout.cost_ratio() == pytest.approx(ratio)
+    if name == "hmoe-shared":
+        assert tuple(lin.column_map.shape) == (3, 40, problem.model.n_params)
 
 
 @pytest.mark.parametrize("rows", [[2], [0, 2], [1, 2, 3], [0, 1, 2, 3]])
