@@ -90,8 +90,9 @@ def test_column_map_rejects_the_nonshared_structure():
 def test_frozen_atoms_reduce_the_known_experts_exactly():
     model = _shared("tanh", "uniform")
     X = 2 * torch.rand(5, 7, model.input_dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64) - 1
-    logit, value = model.frozen_atoms(X)
-    scores, experts = model.known_scores_and_experts(X)
+    logit, value = model.frozen_atoms(X)                       # head-major (5, H, 7)
+    scores, experts = model.known_scores_and_experts(X)        # (5, 7, H, N)
+    scores, experts = scores.transpose(-2, -3), experts.transpose(-2, -3)
     # sum_j e^{s_j} = e^F and sum_j e^{s_j} v_j = e^F V, summed directly
     torch.testing.assert_close(torch.exp(logit), torch.exp(scores).sum(-1), rtol=1e-14, atol=0)
     torch.testing.assert_close(torch.exp(logit) * value, (torch.exp(scores) * experts).sum(-1), rtol=1e-13,

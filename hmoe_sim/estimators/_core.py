@@ -214,7 +214,7 @@ class Linearization:
         if rows is not None and 2 * rows.numel() <= factors.shape[0]:
             factors, products, r = factors[rows], products[rows], r[rows]
             rows = None
-        gram = torch.bmm(_pair_products(factors), products.transpose(-1, -2))   # (b, m2, d2)
+        gram = _factor_gram(factors, products)                                  # (b, m2, d2)
         ext = products[..., : layout.ext_dim, :]                    # x~, (b, D + 1, n)
         grad = torch.bmm(factors * r.unsqueeze(-2), ext.transpose(-1, -2))      # (b, m, D + 1)
         gram_index, grad_index = layout.indices(gram.device)
@@ -236,6 +236,29 @@ def _pair_products(v: torch.Tensor) -> torch.Tensor:
         torch.mul(v[..., a : a + 1, :], v[..., a:, :], out=out[..., start : start + m - a, :])
         start += m - a
     return out
+
+
+#: samples per block of :func:`_factor_gram` (the block's factor-pair products stay in cache)
+_GRAM_BLOCK = 1024
+
+
+def _factor_gram(factors: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
+    """``(b, m(m+1)/2, d2)``: the factor-pair products of ``factors (b, m, n)`` times the input
+    products ``(b, d2, n)``, summed over the samples.
+
+    Formed over blocks of ``_GRAM_BLOCK`` samples and summed in block order: the ``m(m+1)/2 x
+    block`` pair products of one block are reused from cache by the matrix product instead of
+    being written to and read back from memory (about 3x faster at ``m = 8``, ``n = 1e4``). The
+    order of summation depends on ``n`` only, never on the number of problems in the stack.
+    """
+    n = factors.shape[-1]
+    gram = None
+    for start in range(0, n, _GRAM_BLOCK):
+        part = torch.bmm(_pair_products(factors[..., start : start + _GRAM_BLOCK]),
+                         products[..., start : start + _GRAM_BLOCK].transpose(-1, -2))
+        gram = part if gram is None else gram.add_(part)
+    assert gram is not None
+    return gram
 
 
 def _pair_index(i: torch.Tensor, j: torch.Tensor, m: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from hmoe_sim._validation import (
     check_positive_float,
     check_positive_int,
 )
-from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, _softmax_mix, dict_repr
+from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, dict_repr
 from hmoe_sim.models.flat import AnalyticJacobian, Piece, assemble_columns, min_pairwise_distance
 
 __all__ = ["FrozenAttention", "HMoE", "STRUCTURES", "CODE_ACTIVATIONS", "CODE_DERIVATIVES", "FIRST_LEVEL_GATES"]
@@ -266,41 +266,58 @@ class HMoE(AnalyticJacobian, MixtureModel):
         experts = torch.einsum("...td,hd->...ht", tokens, vc)
         return scores, experts
 
-    @staticmethod
-    def _adapter_logits_and_values(free: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adapter atoms' gating logits and expert values, each ``(*batch, n, H, L)``."""
-        logits = torch.einsum("...nd,...hld->...nhl", X, free["beta1"]) + free["beta0"].unsqueeze(-3)
-        values = torch.einsum("...nd,...hld->...nhl", X, free["a"]) + free["b"].unsqueeze(-3)
-        return logits, values
-
     def frozen_atoms(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's known experts as one atom per sample: logit ``logsumexp_j s_hj`` and value
-        ``sum_j softmax_j(s_h) v_hj``, each ``(*batch_x, n, H)``.
+        """Each head's known experts as one atom per sample: logit ``F_h = logsumexp_j s_hj`` and
+        value ``V_h = sum_j softmax_j(s_h) v_hj``, each ``(*batch_x, H, n)`` (head-major).
 
         Exact: ``e^{F_h} V_h = sum_j e^{s_hj} v_hj`` and ``e^{F_h} = sum_j e^{s_hj}``. They do not
         depend on the parameters, so a fit forms them once per data set
         (:meth:`prepare_inputs`).
         """
         scores, experts = self.known_scores_and_experts(X)
-        return torch.logsumexp(scores, -1), (torch.softmax(scores, -1) * experts).sum(-1)
+        logit = torch.logsumexp(scores, -1)
+        value = (torch.softmax(scores, -1) * experts).sum(-1)
+        return logit.transpose(-1, -2).contiguous(), value.transpose(-1, -2).contiguous()
 
     def prepare_inputs(self, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the model computes from the inputs alone (:meth:`frozen_atoms`): the estimators
         form it once per stack of data sets and pass it back as ``prepared``."""
         return self.frozen_atoms(X)
 
+    def _head_major(self, free: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None
+                    ) -> tuple[torch.Tensor, ...]:
+        """Head-major evaluation, the sample axis innermost (long contiguous rows): within-head
+        weights ``p`` of the adapters ``(*batch, H, L, n)``, their values ``(*batch, H, L, n)``,
+        head outputs ``g`` ``(*batch, H, n)`` and head weights ``pi`` (``(*batch, H, n)``, or the
+        number ``1/H`` for a uniform first level), from one matrix product with ``X``."""
+        h, ell = self.n_heads, self.n_adapters
+        known_logit, known_value = self.frozen_atoms(X) if prepared is None else prepared
+        rows = [free["beta1"].flatten(-3, -2), free["a"].flatten(-3, -2)]
+        biases = [free["beta0"].flatten(-2), free["b"].flatten(-2)]
+        if self.first_level == "softmax":
+            rows.append(free["head_gate_slope"])
+            biases.append(free["head_gate_bias"])
+        lead = torch.broadcast_shapes(*(r.shape[:-2] for r in rows))
+        both = (torch.matmul(torch.cat([r.expand(*lead, -1, -1) for r in rows], -2), X.transpose(-1, -2))
+                + torch.cat([v.expand(*lead, -1) for v in biases], -1).unsqueeze(-1))
+        logits = both[..., : h * ell, :].unflatten(-2, (h, ell))
+        values = both[..., h * ell : 2 * h * ell, :].unflatten(-2, (h, ell))
+        shape = torch.broadcast_shapes(known_logit.shape, logits.shape[:-2] + logits.shape[-1:])
+        known_logit = known_logit.expand(shape).unsqueeze(-2)
+        lse = torch.logsumexp(torch.cat([known_logit, logits.expand(*shape[:-1], ell, -1)], -2), -2, keepdim=True)
+        p = torch.exp(logits - lse)
+        g = (torch.exp(known_logit - lse) * known_value.unsqueeze(-2)).squeeze(-2) + (p * values).sum(-2)
+        if self.first_level == "uniform":
+            return p, values, g, 1.0 / h
+        head_logits = both[..., 2 * h * ell :, :]
+        pi = torch.softmax(torch.cat([torch.zeros_like(head_logits[..., :1, :]), head_logits], -2), -2)
+        return p, values, g, pi
+
     def _head_outputs(self, free: Params, X: torch.Tensor,
                       prepared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``g_h(X)`` for every head, ``(*batch, n, H)``; ``free`` is a non-shared container,
         ``prepared`` the :meth:`frozen_atoms` of ``X`` (formed here when not given)."""
-        known_logit, known_value = self.frozen_atoms(X) if prepared is None else prepared
-        if not self.n_adapters:
-            return known_value
-        logits, values = self._adapter_logits_and_values(free, X)
-        lead = torch.broadcast_shapes(known_logit.shape, logits.shape[:-1])
-        scores = torch.cat([known_logit.unsqueeze(-1).expand(*lead, 1), logits.expand(*lead, -1)], dim=-1)
-        experts = torch.cat([known_value.unsqueeze(-1).expand(*lead, 1), values.expand(*lead, -1)], dim=-1)
-        return _softmax_mix(scores, experts)
+        return self._head_major(free, X, prepared)[2].transpose(-1, -2)
 
     def head_weights(self, free: Params, X: torch.Tensor) -> torch.Tensor:
         """First-level weights ``pi_h(X)``, ``(*batch, n, H)``."""
@@ -317,10 +334,8 @@ class HMoE(AnalyticJacobian, MixtureModel):
     def predict_prepared(self, params: Params, X: torch.Tensor,
                          prepared: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         """``f_G(X)`` (no checks) with the :meth:`prepare_inputs` of ``X`` (``None``: formed here)."""
-        free = self.to_nonshared(params)
-        g = self._head_outputs(free, X, prepared)
-        pi = self.head_weights(free, X)
-        return (pi * g).sum(dim=-1)
+        _, _, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
+        return (pi * g).sum(-2)
 
     # ------------------------------------------------------------------ derivatives
     def jacobian_factors(self, params: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None = None
@@ -335,22 +350,16 @@ class HMoE(AnalyticJacobian, MixtureModel):
         pi_h (g_h - f)``. ``prepared`` is the :meth:`frozen_atoms` of ``X`` (formed here when
         not given).
         """
-        free = self.to_nonshared(params)
-        known_logit, known_value = self.frozen_atoms(X) if prepared is None else prepared
-        logits, values = self._adapter_logits_and_values(free, X)
-        lead = torch.broadcast_shapes(known_logit.shape, logits.shape[:-1])
-        known_logit = known_logit.unsqueeze(-1).expand(*lead, 1)
-        lse = torch.logsumexp(torch.cat([known_logit, logits.expand(*lead, -1)], -1), -1, keepdim=True)
-        p = torch.exp(logits - lse)
-        g = torch.exp(known_logit - lse).squeeze(-1) * known_value + (p * values).sum(-1)
-        pi = self.head_weights(free, X)
-        f = (pi * g).sum(-1)
-        d_value = pi.unsqueeze(-1) * p
-        d_logit = d_value * (values - g.unsqueeze(-1))
-        d_logit, d_value = d_logit.flatten(-2), d_value.flatten(-2)
+        p, values, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
+        f = (pi * g).sum(-2)
+        pi_ = pi.unsqueeze(-2) if isinstance(pi, torch.Tensor) else pi
+        d_value = pi_ * p                                             # (*batch, H, L, n)
+        d_logit = d_value * (values - g.unsqueeze(-2))
+        # transposed views (*batch, n, H*L) of head-major blocks
+        d_logit, d_value = d_logit.flatten(-3, -2).transpose(-1, -2), d_value.flatten(-3, -2).transpose(-1, -2)
         pieces: list[Piece] = [(d_logit, False), (d_logit, True), (d_value, True), (d_value, False)]
         if self.first_level == "softmax":
-            d_head = (pi * (g - f.unsqueeze(-1)))[..., 1:]
+            d_head = (pi * (g - f.unsqueeze(-2)))[..., 1:, :].transpose(-1, -2)
             pieces += [(d_head, False), (d_head, True)]
         return f, pieces, self.column_map(params) if self.structure == "shared" else None
 
