@@ -18,6 +18,7 @@ from collections.abc import Collection
 import numpy as np
 import pandas as pd
 
+from hmoe_sim.estimators.result import count_at_iteration_cap
 from hmoe_sim.rates import fit_rate, rate_verdict
 from hmoe_sim.sweep.config import SweepConfig
 
@@ -277,6 +278,7 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                         row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
                     row["n_boundary_excluded"] = int(excl[part.index].sum())
                     row["n_worse_than_truth"] = int(worse[part.index].sum())
+                    row["n_at_max_iter"] = count_at_iteration_cap(part.get("n_iter", []), **s["fit"])
                     for loss in loss_columns(config):
                         chosen = usable(part, loss, exclude=exclude) if not control else \
                             pd.Series(np.isfinite(part[loss].to_numpy(dtype=float)), index=part.index)
