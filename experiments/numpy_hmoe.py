@@ -119,7 +119,7 @@ class HMoEResidual:
 
     def jacobian(self, theta: np.ndarray) -> np.ndarray:
         c, X = self._parts(theta), self.X
-        n, H, L = X.shape[0], self.H, self.L
+        n, H, L, D = X.shape[0], self.H, self.L, self.D
         dv = c["pi"][:, :, None] * c["p_ad"]                        # df / d(adapter value), (n, H, L)
         dl = dv * (c["values"] - c["g"][:, :, None])                  # df / d(adapter logit)
         cols = [dl.reshape(n, H * L)]
@@ -127,14 +127,17 @@ class HMoEResidual:
             cols += [(dl[..., None] * X[:, None, None, :]).reshape(n, -1),
                      (dv[..., None] * X[:, None, None, :]).reshape(n, -1), dv.reshape(n, H * L)]
         else:
-            t1, t2, t3, z = c["t1"], c["t2"], c["t3"], c["z"]
-            # f depends on W1 through beta1_hld = s(sum_q z_hlq W1_dq): df/dW1_dq = sum_hl dl_hl x_d t1_hld z_hlq
-            cols.append(np.einsum("nhl,nd,hld,hlq->ndq", dl, X, t1, z).reshape(n, -1))
-            cols.append(np.einsum("nhl,nd,hld,hlq->ndq", dv, X, t2, z).reshape(n, -1))
-            cols.append(np.einsum("nhl,hl,hlq->nq", dv, t3, z))
-            dz = (np.einsum("nhl,nd,hld,dq->nhlq", dl, X, t1, c["W1"])
-                  + np.einsum("nhl,nd,hld,dq->nhlq", dv, X, t2, c["W2"])
-                  + np.einsum("nhl,hl,q->nhlq", dv, t3, c["w3"]))
+            t1, t2, t3 = (c[k].reshape(H * L, -1) for k in ("t1", "t2", "t3"))   # (HL, D), (HL, D), (HL, 1)
+            z, dl, dv = c["z"].reshape(H * L, -1), dl.reshape(n, H * L), dv.reshape(n, H * L)
+            # f depends on W1 through beta1_hld = s(sum_q z_hlq W1_dq): df/dW1_dq = x_d sum_hl dl_hl t1_hld z_hlq
+            for d_atom, t in ((dl, t1), (dv, t2)):
+                cols.append(((d_atom @ (t[:, :, None] * z[:, None, :]).reshape(H * L, -1)).reshape(n, D, -1)
+                             * X[:, :, None]).reshape(n, -1))
+            cols.append(dv @ (t3 * z))
+            # df/dz_hlq = dl_hl sum_d x_d t1_hld W1_dq + dv_hl (sum_d x_d t2_hld W2_dq + t3_hl w3_q)
+            via1 = (X @ (t1[:, :, None] * c["W1"][None]).transpose(1, 0, 2).reshape(D, -1)).reshape(n, H * L, -1)
+            via2 = (X @ (t2[:, :, None] * c["W2"][None]).transpose(1, 0, 2).reshape(D, -1)).reshape(n, H * L, -1)
+            dz = dl[:, :, None] * via1 + dv[:, :, None] * (via2 + t3 * c["w3"])
             cols.append(dz.reshape(n, -1))
         if self.spec.first_level == "softmax":
             dh = (c["pi"] * (c["g"] - c["f"][:, None]))[:, 1:]

@@ -113,8 +113,9 @@ def test_prepared_inputs_belong_to_their_data_set(name):
         f = problem.predict(theta)
         # the prepared atoms are those of this problem's X, and the prediction is the model's own on X
         assert torch.equal(f, model.predict(model.unflatten(theta), X, check=False))
-        for got, want in zip(problem.prepared(), model.frozen_atoms(X), strict=True):
+        for got, want in zip(problem.prepared(), model.prepare_inputs(X), strict=True):
             assert torch.equal(got, want)
+        assert torch.equal(problem.prepared()[2][:, 1:], X.transpose(-1, -2))
         stacks.append(problem)
     assert not torch.equal(stacks[0].prepared()[0], stacks[1].prepared()[0])
     # the model itself keeps nothing per sample: its cache holds the frozen weights by device and dtype

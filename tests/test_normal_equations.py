@@ -12,7 +12,7 @@ from roundoff import assert_tensors_match
 
 from hmoe_sim import make_preset, sample_batch
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth
-from hmoe_sim.estimators._core import Problem, _pair_products, khatri_rao_layout
+from hmoe_sim.estimators._core import _GRAM_BLOCK, Problem, _factor_gram, _pair_products, khatri_rao_layout
 from hmoe_sim.estimators._lm import solve_lm
 from hmoe_sim.models.flat import FlatMoE
 
@@ -40,6 +40,17 @@ def test_pair_products_hand_computed():
     # pairs (0,0) (0,1) (0,2) (1,1) (1,2) (2,2)
     expected = torch.tensor([[[1.0, 4.0], [3.0, -2.0], [0.5, 8.0], [9.0, 1.0], [1.5, -4.0], [0.25, 16.0]]])
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("m", [8, 3])
+def test_factor_gram_over_sample_blocks(m):
+    # m = 8 factors: 36 pairs > 15 input pairs, summed over blocks (the last one partial); m = 3: one product
+    g = torch.Generator().manual_seed(0)
+    n = 2 * _GRAM_BLOCK + 37
+    u, x = torch.randn(2, m, n, generator=g, dtype=torch.float64), torch.randn(2, 15, n, generator=g,
+                                                                               dtype=torch.float64)
+    ref = torch.einsum("bpn,bqn->bpq", _pair_products(u), x)
+    torch.testing.assert_close(_factor_gram(u, x), ref, rtol=1e-13, atol=1e-12)
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)

@@ -280,9 +280,11 @@ class HMoE(AnalyticJacobian, MixtureModel):
         return logit.transpose(-1, -2).contiguous(), value.transpose(-1, -2).contiguous()
 
     def prepare_inputs(self, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What the model computes from the inputs alone (:meth:`frozen_atoms`): the estimators
-        form it once per stack of data sets and pass it back as ``prepared``."""
-        return self.frozen_atoms(X)
+        """What the model computes from the inputs alone: the :meth:`frozen_atoms` and the extended
+        inputs ``(1, x)`` sample-innermost, ``(*batch_x, D + 1, n)``. The estimators form them
+        once per stack of data sets and pass them back as ``prepared``."""
+        ext = torch.cat([torch.ones_like(X[..., :1]), X], -1).transpose(-1, -2).contiguous()
+        return (*self.frozen_atoms(X), ext)
 
     def _head_major(self, free: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None
                     ) -> tuple[torch.Tensor, ...]:
@@ -291,15 +293,14 @@ class HMoE(AnalyticJacobian, MixtureModel):
         head outputs ``g`` ``(*batch, H, n)`` and head weights ``pi`` (``(*batch, H, n)``, or the
         number ``1/H`` for a uniform first level), from one matrix product with ``X``."""
         h, ell = self.n_heads, self.n_adapters
-        known_logit, known_value = self.frozen_atoms(X) if prepared is None else prepared
-        rows = [free["beta1"].flatten(-3, -2), free["a"].flatten(-3, -2)]
-        biases = [free["beta0"].flatten(-2), free["b"].flatten(-2)]
+        known_logit, known_value, ext = self.prepare_inputs(X) if prepared is None else prepared
+        # rows (bias, slope) of the adapter logits, the adapter values and the head logits, times (1, x)
+        rows = [torch.cat([free["beta0"].unsqueeze(-1), free["beta1"]], -1).flatten(-3, -2),
+                torch.cat([free["b"].unsqueeze(-1), free["a"]], -1).flatten(-3, -2)]
         if self.first_level == "softmax":
-            rows.append(free["head_gate_slope"])
-            biases.append(free["head_gate_bias"])
+            rows.append(torch.cat([free["head_gate_bias"].unsqueeze(-1), free["head_gate_slope"]], -1))
         lead = torch.broadcast_shapes(*(r.shape[:-2] for r in rows))
-        both = (torch.matmul(torch.cat([r.expand(*lead, -1, -1) for r in rows], -2), X.transpose(-1, -2))
-                + torch.cat([v.expand(*lead, -1) for v in biases], -1).unsqueeze(-1))
+        both = torch.matmul(torch.cat([r.expand(*lead, -1, -1) for r in rows], -2), ext)
         logits = both[..., : h * ell, :].unflatten(-2, (h, ell))
         values = both[..., h * ell : 2 * h * ell, :].unflatten(-2, (h, ell))
         shape = torch.broadcast_shapes(known_logit.shape, logits.shape[:-2] + logits.shape[-1:])
@@ -316,7 +317,7 @@ class HMoE(AnalyticJacobian, MixtureModel):
     def _head_outputs(self, free: Params, X: torch.Tensor,
                       prepared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``g_h(X)`` for every head, ``(*batch, n, H)``; ``free`` is a non-shared container,
-        ``prepared`` the :meth:`frozen_atoms` of ``X`` (formed here when not given)."""
+        ``prepared`` the :meth:`prepare_inputs` of ``X`` (formed here when not given)."""
         return self._head_major(free, X, prepared)[2].transpose(-1, -2)
 
     def head_weights(self, free: Params, X: torch.Tensor) -> torch.Tensor:
