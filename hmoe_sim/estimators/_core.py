@@ -78,7 +78,8 @@ class Problem:
     def prepared(self) -> tuple[torch.Tensor, ...] | None:
         """The model's ``prepare_inputs(X)`` (tensors with the stack's leading axis), formed once
         per stack; ``None`` for a model without it. :class:`~hmoe_sim.models.hmoe.HMoE`
-        prepares the frozen heads' atoms, which do not depend on the parameters."""
+        prepares the frozen heads' atoms and the extended inputs ``(1, x)``, which do not depend on
+        the parameters."""
         if self._prepared is None:
             prepare = getattr(self.model, "prepare_inputs", None)
             if prepare is None:

@@ -348,7 +348,7 @@ class HMoE(AnalyticJacobian, MixtureModel):
         With ``p_hl`` the within-head softmax weight of adapter ``(h, l)``, its logit
         ``l_hl`` and value ``v_hl``: ``df/dl_hl = pi_h p_hl (v_hl - g_h)`` and
         ``df/dv_hl = pi_h p_hl``; a softmax first level adds ``df/d(head logit h) =
-        pi_h (g_h - f)``. ``prepared`` is the :meth:`frozen_atoms` of ``X`` (formed here when
+        pi_h (g_h - f)``. ``prepared`` is the :meth:`prepare_inputs` of ``X`` (formed here when
         not given).
         """
         p, values, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
