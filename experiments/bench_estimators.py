@@ -2,7 +2,10 @@
 
 Setup (issue 4): flat softmax MoE with linear experts and one known anchor expert
 (preset ``softmax-linear``), D = 8, k* = 2 true atoms, k = 3 fitted, near-truth starts;
-the same data sets, starts, box and tolerance for every method. Three methods, one run:
+the same data sets, starts, box and tolerance for every method. ``--model hmoe-shared`` /
+``hmoe-nonshared`` (issue 18) fit the headline HMoE truth (``hora_truths`` truth 1: H = 2, D = 4,
+L* = 1, L = 2) with the shared (HoRA, P = 30) or the non-shared (MH-LoRA, P = 40) structure, the
+anchor's NumPy model being ``numpy_hmoe.py``. Three methods, one run:
 
 (a) the batched projected LM of hmoe-sim (``fit_batch``);
 (b) the strong anchor: ``least_squares`` (trf) with an exact NumPy Jacobian, one fit per
@@ -15,6 +18,7 @@ same-shape batched ``J^T J`` matmul on the same device and dtype. The last line 
 the speedup over the strong anchor.
 
     python experiments/bench_estimators.py --n-sets 16 --n 10000 --threads 2
+    python experiments/bench_estimators.py --model hmoe-shared --n-sets 16 --n 10000 --threads 2
     python experiments/bench_estimators.py --n-sets 16 --n 10000 --device cuda --scipy-sets 0
     python experiments/bench_estimators.py --memory-only           # peak memory at d=32, k=9, n=1e5
     python experiments/bench_estimators.py --scaling-only 181       # fits/s against n and batch
@@ -31,9 +35,14 @@ import argparse
 import os
 import sys
 
+MODELS = ("softmax-linear", "hmoe-shared", "hmoe-nonshared")
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="softmax-linear", choices=MODELS,
+                    help="the fitted model: the flat benchmark, or the headline HMoE truth fitted shared (HoRA) or "
+                         "non-shared (MH-LoRA)")
     ap.add_argument("--n-sets", type=int, default=64)
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--tol", type=float, default=1e-8)
@@ -90,6 +99,10 @@ from scipy.optimize import least_squares  # noqa: E402
 
 from hmoe_sim import make_preset, sample_batch  # noqa: E402
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth  # noqa: E402
+from hmoe_sim.models.hmoe import HMoE  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from numpy_hmoe import HMoEResidual, HMoESpec  # noqa: E402
 
 SCALING_ITERS = 20
 #: the papers' full size (theory.md section 6) for the memory report
@@ -128,7 +141,12 @@ class AnalyticResidual:
         self.k, self.d, self.X, self.y = k, d, X, y
         self.anchor_logits = X @ anchors["beta1"].T + anchors["beta0"]
         self.anchor_experts = X @ anchors["a"].T + anchors["b"]
+        self.anchors = anchors
         self._last: tuple[bytes, tuple[np.ndarray, ...]] | None = None
+
+    def head(self, m: int) -> AnalyticResidual:
+        """The same problem on the first ``m`` samples."""
+        return AnalyticResidual(self.k, self.d, self.anchors, self.X[:m], self.y[:m])
 
     def _parts(self, theta: np.ndarray) -> tuple[np.ndarray, ...]:
         key = theta.tobytes()
@@ -167,9 +185,8 @@ def _at_bound(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[str]:
 def anchor_fit(task: tuple) -> tuple[float, int, int, float, list[str], float]:
     """One ``least_squares`` fit with the exact Jacobian: (RSS, nfev, status, seconds, at bound,
     CPU seconds of the worker)."""
-    k, d, anchors, X, y, theta0, lo, hi, tol = task
+    res_fn, theta0, lo, hi, tol = task
     t0, c0 = time.perf_counter(), time.process_time()
-    res_fn = AnalyticResidual(k, d, anchors, X, y)
     res = least_squares(res_fn.residual, theta0, jac=res_fn.jacobian, bounds=(lo, hi), ftol=tol, xtol=tol,
                         gtol=tol, method="trf")
     return (2 * res.cost, int(res.nfev), int(res.status), time.perf_counter() - t0, _at_bound(res.x, lo, hi),
@@ -179,8 +196,7 @@ def anchor_fit(task: tuple) -> tuple[float, int, int, float, list[str], float]:
 def anchor_costs(task: tuple, reps: int = 10) -> tuple[float, float, float]:
     """Milliseconds (CPU, this worker) of one residual, one Jacobian and one SVD of the ``n x P``
     Jacobian (what trf's exact trust-region solver does every iteration) at the start of ``task``."""
-    k, d, anchors, X, y, theta0 = task[:6]
-    res_fn = AnalyticResidual(k, d, anchors, X, y)
+    res_fn, theta0 = task[:2]
     out = []
     for what in ("residual", "jacobian", "svd"):
         J = res_fn.jacobian(theta0)
@@ -212,7 +228,7 @@ def run_anchor(tasks: list[tuple], processes: int) -> tuple[list[tuple], float, 
             else:
                 os.environ[v] = val
     with pool:
-        warm = [(*t[:3], t[3][:50], t[4][:50], *t[5:]) for t in tasks[:1]] * processes
+        warm = [(t[0].head(50), *t[1:]) for t in tasks[:1]] * processes
         pool.map(anchor_fit, warm, chunksize=1)
         costs = pool.apply(anchor_costs, (tasks[0],))
         t0 = time.perf_counter()
@@ -220,12 +236,13 @@ def run_anchor(tasks: list[tuple], processes: int) -> tuple[list[tuple], float, 
         return out, time.perf_counter() - t0, costs
 
 
-def run_fd_loop(f, X, y, theta0, lo, hi, tol):
-    """One ``least_squares`` per data set, 2-point Jacobian: (RSS, nfev, status, seconds, at bound)."""
+def run_fd_loop(residuals, theta0, lo, hi, tol):
+    """One ``least_squares`` per data set (``residuals[b](theta)``), 2-point Jacobian: (RSS, nfev,
+    status, seconds, at bound)."""
     out, t0 = [], time.perf_counter()
-    for b in range(X.shape[0]):
+    for b, fun in enumerate(residuals):
         t1 = time.perf_counter()
-        res = least_squares(lambda t, b=b: f(t, X[b]) - y[b], theta0[b], bounds=(lo, hi),
+        res = least_squares(fun, theta0[b], bounds=(lo, hi),
                             ftol=tol, xtol=tol, gtol=tol, method="trf")
         out.append((2 * res.cost, res.nfev, res.status, time.perf_counter() - t1, _at_bound(res.x, lo, hi)))
     return out, time.perf_counter() - t0
@@ -406,6 +423,43 @@ def profile_table(model, X, y, init, rows: int, max_iter: int = 20) -> None:
         print(f"  {e.key[6:]:>10} {e.self_cpu_time_total / total:6.1%} {e.count:5d} calls  {shapes}")
 
 
+#: the headline truth (experiments/configs/hora_truths.toml, truth 1) for the HMoE models
+HMOE_TRUTH = dict(expert_std=2.0, gate_slope_std=2.0, attention_std=0.3, code_activation="identity", noise_std=0.05)
+HMOE_TRUTH_SEED = 1
+
+
+def bench_setup(name: str, seed: int):
+    """``(setup, fitted model, model and truth the starts are split from)`` of ``--model name``.
+
+    ``softmax-linear``: the preset with truth ``seed``. ``hmoe-shared`` / ``hmoe-nonshared``: the
+    headline's shared truth (seed 1 of ``hora_truths``), fitted with the shared (HoRA) or the
+    non-shared (MH-LoRA) structure; a non-shared fit starts near the truth's generated atoms, as in
+    the sweep (``series_setup``).
+    """
+    if name == "softmax-linear":
+        setup = make_preset(name, seed=seed)
+        return setup, setup.fit_model, setup.true_model, setup.truth
+    setup = make_preset("hmoe-shared", seed=HMOE_TRUTH_SEED, **HMOE_TRUTH)
+    if name == "hmoe-shared":
+        return setup, setup.fit_model, setup.true_model, setup.truth
+    return (setup, setup.fit_model.with_structure("nonshared"), setup.true_model.with_structure("nonshared"),
+            setup.true_model.to_nonshared(setup.truth))
+
+
+def describe(name: str, setup, model) -> str:
+    if name == "softmax-linear":
+        return f"softmax-linear D={model.input_dim} k*={setup.true_model.n_atoms} k={model.n_atoms}"
+    return (f"{name} (headline truth {HMOE_TRUTH_SEED}: shared, H={model.n_heads}, D={model.input_dim}, "
+            f"L*={setup.true_model.n_adapters}; fitted {model.structure}, L={model.n_adapters})")
+
+
+def numpy_residual(model, X: np.ndarray, y: np.ndarray):
+    """The anchor's NumPy residual with its exact Jacobian for one data set."""
+    if isinstance(model, HMoE):
+        return HMoEResidual(HMoESpec.of(model), X, y)
+    return AnalyticResidual(model.n_atoms, model.input_dim, {k: v.numpy() for k, v in model.anchors.items()}, X, y)
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -426,25 +480,24 @@ def main(args: argparse.Namespace) -> None:
             with open(args.json, "w") as fh:
                 json.dump({"memory": summary}, fh, indent=1)
         return
-    summary: dict[str, object] = {}
-    setup = make_preset("softmax-linear", seed=args.seed)
-    model = setup.fit_model
+    summary: dict[str, object] = {"model": args.model}
+    setup, model, start_model, start_truth = bench_setup(args.model, args.seed)
     X, y = sample_batch(setup.true_model, setup.truth, args.n, setup.noise_std,
                         [np.random.SeedSequence([args.seed, b]) for b in range(args.n_sets)])
-    init = init_near_truth(model, setup.true_model, setup.truth, batch_shape=args.n_sets, perturbation=0.1,
+    init = init_near_truth(model, start_model, start_truth, batch_shape=args.n_sets, perturbation=0.1,
                            seed=args.seed)
     box = Bounds()
     lo, hi = (v.numpy() for v in box.vectors(model))
     B, n, P = args.n_sets, args.n, model.n_params
     if args.profile_only:
-        print(f"setup: softmax-linear P={P} n={n} data sets={B} device={args.device} dtype={args.dtype} "
+        print(f"setup: {args.model} P={P} n={n} data sets={B} device={args.device} dtype={args.dtype} "
               f"threads {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
               f"load average {os.getloadavg()[0]:.2f}")
         profile_table(model, X.to(args.device, dtype), y.to(args.device, dtype),
                       model.cast(init, device=args.device, dtype=dtype), args.profile_table or 14)
         return
-    print(f"setup: softmax-linear D={model.input_dim} k*={setup.true_model.n_atoms} k={model.n_atoms} "
-          f"P={P} n={n} data sets={B} tol={args.tol} device={args.device} dtype={args.dtype}")
+    print(f"setup: {describe(args.model, setup, model)} P={P} n={n} data sets={B} tol={args.tol} "
+          f"device={args.device} dtype={args.dtype}")
     print(f"threads: torch {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
           f"NumPy/SciPy BLAS (OPENBLAS_NUM_THREADS) {os.environ['OPENBLAS_NUM_THREADS']}; cores {os.cpu_count()}; "
           f"load average before the run {os.getloadavg()[0]:.2f}")
@@ -507,16 +560,15 @@ def main(args: argparse.Namespace) -> None:
         summary.update(batched_cpu_s=t_cpu, ratio_cpu_over_device=t_cpu / t_batched)
 
     # (b) strong anchor
-    anchors = {k: v.numpy() for k, v in model.anchors.items()}
     theta0 = model.flatten(init).numpy()
     Xn, yn = X.numpy(), y.numpy()
-    k, d = model.n_atoms, model.input_dim
-    check = AnalyticResidual(k, d, anchors, Xn[0, :200], yn[0, :200])
+    residuals = [numpy_residual(model, Xn[b], yn[b]) for b in range(B)]
+    check = residuals[0].head(200)
     J_ref = model.jacobian(model.unflatten(torch.as_tensor(theta0[0])), X[0, :200]).numpy()
     jac_err = np.abs(check.jacobian(theta0[0]) - J_ref).max() / np.abs(J_ref).max()
     if not jac_err < 1e-10:
         raise RuntimeError(f"the anchor's NumPy Jacobian disagrees with the model's: {jac_err:.2e}")
-    tasks = [(k, d, anchors, Xn[b], yn[b], theta0[b], lo, hi, args.tol) for b in range(B)]
+    tasks = [(residuals[b], theta0[b], lo, hi, args.tol) for b in range(B)]
     an, t_anchor, costs = run_anchor(tasks, args.threads)
     rss_anchor = np.array([s[0] for s in an])
     cpu_anchor = sum(s[5] for s in an)
@@ -540,8 +592,12 @@ def main(args: argparse.Namespace) -> None:
     m = min(args.scipy_sets, B)
     t_fd = None
     if m > 0:
-        f = numpy_model(model, anchors)
-        fd, t_sub = run_fd_loop(f, Xn[:m], yn[:m], theta0[:m], lo, hi, args.tol)
+        if args.model == "softmax-linear":
+            f = numpy_model(model, {k: v.numpy() for k, v in model.anchors.items()})
+            funs = [lambda t, b=b: f(t, Xn[b]) - yn[b] for b in range(m)]
+        else:  # the same NumPy function as the anchor's, without its Jacobian
+            funs = [numpy_residual(model, Xn[b], yn[b]).residual for b in range(m)]
+        fd, t_sub = run_fd_loop(funs, theta0[:m], lo, hi, args.tol)
         t_fd = t_sub * B / m
         rss_fd = np.array([s[0] for s in fd])
         print(f"(c) scipy least_squares loop (trf, 2-point Jacobian), 1 process: {t_sub:.2f} s for {m} data sets, "

@@ -111,15 +111,18 @@ def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFr
 
     if "control" in summary:
         summary = summary[summary["control"].fillna("") == ""]
-    counts = summary.groupby("series", sort=False)[["n_fits", "n_flagged", "n_on_boundary", "n_worse_than_truth"]
-                                                   ].sum()
+    if "n_at_max_iter" not in summary:  # a summary.csv written before the column existed
+        summary = summary.assign(n_at_max_iter=0)
+    counts = summary.groupby("series", sort=False)[["n_fits", "n_flagged", "n_on_boundary", "n_worse_than_truth",
+                                                    "n_at_max_iter"]].sum()
     lines = ["rates (slope of log loss on log n, bootstrap CI; flagged fits excluded from the main slope; "
              "sensitivity: slope_all over every fit of finite loss, *_inside over fits strictly inside the box):",
              format_rates(rates), "",
              "fits per series: " + ", ".join(
                  f"{s}: {int(r.n_fits)} ({int(r.n_flagged)} flagged: diverged or on the boundary at an excluded "
                  f"kind; {int(r.n_on_boundary)} on the boundary at any kind; {int(r.n_worse_than_truth)} with "
-                 "empirical risk above the truth's)" for s, r in counts.iterrows()),
+                 f"empirical risk above the truth's; {int(r.n_at_max_iter)} stopped at max_iter, not converged)"
+                 for s, r in counts.iterrows()),
              format_boundary(boundary)]
     return "\n".join(lines)
 

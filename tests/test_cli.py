@@ -10,6 +10,7 @@ import pytest
 import hmoe_sim.sweep.backends as backends
 from hmoe_sim.cli import main
 
+MAX_ITER = 3
 TOML = """
 name = "cli-tiny"
 root_seed = 3
@@ -67,6 +68,12 @@ def test_sweep_plot_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
     assert "cli-tiny" in report and "nonshared" in report and "flagged" in report
+    # fits that stopped at the iteration cap: counted per (series, n) in summary.csv and in the report
+    summary = pd.read_csv(out / "summary.csv")
+    capped = results.groupby(["series", "n"])["n_iter"].apply(lambda v: int((v >= MAX_ITER).sum()))
+    got = summary.set_index(["series", "n"])["n_at_max_iter"]  # no control in this config
+    assert got.sort_index().to_dict() == capped.sort_index().to_dict()
+    assert f"{int(capped.loc['shared'].sum())} stopped at max_iter" in report
 
 
 @pytest.mark.parametrize(

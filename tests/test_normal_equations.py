@@ -12,12 +12,13 @@ from roundoff import assert_tensors_match
 
 from hmoe_sim import make_preset, sample_batch
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth, jacobian_bytes
-from hmoe_sim.estimators._core import Problem, _pair_products, khatri_rao_layout
+from hmoe_sim.estimators._core import _GRAM_BLOCK, Problem, _factor_gram, _pair_products, khatri_rao_layout
 from hmoe_sim.estimators._lm import solve_lm
 from hmoe_sim.models.flat import FlatMoE
 
 CASES = [("softmax-linear", {}), ("softmax-relu", {}), ("sigmoid-regime2", {}), ("hmoe-nonshared", {}),
-         ("hmoe-nonshared", {"first_level": "softmax"}), ("hmoe-shared", {})]
+         ("hmoe-nonshared", {"first_level": "softmax"}), ("hmoe-shared", {}),
+         ("hmoe-shared", {"code_activation": "identity", "first_level": "softmax"})]
 
 
 def _problem(name: str, options: dict, B: int = 3, n: int = 40, *, structured: bool = True, masked: bool = False):
@@ -39,6 +40,17 @@ def test_pair_products_hand_computed():
     # pairs (0,0) (0,1) (0,2) (1,1) (1,2) (2,2)
     expected = torch.tensor([[[1.0, 4.0], [3.0, -2.0], [0.5, 8.0], [9.0, 1.0], [1.5, -4.0], [0.25, 16.0]]])
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("m", [8, 3])
+def test_factor_gram_over_sample_blocks(m):
+    # m = 8 factors: 36 pairs > 15 input pairs, summed over blocks (the last one partial); m = 3: one product
+    g = torch.Generator().manual_seed(0)
+    n = 2 * _GRAM_BLOCK + 37
+    u, x = torch.randn(2, m, n, generator=g, dtype=torch.float64), torch.randn(2, 15, n, generator=g,
+                                                                               dtype=torch.float64)
+    ref = torch.einsum("bpn,bqn->bpq", _pair_products(u), x)
+    torch.testing.assert_close(_factor_gram(u, x), ref, rtol=1e-13, atol=1e-12)
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)
@@ -67,15 +79,20 @@ def test_normal_equations_equal_those_of_the_assembled_jacobian(name, options, m
     ("softmax-linear", True, 21 * 45 / 54**2),  # D = 8, k = 3: u has 6 entries (21 pairs), (1, x) 9 (45 pairs)
     ("sigmoid-regime2", True, 55 * 45 / 90**2),  # k = 5: u has 10 entries (55 pairs), P = 90
     ("hmoe-nonshared", True, 36 * 15 / 40**2),  # H = 2, L = 2, D = 4: u has 8 entries, (1, x) 5, P = 40
-    ("hmoe-shared", False, None),  # columns of W1, W2, w3, z are not (factor) x (1, x): J is assembled
+    # shared: the blocks are the non-shared Jacobian's (P_ns = 40), mapped to the P = 30 columns by M
+    ("hmoe-shared", True, 36 * 15 / 40**2),
 ])
 def test_which_models_get_the_factored_form(name, factored, ratio):
     _, problem, theta = _problem(name, {})
-    layout = khatri_rao_layout(problem.linearize(theta).pieces, problem.X.shape[-1])
+    lin = problem.linearize(theta)
+    layout = khatri_rao_layout(lin.pieces, problem.X.shape[-1])
     assert (layout is not None) == factored
     if factored:
-        assert layout.n_columns == problem.model.n_params
+        blocks = problem.model.n_params if lin.column_map is None else lin.column_map.shape[-2]
+        assert layout.n_columns == blocks
         assert layout.cost_ratio() == pytest.approx(ratio)
+    if name == "hmoe-shared":
+        assert tuple(lin.column_map.shape) == (3, 40, problem.model.n_params)
 
 
 @pytest.mark.parametrize("rows", [[2], [0, 2], [1, 2, 3], [0, 1, 2, 3]])

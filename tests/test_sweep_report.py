@@ -132,3 +132,22 @@ def test_old_results_without_labels():
     assert flagged(frame)[flagged(frame)].index.tolist() == [0]
     assert flagged(frame, {"b:hi"})[flagged(frame, {"b:hi"})].index.tolist() == [0, 5]
     assert boundary_table(frame).empty and "no fit" in format_boundary(boundary_table(frame))
+
+
+def test_count_at_iteration_cap():
+    from hmoe_sim.estimators.result import count_at_iteration_cap
+
+    n_iter = pd.Series([3, 1000, 999, 1000])
+    assert count_at_iteration_cap(n_iter, max_iter=1000) == 2
+    assert count_at_iteration_cap(n_iter, max_iter=999, method="adam", tol=1e-10) == 3  # other fit options ignored
+    assert count_at_iteration_cap(n_iter, max_iter=3, method="sgd-paper") == 0  # epochs, not an iteration cap
+    assert count_at_iteration_cap([], max_iter=5) == 0
+    with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
+        count_at_iteration_cap(n_iter, max_iter=0)
+    # summary.csv counts them per (series, n)
+    frame = synthetic().assign(n_iter=200)
+    frame.loc[frame.index[-2:], "n_iter"] = 200
+    frame.loc[frame.index[:3], "n_iter"] = 10
+    summary = summary_table(frame, CFG).set_index(["series", "n"])["n_at_max_iter"]
+    assert summary[("slow", 10000)] == 4 and summary[("fast", 100)] == 1 and summary[("fast", 1000)] == 4
+

@@ -39,8 +39,8 @@ from hmoe_sim._validation import (
     check_positive_float,
     check_positive_int,
 )
-from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, dict_repr, softmax_mix
-from hmoe_sim.models.flat import AnalyticJacobian, Piece, min_pairwise_distance
+from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, dict_repr
+from hmoe_sim.models.flat import AnalyticJacobian, Piece, assemble_columns, min_pairwise_distance
 
 __all__ = ["FrozenAttention", "HMoE", "STRUCTURES", "CODE_ACTIVATIONS", "CODE_DERIVATIVES", "FIRST_LEVEL_GATES"]
 
@@ -266,22 +266,59 @@ class HMoE(AnalyticJacobian, MixtureModel):
         experts = torch.einsum("...td,hd->...ht", tokens, vc)
         return scores, experts
 
-    @staticmethod
-    def _adapter_logits_and_values(free: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adapter atoms' gating logits and expert values, each ``(*batch, n, H, L)``."""
-        logits = torch.einsum("...nd,...hld->...nhl", X, free["beta1"]) + free["beta0"].unsqueeze(-3)
-        values = torch.einsum("...nd,...hld->...nhl", X, free["a"]) + free["b"].unsqueeze(-3)
-        return logits, values
+    def frozen_atoms(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's known experts as one atom per sample: logit ``F_h = logsumexp_j s_hj`` and
+        value ``V_h = sum_j softmax_j(s_h) v_hj``, each ``(*batch_x, H, n)`` (head-major).
 
-    def _head_outputs(self, free: Params, X: torch.Tensor) -> torch.Tensor:
-        """``g_h(X)`` for every head, ``(*batch, n, H)``; ``free`` is a non-shared container."""
+        Exact: ``e^{F_h} V_h = sum_j e^{s_hj} v_hj`` and ``e^{F_h} = sum_j e^{s_hj}``. They do not
+        depend on the parameters, so a fit forms them once per data set
+        (:meth:`prepare_inputs`).
+        """
         scores, experts = self.known_scores_and_experts(X)
-        if self.n_adapters:
-            logits, values = self._adapter_logits_and_values(free, X)
-            lead = torch.broadcast_shapes(scores.shape[:-1], logits.shape[:-1])
-            scores = torch.cat([scores.expand(*lead, -1), logits.expand(*lead, -1)], dim=-1)
-            experts = torch.cat([experts.expand(*lead, -1), values.expand(*lead, -1)], dim=-1)
-        return softmax_mix(scores, experts)
+        logit = torch.logsumexp(scores, -1)
+        value = (torch.softmax(scores, -1) * experts).sum(-1)
+        return logit.transpose(-1, -2).contiguous(), value.transpose(-1, -2).contiguous()
+
+    def prepare_inputs(self, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the model computes from the inputs alone: the :meth:`frozen_atoms` and the extended
+        inputs ``(1, x)`` sample-innermost, ``(*batch_x, D + 1, n)``. The estimators form them
+        once per stack of data sets and pass them back as ``prepared``."""
+        ext = torch.cat([torch.ones_like(X[..., :1]), X], -1).transpose(-1, -2).contiguous()
+        return (*self.frozen_atoms(X), ext)
+
+    def _head_major(self, free: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None
+                    ) -> tuple[torch.Tensor, ...]:
+        """Head-major evaluation, the sample axis innermost (long contiguous rows): within-head
+        weights ``p`` of the adapters ``(*batch, H, L, n)``, their values ``(*batch, H, L, n)``,
+        head outputs ``g`` ``(*batch, H, n)`` and head weights ``pi`` (``(*batch, H, n)``, or the
+        number ``1/H`` for a uniform first level), from one matrix product with ``X``."""
+        h, ell = self.n_heads, self.n_adapters
+        known_logit, known_value, ext = self.prepare_inputs(X) if prepared is None else prepared
+        # rows (bias, slope) of the adapter logits, the adapter values and the head logits, times (1, x)
+        rows = [torch.cat([free["beta0"].unsqueeze(-1), free["beta1"]], -1).flatten(-3, -2),
+                torch.cat([free["b"].unsqueeze(-1), free["a"]], -1).flatten(-3, -2)]
+        if self.first_level == "softmax":
+            rows.append(torch.cat([free["head_gate_bias"].unsqueeze(-1), free["head_gate_slope"]], -1))
+        lead = torch.broadcast_shapes(*(r.shape[:-2] for r in rows))
+        both = torch.matmul(torch.cat([r.expand(*lead, -1, -1) for r in rows], -2), ext)
+        logits = both[..., : h * ell, :].unflatten(-2, (h, ell))
+        values = both[..., h * ell : 2 * h * ell, :].unflatten(-2, (h, ell))
+        shape = torch.broadcast_shapes(known_logit.shape, logits.shape[:-2] + logits.shape[-1:])
+        known_logit = known_logit.expand(shape).unsqueeze(-2)
+        lse = torch.logsumexp(torch.cat([known_logit, logits.expand(*shape[:-1], ell, -1)], -2), -2, keepdim=True)
+        p = torch.exp(logits - lse)
+        g = (torch.exp(known_logit - lse) * known_value.unsqueeze(-2)).squeeze(-2) + (p * values).sum(-2)
+        if self.first_level == "uniform":
+            return p, values, g, 1.0 / h
+        head_logits = both[..., 2 * h * ell :, :]
+        pi = torch.softmax(torch.cat([torch.zeros_like(head_logits[..., :1, :]), head_logits], -2), -2)
+        return p, values, g, pi
+
+    def _head_outputs(self, free: Params, X: torch.Tensor,
+                      prepared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``g_h(X)`` for every head, ``(*batch, n, H)``; ``free`` is a non-shared container,
+        ``prepared`` the :meth:`prepare_inputs` of ``X`` (formed here when not given)."""
+        return self._head_major(free, X, prepared)[2].transpose(-1, -2)
 
     def head_weights(self, free: Params, X: torch.Tensor) -> torch.Tensor:
         """First-level weights ``pi_h(X)``, ``(*batch, n, H)``."""
@@ -293,65 +330,87 @@ class HMoE(AnalyticJacobian, MixtureModel):
         return torch.softmax(logits, dim=-1)
 
     def _predict(self, params: Params, X: torch.Tensor) -> torch.Tensor:
-        free = self.to_nonshared(params)
-        g = self._head_outputs(free, X)
-        pi = self.head_weights(free, X)
-        return (pi * g).sum(dim=-1)
+        return self.predict_prepared(params, X, None)
+
+    def predict_prepared(self, params: Params, X: torch.Tensor,
+                         prepared: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """``f_G(X)`` (no checks) with the :meth:`prepare_inputs` of ``X`` (``None``: formed here)."""
+        _, _, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
+        return (pi * g).sum(-2)
 
     # ------------------------------------------------------------------ derivatives
-    def jacobian_pieces(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, list[Piece]]:
-        """``f_G(X)`` ``(*batch, n)`` and the Jacobian's column blocks (no checks).
+    def jacobian_factors(self, params: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None = None
+                         ) -> tuple[torch.Tensor, list[Piece], torch.Tensor | None]:
+        """``f_G(X)`` ``(*batch, n)``, the column blocks of the *non-shared* Jacobian at
+        :meth:`to_nonshared` ``(params)`` and the column map ``M`` (:meth:`column_map`; ``None``
+        for a non-shared model), so that the Jacobian is ``J_ns M`` (no checks).
 
         With ``p_hl`` the within-head softmax weight of adapter ``(h, l)``, its logit
         ``l_hl`` and value ``v_hl``: ``df/dl_hl = pi_h p_hl (v_hl - g_h)`` and
         ``df/dv_hl = pi_h p_hl``; a softmax first level adds ``df/d(head logit h) =
-        pi_h (g_h - f)``. The shared structure follows by the chain rule through
-        ``beta_1 = s(W_1 z)``, ``a = s(W_2 z)``, ``b = s(w_3^T z)``.
+        pi_h (g_h - f)``. ``prepared`` is the :meth:`prepare_inputs` of ``X`` (formed here when
+        not given).
         """
-        free = self.to_nonshared(params)
-        scores, known = self.known_scores_and_experts(X)
-        logits, values = self._adapter_logits_and_values(free, X)
-        lead = torch.broadcast_shapes(scores.shape[:-1], logits.shape[:-1])
-        lse = torch.logsumexp(torch.cat([scores.expand(*lead, -1), logits.expand(*lead, -1)], -1), -1, keepdim=True)
-        p = torch.exp(logits - lse)
-        g = (torch.exp(scores - lse) * known).sum(-1) + (p * values).sum(-1)
-        pi = self.head_weights(free, X)
-        f = (pi * g).sum(-1)
-        d_value = pi.unsqueeze(-1) * p
-        d_logit = d_value * (values - g.unsqueeze(-1))
-        d_logit, d_value = d_logit.flatten(-2), d_value.flatten(-2)
-        pieces: list[Piece] = [(d_logit, False)]
-        if self.structure == "nonshared":
-            pieces += [(d_logit, True), (d_value, True), (d_value, False)]
-        else:
-            pieces += [(c, False) for c in self._shared_columns(params, free, X, d_logit, d_value)]
+        p, values, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
+        f = (pi * g).sum(-2)
+        pi_ = pi.unsqueeze(-2) if isinstance(pi, torch.Tensor) else pi
+        d_value = pi_ * p                                             # (*batch, H, L, n)
+        d_logit = d_value * (values - g.unsqueeze(-2))
+        # transposed views (*batch, n, H*L) of head-major blocks
+        d_logit, d_value = d_logit.flatten(-3, -2).transpose(-1, -2), d_value.flatten(-3, -2).transpose(-1, -2)
+        pieces: list[Piece] = [(d_logit, False), (d_logit, True), (d_value, True), (d_value, False)]
         if self.first_level == "softmax":
-            d_head = (pi * (g - f.unsqueeze(-1)))[..., 1:]
+            d_head = (pi * (g - f.unsqueeze(-2)))[..., 1:, :].transpose(-1, -2)
             pieces += [(d_head, False), (d_head, True)]
-        return f, pieces
+        return f, pieces, self.column_map(params) if self.structure == "shared" else None
 
-    def _shared_columns(self, params: Params, free: Params, X: torch.Tensor, d_logit: torch.Tensor,
-                        d_value: torch.Tensor) -> list[torch.Tensor]:
-        """Columns of ``W1, W2, w3, z`` from ``df/dbeta_1 = d_logit x``, ``df/da = d_value x``,
-        ``df/db = d_value`` (chain rule through the code activation ``s``); ``d_logit`` and
-        ``d_value`` are ``(*batch, n, H*L)``."""
-        ds = CODE_DERIVATIVES[self.code_activation]
-        d_logit = d_logit.unflatten(-1, (self.n_heads, self.n_adapters))
-        d_value = d_value.unflatten(-1, (self.n_heads, self.n_adapters))
+    def value_and_jacobian(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f_G(X)`` ``(*batch, n)`` and its Jacobian ``(*batch, n, n_params)`` (no checks)."""
+        f, pieces, column_map = self.jacobian_factors(params, X)
+        J = assemble_columns(pieces, X)
+        return f, J if column_map is None else J @ column_map
+
+    def column_map(self, params: Params) -> torch.Tensor:
+        """``M = d theta_ns / d theta``, ``(*batch, P_ns, P)``: the derivative of the flattened
+        :meth:`to_nonshared` container with respect to the flattened shared parameters.
+
+        The shared parameters enter ``f`` only through the generated atoms, so the shared
+        Jacobian is ``J_ns M`` and the normal equations are ``M^T (J_ns^T J_ns) M`` and
+        ``M^T J_ns^T r``. With ``t = s'`` at the pre-activations ``u1 = W_1 z``, ``u2 = W_2 z``,
+        ``u3 = w_3^T z``: ``d beta_1hld / d W_1dq = t1_hld z_hlq``, ``d beta_1hld / d z_hlq =
+        t1_hld W_1dq`` (``a`` alike with ``W_2``), ``d b_hl / d w_3q = t3_hl z_hlq``,
+        ``d b_hl / d z_hlq = t3_hl w_3q``; ``beta_0`` and the head gate map to themselves.
+        """
+        if self.structure != "shared":
+            raise ValueError(f"column_map is defined for the shared structure; this model is {self.structure!r}")
         z, w1, w2, w3 = params["z"], params["W1"], params["W2"], params["w3"]
-        t1 = ds(torch.einsum("...hlq,...dq->...hld", z, w1), free["beta1"])
-        t2 = ds(torch.einsum("...hlq,...dq->...hld", z, w2), free["a"])
-        t3 = ds(torch.einsum("...hlq,...q->...hl", z, w3), free["b"])
-        # dW[d, q] = sum_hl (df/dgen_hld) t_hld z_hlq with df/dgen_hld = d_hl x_d
-        d_w1 = torch.einsum("...nhl,...hld,...hlq->...ndq", d_logit, t1, z) * X.unsqueeze(-1)
-        d_w2 = torch.einsum("...nhl,...hld,...hlq->...ndq", d_value, t2, z) * X.unsqueeze(-1)
-        d_w3 = torch.einsum("...nhl,...hlq->...nq", d_value * t3.unsqueeze(-3), z)
-        # dz[h, l, q] = d_logit sum_d x_d t1_hld W1_dq + d_value (sum_d x_d t2_hld W2_dq + t3_hl w3_q)
-        via1 = torch.einsum("...nd,...hld,...dq->...nhlq", X, t1, w1)
-        via2 = torch.einsum("...nd,...hld,...dq->...nhlq", X, t2, w2) + (t3.unsqueeze(-1) * w3[..., None, None, :]
-                                                                        ).unsqueeze(-4)
-        d_z = d_logit.unsqueeze(-1) * via1 + d_value.unsqueeze(-1) * via2
-        return [d_w1.flatten(-2), d_w2.flatten(-2), d_w3, d_z.flatten(-3)]
+        batch = z.shape[:-3]
+        hl, d, q = self.n_atoms, self.input_dim, self.code_dim
+        ds, s = CODE_DERIVATIVES[self.code_activation], self._s
+        u1 = torch.einsum("...hlq,...dq->...hld", z, w1).reshape(*batch, hl, d)
+        u2 = torch.einsum("...hlq,...dq->...hld", z, w2).reshape(*batch, hl, d)
+        u3 = torch.einsum("...hlq,...q->...hl", z, w3).reshape(*batch, hl)
+        t1, t2, t3 = ds(u1, s(u1)), ds(u2, s(u2)), ds(u3, s(u3))
+        zf = z.reshape(*batch, hl, q)
+        eye_d = torch.eye(d, dtype=z.dtype, device=z.device)
+        eye_k = torch.eye(hl, dtype=z.dtype, device=z.device)
+        n_gate = (self.n_heads - 1) * (d + 1) if self.first_level == "softmax" else 0
+        p_ns, p_s = 2 * hl * (d + 1) + n_gate, hl * (1 + q) + 2 * d * q + q + n_gate
+        M = torch.zeros(*batch, p_ns, p_s, dtype=z.dtype, device=z.device)
+        rows_beta1, rows_a, rows_b = hl, hl * (1 + d), hl * (1 + 2 * d)
+        col_w1, col_w2, col_w3, col_z = hl, hl + d * q, hl + 2 * d * q, hl + 2 * d * q + q
+        M[..., :hl, :hl] = eye_k
+        for row, t, w, col in ((rows_beta1, t1, w1, col_w1), (rows_a, t2, w2, col_w2)):
+            M[..., row : row + hl * d, col : col + d * q] = torch.einsum(
+                "...kd,...kq,de->...kdeq", t, zf, eye_d).reshape(*batch, hl * d, d * q)
+            M[..., row : row + hl * d, col_z : col_z + hl * q] = torch.einsum(
+                "...kd,...dq,kj->...kdjq", t, w, eye_k).reshape(*batch, hl * d, hl * q)
+        M[..., rows_b : rows_b + hl, col_w3 : col_w3 + q] = t3.unsqueeze(-1) * zf
+        M[..., rows_b : rows_b + hl, col_z : col_z + hl * q] = torch.einsum(
+            "...k,...q,kj->...kjq", t3, w3, eye_k).reshape(*batch, hl, hl * q)
+        if n_gate:
+            M[..., p_ns - n_gate :, p_s - n_gate :] = torch.eye(n_gate, dtype=z.dtype, device=z.device)
+        return M
 
     def mixing_measure(self, params: Params) -> MixingMeasure:
         batch = self.batch_shape(params, check_finite=False)

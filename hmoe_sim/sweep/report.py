@@ -18,6 +18,7 @@ from collections.abc import Collection
 import numpy as np
 import pandas as pd
 
+from hmoe_sim.estimators.result import count_at_iteration_cap
 from hmoe_sim.identifiability import flat_directions, loss_floor
 from hmoe_sim.rates import (
     FLOOR_TOLERANCE,
@@ -370,6 +371,8 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                     row["n_boundary_excluded"] = int(excl[part.index].sum())
                     # a control's truth has risk exactly 0, so every control fit would count
                     row["n_worse_than_truth"] = np.nan if control else int(worse[part.index].sum())
+                    row["n_at_max_iter"] = count_at_iteration_cap(part.get("n_iter", []), max_iter=s.fit.max_iter,
+                                                                  method=s.fit.method)
                     for loss in loss_columns(config):
                         chosen = usable(part, loss, exclude=exclude) if not control else \
                             pd.Series(np.isfinite(part[loss].to_numpy(dtype=float)), index=part.index)
