@@ -1,0 +1,108 @@
+"""Markdown tables of a truth-ensemble run, as quoted in the README and paper_notes/05 (issue 22).
+
+Reads ``per_truth.csv``, ``ensemble.csv`` and ``summary.csv`` of a finished run directory (written by
+``hmoe-sim sweep`` / ``hmoe-sim report``) and prints: per truth and loss, each structure's slope
+with its CI and verdict, the paired largest-n difference of log loss with its CI; per (H, loss), the
+ensemble comparisons; and the verdict counts. Pure reading and formatting: seconds.
+
+Usage::
+
+    python experiments/headline_tables.py experiments/results/hora_truths
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hmoe_sim.sweep import RunDir
+from hmoe_sim.sweep.ensemble import paired_largest_n, structure_pairs
+
+
+def _slope(row: pd.Series) -> str:
+    if not np.isfinite(row["slope"]):
+        return "-"
+    return f"{row['slope']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+
+
+def _ci(mid: float, low: float, high: float) -> str:
+    return "-" if not np.isfinite(mid) else f"{mid:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def per_truth_markdown(run: Path, loss: str) -> str:
+    """Per truth: shared and non-shared slope, verdict, and the paired largest-n difference of log loss."""
+    config, results = RunDir(run).read_checked()
+    per_truth = pd.read_csv(run / "per_truth.csv")
+    lines = [f"| H | truth | shared {loss} slope | verdict | non-shared {loss} slope | verdict | "
+             f"log {loss} shared - non-shared at the largest n [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for h, (shared, nonshared) in structure_pairs(config).items():
+        part = per_truth[(per_truth["H"] == h) & (per_truth["loss"] == loss)]
+        diffs, _ = paired_largest_n(results, shared, nonshared, loss)
+        diffs = diffs.set_index("truth")
+        for truth in sorted(part["truth"].unique()):
+            a = part[(part["truth"] == truth) & (part["series"] == shared)].iloc[0]
+            b = part[(part["truth"] == truth) & (part["series"] == nonshared)].iloc[0]
+            d = diffs.loc[truth] if truth in diffs.index else None
+            diff = "-" if d is None else _ci(d["diff"], d["diff_ci_low"], d["diff_ci_high"])
+            lines.append(f"| {h} | {truth} | {_slope(a)} | `{a['verdict']}` | {_slope(b)} | `{b['verdict']}` "
+                         f"| {diff} |")
+    return "\n".join(lines)
+
+
+def ensemble_markdown(run: Path) -> str:
+    """Per (H, loss): verdict pairs, paired comparisons and the ensemble slopes."""
+    ens = pd.read_csv(run / "ensemble.csv")
+    lines = ["| H | loss | truths | verdict pairs (shared/non-shared) | largest-n difference of log loss, "
+             "median over truths [95% CI] | shared below | ensemble slope shared | ensemble slope non-shared |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in ens.itertuples():
+        lines.append(
+            f"| {r.H} | {r.loss} | {r.n_truths} | {r.verdict_pairs} | "
+            f"{_ci(r.largest_n_diff_median, r.largest_n_diff_ci_low, r.largest_n_diff_ci_high)} "
+            f"(n = {r.largest_n:.0f}) | "
+            f"{r.n_shared_below} of {r.n_truths} | "
+            f"{_ci(r.shared_ensemble_slope, r.shared_ensemble_ci_low, r.shared_ensemble_ci_high)} | "
+            f"{_ci(r.nonshared_ensemble_slope, r.nonshared_ensemble_ci_low, r.nonshared_ensemble_ci_high)} |")
+    return "\n".join(lines)
+
+
+def protocol_markdown(run: Path) -> str:
+    """Per series: fits at the cap, how often the kept start was a random one, the ladder exponents."""
+    rates = pd.read_csv(run / "rates.csv")
+    summary = pd.read_csv(run / "summary.csv")
+    noisy = summary[summary["control"].fillna("") == ""]
+    lines = ["| series | noisy fits | converged | at max_iter | best start random | D1 ladder exponent "
+             "(median over truths) | identifiable (D1) | flat directions (D1) |", "|---|---|---|---|---|---|---|---|"]
+    for series, part in rates[rates["loss"] == "D1"].groupby("series", sort=False):
+        fits = noisy[noisy["series"] == series]
+        cap = int(fits["n_at_max_iter"].sum()) if "n_at_max_iter" in fits else 0
+        lines.append(
+            f"| {series} | {int(fits['n_fits'].sum())} | {int(fits['n_converged'].sum())} | {cap} | "
+            f"{part['best_random_fraction'].median():.0%} | {np.nanmedian(part['control_perturb_exponent']):.2f} | "
+            f"{', '.join(sorted(set(part['identifiable'].astype(str))))} | "
+            f"{', '.join(str(int(v)) for v in sorted(set(part['n_flat'].dropna())))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished truth-ensemble run directory")
+    parser.add_argument("--losses", nargs="+", default=["D1", "L2"])
+    args = parser.parse_args(argv)
+    for loss in args.losses:
+        print(f"\n### per truth, {loss}\n")
+        print(per_truth_markdown(args.run, loss))
+    print("\n### ensemble\n")
+    print(ensemble_markdown(args.run))
+    print("\n### protocol\n")
+    print(protocol_markdown(args.run))
+    verdicts = pd.read_csv(args.run / "per_truth.csv").groupby(["series", "loss"])["verdict"].value_counts()
+    print("\n### verdict counts\n")
+    print(verdicts.to_string())
+
+
+if __name__ == "__main__":
+    main()
