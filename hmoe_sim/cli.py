@@ -71,7 +71,7 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     from hmoe_sim.plotting import plot_forest, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
-    from hmoe_sim.sweep.storage import PER_TRUTH_FILE, SUMMARY_FILE
+    from hmoe_sim.sweep.storage import ENSEMBLE_FILE, PER_TRUTH_FILE, SUMMARY_FILE
 
     run = RunDir(run_dir)
     config, results = run.read_checked(notify=_note)
@@ -85,7 +85,12 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
         title = (f"{config.name}: {len(config.truth_seeds)} truths of {config.truth.preset}, "
                  f"{config.replications} replications per n")
         table = pd.read_csv(per_truth).drop(columns=["fingerprint"], errors="ignore")
-        fig = plot_forest(table, [c for c in ("D1", "L2") if c in loss_columns(config)], title=title)
+        ensemble = None
+        if (run.path / ENSEMBLE_FILE).is_file():
+            run.check_table(ENSEMBLE_FILE, fingerprint, _note)
+            ensemble = pd.read_csv(run.path / ENSEMBLE_FILE)
+        fig = plot_forest(table, [c for c in ("D1", "L2") if c in loss_columns(config)], title=title,
+                          ensemble=ensemble)
     else:
         summary = summary_table(results, config)
         title = f"{config.name}: {config.truth.preset}, {config.replications} replications per n"

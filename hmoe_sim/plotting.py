@@ -139,7 +139,7 @@ def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str, *, faint
                 label=f"{name}, noise-free control (median)")
 
 
-def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> plt.Figure:
+def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensemble=None) -> plt.Figure:
     """Forest plot of a truth ensemble: per truth, each series' slope with its CI.
 
     Parameters
@@ -149,6 +149,10 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> pl
         series, loss, slope, ci_low, ci_high, verdict``.
     losses : list of str
         One panel column per loss; one panel row per ``H``.
+    ensemble : pandas.DataFrame, optional
+        ``ensemble.csv`` (:func:`hmoe_sim.sweep.ensemble.ensemble_table`): when it has the
+        ensemble slopes, a last row "all truths" shows each structure's ensemble slope (one
+        slope, one intercept per truth) with its CI, as diamonds.
 
     Notes
     -----
@@ -181,10 +185,21 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None) -> pl
                     ax.errorbar([r["slope"]], [y], xerr=[[r["slope"] - r["ci_low"]], [r["ci_high"] - r["slope"]]],
                                 fmt="o", color=color, mfc=color if filled else "white", capsize=2, ms=5,
                                 label=name if k == 0 else None)
+            ens = None if ensemble is None or "shared_ensemble_slope" not in ensemble else \
+                ensemble[(ensemble["H"] == h) & (ensemble["loss"] == loss)]
+            if ens is not None and len(ens):
+                e = ens.iloc[0]
+                for j, kind in enumerate(("shared", "nonshared")):
+                    slope, lo, hi = (float(e[f"{kind}_ensemble_{c}"]) for c in ("slope", "ci_low", "ci_high"))
+                    if np.isfinite(slope):
+                        y = len(truths) + 0.4 + (j - 0.5) * 0.22
+                        ax.errorbar([slope], [y], xerr=[[slope - lo], [hi - slope]], fmt="D",
+                                    color={"shared": "C0", "nonshared": "C3"}[kind], capsize=2, ms=5)
+                truths = [*truths, "all"]
             ax.axvline(-0.5, ls="--", color="0.5", lw=1)
             ax.axvline(0.0, ls="-", color="0.8", lw=1)
-            ax.set_yticks(np.arange(len(truths)))
-            ax.set_yticklabels([f"truth {t}" for t in truths])
+            ax.set_yticks([k + (0.4 if t == "all" else 0.0) for k, t in enumerate(truths)])
+            ax.set_yticklabels([("all truths (ensemble slope)" if t == "all" else f"truth {t}") for t in truths])
             ax.invert_yaxis()
             ax.set_xlabel(f"slope of log {loss} on log n (95% CI)")
             ax.set_title(f"{loss}, H = {h}")
