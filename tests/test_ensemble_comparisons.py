@@ -57,3 +57,20 @@ def test_ensemble_slope_is_ols_with_one_intercept_per_truth():
     assert (fit["n_truths"], fit["n_fits"]) == (3, 36)
     exact = ensemble_slope(_results({"s": -0.5}), "s", "D1", n_boot=50)
     assert exact["slope"] == pytest.approx(-0.5) and exact["ci_high"] - exact["ci_low"] == pytest.approx(0, abs=1e-12)
+
+
+def test_forest_plot_draws_the_ensemble_row():
+    from hmoe_sim.plotting import plot_forest
+
+    per_truth = pd.DataFrame({"truth": [1, 1, 2, 2], "H": 2, "series": ["s", "ns", "s", "ns"],
+                              "structure": ["shared", "nonshared"] * 2, "loss": "D1", "slope": -0.5,
+                              "ci_low": -0.7, "ci_high": -0.3, "verdict": "rate"})
+    ensemble = pd.DataFrame({"H": [2], "loss": ["D1"], "shared_ensemble_slope": [-0.5],
+                             "shared_ensemble_ci_low": [-0.6], "shared_ensemble_ci_high": [-0.4],
+                             "nonshared_ensemble_slope": [-0.2], "nonshared_ensemble_ci_low": [-0.4],
+                             "nonshared_ensemble_ci_high": [0.0]})
+    fig = plot_forest(per_truth, ["D1"], ensemble=ensemble)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["truth 1", "truth 2", "all truths (ensemble slope)"]
+    without = plot_forest(per_truth, ["D1"])
+    assert [t.get_text() for t in without.axes[0].get_yticklabels()] == ["truth 1", "truth 2"]
