@@ -76,12 +76,17 @@ def protocol_markdown(run: Path) -> str:
     noisy = summary[summary["control"].fillna("") == ""]
     lines = ["| series | noisy fits | converged | at max_iter | best start random | D1 ladder exponent "
              "(median over truths) | identifiable (D1) | flat directions (D1) |", "|---|---|---|---|---|---|---|---|"]
+    def median(values: pd.Series) -> str:
+        finite = values.to_numpy(dtype=float)
+        finite = finite[np.isfinite(finite)]
+        return f"{np.median(finite):.2f}" if finite.size else "- (round-off)"
+
     for series, part in rates[rates["loss"] == "D1"].groupby("series", sort=False):
         fits = noisy[noisy["series"] == series]
         cap = int(fits["n_at_max_iter"].sum()) if "n_at_max_iter" in fits else 0
         lines.append(
             f"| {series} | {int(fits['n_fits'].sum())} | {int(fits['n_converged'].sum())} | {cap} | "
-            f"{part['best_random_fraction'].median():.0%} | {np.nanmedian(part['control_perturb_exponent']):.2f} | "
+            f"{part['best_random_fraction'].median():.0%} | {median(part['control_perturb_exponent'])} | "
             f"{', '.join(sorted(set(part['identifiable'].astype(str))))} | "
             f"{', '.join(str(int(v)) for v in sorted(set(part['n_flat'].dropna())))} |")
     return "\n".join(lines)
