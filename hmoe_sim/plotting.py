@@ -154,6 +154,10 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
         ensemble slopes, a last row "all truths" shows each structure's ensemble slope (one
         slope, one intercept per truth) with its CI, as diamonds.
 
+    When ``per_truth`` has ``paired_diff`` (from the per-fit results), a last column shows, for
+    the first loss, the paired difference of log loss (shared minus non-shared) at the largest
+    n per truth, and its median over truths from ``ensemble``.
+
     Notes
     -----
     Filled markers: verdict ``rate``; open markers: any other verdict (named in the legend).
@@ -162,9 +166,14 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
     import numpy as np
 
     heads = sorted(per_truth["H"].unique())
-    fig, axes = plt.subplots(len(heads), len(losses), figsize=(4.6 * len(losses), 0.5 + 0.42 *
+    paired = "paired_diff" in per_truth and bool(np.isfinite(per_truth["paired_diff"].to_numpy(dtype=float)).any())
+    n_cols = len(losses) + int(paired)
+    fig, axes = plt.subplots(len(heads), n_cols, figsize=(4.6 * n_cols, 0.5 + 0.42 *
                              max(per_truth.groupby("H")["truth"].nunique().max(), 2) * len(heads) + 1.2),
                              layout="constrained", squeeze=False)
+    if paired:
+        for row, h in enumerate(heads):
+            _draw_paired(axes[row][-1], per_truth[per_truth["H"] == h], losses[0], h, ensemble)
     names = list(dict.fromkeys(per_truth["series"]))
     for row, h in enumerate(heads):
         for col, loss in enumerate(losses):
@@ -204,12 +213,41 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
             ax.set_xlabel(f"slope of log {loss} on log n (95% CI)")
             ax.set_title(f"{loss}, H = {h}")
             ax.grid(True, axis="x", alpha=0.25)
-            if col == len(losses) - 1:
-                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-                          title="open marker:\nverdict not 'rate'", title_fontsize=7)
+            if row == 0 and col == 0:
+                handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=7,
+               title="open marker: verdict not 'rate'; diamond: one slope over all truths", title_fontsize=7)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _draw_paired(ax: plt.Axes, part, loss: str, h: int, ensemble) -> None:
+    """Per truth: log loss of shared minus non-shared at the largest n (paired), with its CI."""
+    import numpy as np
+
+    rows = part[(part["loss"] == loss) & (part["structure"] == "shared")].sort_values("truth")
+    truths = rows["truth"].tolist()
+    for k, r in enumerate(rows.itertuples()):
+        if np.isfinite(r.paired_diff):
+            ax.errorbar([r.paired_diff], [k], xerr=[[r.paired_diff - r.paired_diff_ci_low],
+                        [r.paired_diff_ci_high - r.paired_diff]], fmt="o", color="0.2", capsize=2, ms=5)
+    labels = [f"truth {t}" for t in truths]
+    if ensemble is not None and "largest_n_diff_median" in ensemble:
+        e = ensemble[(ensemble["H"] == h) & (ensemble["loss"] == loss)]
+        if len(e) and np.isfinite(float(e["largest_n_diff_median"].iloc[0])):
+            med, lo, hi = (float(e[c].iloc[0]) for c in ("largest_n_diff_median", "largest_n_diff_ci_low",
+                                                          "largest_n_diff_ci_high"))
+            ax.errorbar([med], [len(truths) + 0.4], xerr=[[med - lo], [hi - med]], fmt="D", color="0.2",
+                        capsize=2, ms=5)
+            labels.append("median over truths")
+    ax.set_yticks([k + (0.4 if k == len(truths) else 0.0) for k in range(len(labels))])
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.axvline(0.0, ls="-", color="0.6", lw=1)
+    ax.set_xlabel(f"log {loss}, shared - non-shared (95% CI)")
+    ax.set_title(f"{loss} at the largest n, H = {h}, paired")
+    ax.grid(True, axis="x", alpha=0.25)
 
 
 def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | None = None,

@@ -58,14 +58,32 @@ def structure_pairs(config: SweepConfig) -> dict[int, tuple[str, str]]:
     return pairs
 
 
-def per_truth_table(rates: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
-    """``rates.csv`` of an ensemble reduced to :data:`PER_TRUTH_COLUMNS` (one row per truth, H, series, loss)."""
+def per_truth_table(rates: pd.DataFrame, config: SweepConfig, results: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``rates.csv`` of an ensemble reduced to :data:`PER_TRUTH_COLUMNS` (one row per truth, H, series, loss).
+
+    With ``results`` (the per-fit table) every row also gets ``paired_diff, paired_diff_ci_low,
+    paired_diff_ci_high`` (:func:`paired_largest_n`: log loss of the shared minus the non-shared
+    series of its ``H`` at the largest n, paired by data set; the same on both rows of a pair).
+    """
     heads = series_heads(config)
     structure = {s.name: s.structure or "" for s in config.series}
     table = rates[rates["series"].isin(heads)].copy()
     table["H"] = table["series"].map(heads).astype(int)
     table["structure"] = table["series"].map(structure)
-    return table[PER_TRUTH_COLUMNS].sort_values(["H", "loss", "series", "truth"], kind="stable").reset_index(drop=True)
+    columns = list(PER_TRUTH_COLUMNS)
+    if results is not None:
+        for name in ("paired_diff", "paired_diff_ci_low", "paired_diff_ci_high"):
+            table[name] = np.nan
+        for shared, nonshared in structure_pairs(config).values():
+            for loss in dict.fromkeys(table["loss"]):
+                diffs, _ = paired_largest_n(results, shared, nonshared, loss)
+                for d in diffs.itertuples():
+                    rows = table["series"].isin([shared, nonshared]) & (table["loss"] == loss) & \
+                        (table["truth"] == d.truth)
+                    table.loc[rows, ["paired_diff", "paired_diff_ci_low", "paired_diff_ci_high"]] = \
+                        [d.diff, d.diff_ci_low, d.diff_ci_high]
+        columns += ["paired_diff", "paired_diff_ci_low", "paired_diff_ci_high"]
+    return table[columns].sort_values(["H", "loss", "series", "truth"], kind="stable").reset_index(drop=True)
 
 
 def _bootstrap_median(values: np.ndarray, n_boot: int, level: float, seed: int) -> tuple[float, float, float]:

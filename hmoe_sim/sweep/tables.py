@@ -45,7 +45,7 @@ def derived_tables(results: pd.DataFrame, config: SweepConfig) -> dict[str, pd.D
     rates = rates_table(results, config)
     tables = {RATES_FILE: rates, SUMMARY_FILE: summary_table(results, config), BOUNDARY_FILE: boundary_table(results)}
     if len(config.truth_seeds) > 1 and structure_pairs(config):
-        per_truth = per_truth_table(rates, config)
+        per_truth = per_truth_table(rates, config, results)
         tables[PER_TRUTH_FILE] = per_truth
         tables[ENSEMBLE_FILE] = ensemble_table(per_truth, config, results)
     return tables
