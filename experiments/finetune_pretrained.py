@@ -11,14 +11,16 @@ teacher, adapter, n, seed). The configuration is kept beside the CSV (``.json``)
 with another one is refused. ``--workers K`` runs K processes of one torch thread each; every
 fit's result depends on its key only, so the table does not depend on K (its row order does).
 After the fits (or with ``--report-only``, without fitting) the paired-difference table
-(``paired.csv``), the summary (``summary.csv``) and the figure are rebuilt from the CSV.
+(``paired.csv``), the summary (``summary.csv``) and the figure are rebuilt from the CSV (beside it;
+for a CSV not named ``finetune_pretrained.csv`` they are ``<csv stem>_paired.csv`` and so on).
+The learning-rate pilot's rows go to ``<csv stem>_lr_pilot.csv``.
 
 Usage::
 
     python experiments/finetune_pretrained.py                          # CPU design, 1 worker
     python experiments/finetune_pretrained.py --workers 2              # resume with 2 processes
     python experiments/finetune_pretrained.py --report-only            # tables and figure from the CSV
-    python experiments/finetune_pretrained.py --device cuda --large    # n up to 1024, larger corpus
+    python experiments/finetune_pretrained.py --device cuda --large    # n up to 1024, larger corpus, own CSV
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from hmoe_sim.hora.finetune_pretrained import (
     plan_pilot,
     select_learning_rates,
 )
-from hmoe_sim.hora.pretrained_report import paired_differences, summary_table
+from hmoe_sim.hora.pretrained_report import PAIRED_COLUMNS, paired_differences, summary_table
 from hmoe_sim.plotting import plot_finetune_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,15 +167,18 @@ def run_stage(config: PretrainedFinetuneConfig, path: Path, tasks: list[tuple[Fi
         writer.close()
 
 
-def report(csv_path: Path, out_dir: Path, figure: Path) -> None:
-    """Rebuild ``paired.csv``, ``summary.csv`` and the figure from the rows of ``csv_path``."""
+def report(csv_path: Path, figure: Path) -> None:
+    """Rebuild ``paired.csv``, ``summary.csv`` (``<stem>_paired.csv``... for another CSV name) and the figure."""
     table = read_rows(csv_path)
     if table is None:
         raise SystemExit(f"{csv_path} holds no finished fit")
-    paired = paired_differences(table)
+    # a partial run may have no HoRA fit yet: then no pair
+    paired = paired_differences(table) if "hora" in set(table["adapter"]) else pd.DataFrame(columns=PAIRED_COLUMNS)
     summary = summary_table(table)
-    paired.to_csv(out_dir / "paired.csv", index=False)
-    summary.to_csv(out_dir / "summary.csv", index=False)
+    prefix = "" if csv_path.stem == "finetune_pretrained" else csv_path.stem + "_"
+    paired_path, summary_path = (csv_path.with_name(f"{prefix}{name}.csv") for name in ("paired", "summary"))
+    paired.to_csv(paired_path, index=False)
+    summary.to_csv(summary_path, index=False)
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot_finetune_pretrained(summary, paired).savefig(figure, dpi=130)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -183,7 +188,7 @@ def report(csv_path: Path, out_dir: Path, figure: Path) -> None:
     print(f"{len(table)} fits, seeds per cell {per_cell.min()}-{per_cell.max()}; converged "
           f"{int(table['converged'].astype(bool).sum())}/{len(table)} ({table['converged'].astype(bool).mean():.1%}); "
           f"stops {table['stop'].value_counts().to_dict()}")
-    print(f"wrote {out_dir / 'paired.csv'}, {out_dir / 'summary.csv'} and {figure}")
+    print(f"wrote {paired_path}, {summary_path} and {figure}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,12 +204,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, help="Adam step cap per fit (early stopping ends most fits)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes of one torch thread each")
     parser.add_argument("--report-only", action="store_true", help="rebuild paired.csv, summary.csv and the figure")
-    parser.add_argument("--out", type=Path, default=RESULTS / "finetune_pretrained.csv")
-    parser.add_argument("--figure", type=Path, default=ROOT / "figures/finetune_pretrained.png")
+    parser.add_argument("--out", type=Path, help="the fits' CSV (default: finetune_pretrained.csv, with --large "
+                        "finetune_pretrained_large.csv, in experiments/results/finetune_pretrained/)")
+    parser.add_argument("--figure", type=Path, help="default: figures/finetune_pretrained.png (_large with --large)")
     args = parser.parse_args(argv)
+    suffix = "_large" if args.large else ""
+    args.out = args.out or RESULTS / f"finetune_pretrained{suffix}.csv"
+    args.figure = args.figure or ROOT / f"figures/finetune_pretrained{suffix}.png"
 
     if args.report_only:
-        report(args.out, args.out.parent, args.figure)
+        report(args.out, args.figure)
         return
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(config, args.out, [(key, rates[key.teacher, key.adapter]) for key in keys], "fits", **stage)
     print(f"fits done: wall {time.perf_counter() - start:.1f} s, CPU {time.process_time() - cpu_start:.1f} s "
           f"(this process) on {device}", flush=True)
-    report(args.out, args.out.parent, args.figure)
+    report(args.out, args.figure)
     if math.isfinite(config.snr):
         print(f"targets: teacher embeddings plus noise at snr {config.snr}")
 

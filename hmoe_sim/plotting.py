@@ -416,10 +416,11 @@ def plot_finetune_pretrained(summary, paired) -> plt.Figure:
             ax.plot(group["n"], group["mean_diff"], "o-", color=color, label=comparison)
             ax.fill_between(group["n"], group["ci_low"], group["ci_high"], color=color, alpha=0.2)
         ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_yscale("symlog", linthresh=max(1e-6, float(part["mean_diff"].abs().min()) if len(part) else 1e-6))
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         ax.set_ylabel("paired test-MSE difference (mean, 95% CI)")
         ax.set_xlabel("training sentences n")
-        ax.legend(fontsize=8)
+        if len(part):
+            ax.legend(fontsize=8)
         ax.set_xscale("log")
         grid = sorted(sub["n"].unique())
         ax.set_xticks(grid, [str(int(n)) for n in grid])

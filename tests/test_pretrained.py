@@ -413,6 +413,19 @@ def test_sentence_corpus_has_a_fixed_disjoint_split():
         load_sentences("validation")
 
 
+def test_module_docstring_corpus_is_a_disjoint_training_set():
+    from hmoe_sim.hora.pretrained import load_sentences
+
+    extra = load_sentences("train", "modules")
+    assert len(extra) == 4000 and len(set(extra)) == len(extra) and list(extra) == sorted(extra)
+    assert not set(extra) & (set(load_sentences("train")) | set(load_sentences("test")))
+    assert all(s.isascii() and s.endswith(".") and 5 <= len(s.split()) <= 20 for s in extra)
+    with pytest.raises(ValueError, match="corpus 'modules' has no 'test' sentences"):
+        load_sentences("test", "modules")
+    with pytest.raises(ValueError, match="corpus"):
+        load_sentences("train", "wiki")
+
+
 def test_embedding_shift_hand_case():
     from hmoe_sim.hora.finetune_pretrained import embedding_shift
 

@@ -122,7 +122,9 @@ class PretrainedFinetuneConfig:
     shared_teacher, independent_teacher : StudentSpec
         Structure of the two teachers' updates (default: HoRA r=2, m=5 and MH-LoRA r=1).
     corpus : str
-        ``"pydoc"`` (the default corpus) or ``"large"`` (with the module docstrings' sentences).
+        ``"pydoc"`` (the default corpus) or ``"large"`` (the pool adds the standard library's
+        docstring sentences, ``load_sentences("train", "modules")``; validation and test sentences
+        stay the pydoc ones).
     """
 
     n_adapted_layers: int = 1
@@ -367,8 +369,10 @@ class PretrainedExperiment:
         if config.n_adapted_layers > n_layers:
             raise ValueError(f"n_adapted_layers={config.n_adapted_layers} exceeds the model's {n_layers} layers")
         first = n_layers - config.n_adapted_layers
-        corpus = "train" if config.corpus == "pydoc" else "large-train"
-        train = _filter_by_tokens(tokenizer, load_sentences(corpus), config.max_tokens)
+        train = _filter_by_tokens(tokenizer, load_sentences("train"), config.max_tokens)
+        if config.corpus == "large":  # pool: pydoc then module sentences; validation: pydoc's last ones, as before
+            extra = _filter_by_tokens(tokenizer, load_sentences("train", "modules"), config.max_tokens)
+            train = train[:-config.n_validation] + extra + train[-config.n_validation:]
         test = _filter_by_tokens(tokenizer, load_sentences("test"), config.max_tokens)[:config.n_test]
         n_pool = len(train) - config.n_validation
         self.pool_size = max(*config.n_grid, config.pilot_n)

@@ -16,7 +16,11 @@ import pandas as pd
 
 from hmoe_sim._validation import check_positive_int
 
-__all__ = ["bootstrap_mean_ci", "paired_differences", "summary_table"]
+__all__ = ["PAIRED_COLUMNS", "bootstrap_mean_ci", "paired_differences", "summary_table"]
+
+#: the columns of :func:`paired_differences`' table
+PAIRED_COLUMNS = ("teacher", "n", "comparison", "n_seeds", "reference_mean", "other_mean", "mean_diff", "ci_low",
+                  "ci_high", "relative_diff", "frac_reference_lower")
 
 
 def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 10_000, level: float = 0.95,
@@ -92,9 +96,7 @@ def paired_differences(table: pd.DataFrame, *, metric: str = "test_mse", referen
                          "other_mean": other_mean, "mean_diff": float(diff.mean()), "ci_low": low,
                          "ci_high": high, "relative_diff": float(diff.mean()) / other_mean,
                          "frac_reference_lower": float((diff < 0).mean())})
-    columns = ["teacher", "n", "comparison", "n_seeds", "reference_mean", "other_mean", "mean_diff", "ci_low",
-               "ci_high", "relative_diff", "frac_reference_lower"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
 def summary_table(table: pd.DataFrame, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
