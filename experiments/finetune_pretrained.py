@@ -191,6 +191,13 @@ def report(csv_path: Path, figure: Path) -> None:
     print(f"wrote {paired_path}, {summary_path} and {figure}")
 
 
+def _on_sigterm(signum: int, _frame: object) -> None:
+    """Log the signal and exit through ``finally`` blocks (so that worker processes are ended too)."""
+    print(f"received signal {signum} at {time.strftime('%Y-%m-%d %H:%M:%S')}; finished rows are kept, rerun to "
+          f"resume", flush=True)
+    sys.exit(143)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; cuda fails clearly without a GPU")
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     pilot_path = args.out.with_name(args.out.stem + "_lr_pilot.csv")
     done, pilot_done = read_rows(args.out), read_rows(pilot_path)
     check_config(args.out.with_suffix(".json"), summary, resuming=done is not None or pilot_done is not None)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the workers are ended too
+    signal.signal(signal.SIGTERM, _on_sigterm)
     start, cpu_start = time.perf_counter(), time.process_time()
     stage = {"workers": args.workers, "dtype": dtype, "device": device}
     run_stage(config, pilot_path, pending_pilot(plan_pilot(config), pilot_done), "learning-rate pilot", **stage)

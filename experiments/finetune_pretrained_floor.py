@@ -5,7 +5,8 @@ so LoRA at the students' rank 6 cannot represent it and should stay at a floor, 
 (whose family contains the teacher) should not. Every student is fitted by mini-batch Adam to
 the teacher's noise-free embeddings of all training sentences of the experiment's corpus
 (pool and validation sentences together), with early stopping on the noise-free test split,
-and the training and test MSE at the best point are reported beside the frozen model's.
+and the training and test MSE at the best point are reported beside the frozen model's. Rows
+of other (teacher, adapter) pairs already in ``--out`` are kept.
 
 Usage::
 
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows.append(row)
         print(row, flush=True)
     table = pd.DataFrame(rows)
+    if args.out.exists():  # keep the rows of other (teacher, adapter) pairs
+        old = pd.read_csv(args.out)
+        keep = ~old.set_index(["teacher", "adapter"]).index.isin(table.set_index(["teacher", "adapter"]).index)
+        table = pd.concat([old[keep], table], ignore_index=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -407,7 +407,7 @@ def plot_finetune_pretrained(summary, paired) -> plt.Figure:
         ax.set_yscale("log")
         ax.set_title(f"teacher: {teacher}")
         ax.set_ylabel("test MSE to teacher (mean, 95% CI)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left")
         ax = axes[1][col]
         part = paired[paired["teacher"] == teacher]
         for i, (comparison, group) in enumerate(part.groupby("comparison", sort=False)):

@@ -96,7 +96,10 @@ def paired_differences(table: pd.DataFrame, *, metric: str = "test_mse", referen
                          "other_mean": other_mean, "mean_diff": float(diff.mean()), "ci_low": low,
                          "ci_high": high, "relative_diff": float(diff.mean()) / other_mean,
                          "frac_reference_lower": float((diff < 0).mean())})
-    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+    out = pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+    order = {t: i for i, t in enumerate(dict.fromkeys(table["teacher"]))}  # teachers in the table's order
+    return out.sort_values(["teacher", "n", "comparison"], key=lambda c: c.map(order) if c.name == "teacher" else c,
+                           kind="stable", ignore_index=True)
 
 
 def summary_table(table: pd.DataFrame, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
