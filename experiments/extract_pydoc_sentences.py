@@ -15,24 +15,38 @@ at most ``MAX_CHARS`` characters, and at least 70% of its characters are letters
 Duplicates are dropped, the rest sorted, shuffled with ``random.Random(SPLIT_SEED)`` and the
 first ``TEST_FRACTION`` of them form the test split.
 
+``--source modules`` (issue 21, the larger training corpus of ``finetune_pretrained.py --large``)
+applies the same paragraph and sentence rules to the docstrings of the standard library's modules,
+classes and functions, read with ``ast`` from the source files (nothing is imported; test
+packages, ``idlelib``, ``lib2to3`` and ``site-packages`` are skipped). Sentences already in the
+pydoc file are dropped; ``MAX_MODULE_SENTENCES`` of the rest are drawn with
+``random.Random(SPLIT_SEED)`` (to keep the committed file small), sorted and all written as ``train`` rows of
+``hmoe_sim/hora/data/module_sentences.tsv`` (the test split stays pydoc's).
+
 Usage::
 
-    python experiments/extract_pydoc_sentences.py            # rewrites the committed file
-    python experiments/extract_pydoc_sentences.py --check    # compares instead of writing
+    python experiments/extract_pydoc_sentences.py                    # rewrites the committed file
+    python experiments/extract_pydoc_sentences.py --check            # compares instead of writing
+    python experiments/extract_pydoc_sentences.py --source modules   # the module-docstring corpus
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import platform
 import pydoc_data.topics
 import random
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "hmoe_sim/hora/data/pydoc_sentences.tsv"
+MODULES_OUT = ROOT / "hmoe_sim/hora/data/module_sentences.tsv"
+MAX_MODULE_SENTENCES = 4000
+_SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
 MIN_WORDS, MAX_WORDS, MAX_CHARS = 5, 20, 140
 TEST_FRACTION = 0.25
 SPLIT_SEED = 14
@@ -73,6 +87,43 @@ def extract() -> list[str]:
     return sorted(found)
 
 
+def docstrings(path: Path) -> list[str]:
+    """Docstrings of a file's module, classes and functions (in ``ast.walk`` order); none if it does not parse."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    nodes = [n for n in ast.walk(tree)
+             if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
+    return [doc for n in nodes if (doc := ast.get_docstring(n))]
+
+
+def extract_modules(exclude: set[str]) -> list[str]:
+    """Unique kept sentences of the standard library's docstrings, not in ``exclude``, in sorted order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    found = set()
+    for path in sorted(stdlib.rglob("*.py")):
+        if _SKIPPED_DIRS & set(path.relative_to(stdlib).parts[:-1]):
+            continue
+        for doc in docstrings(path):
+            for paragraph in paragraphs(doc):
+                found.update(s.strip() for s in _SENTENCE_END.split(paragraph) if keep(s.strip()))
+    kept = sorted(found - exclude)
+    if len(kept) > MAX_MODULE_SENTENCES:
+        kept = sorted(random.Random(SPLIT_SEED).sample(kept, MAX_MODULE_SENTENCES))
+    return kept
+
+
+def render_modules(sentences: list[str]) -> str:
+    """The module corpus' TSV text: every sentence a ``train`` row."""
+    rows = [f"# {len(sentences)} sentences (drawn from the kept ones) from the docstrings of the standard library "
+            f"of Python "
+            f"{platform.python_version()} (PSF licence); written by experiments/extract_pydoc_sentences.py "
+            f"--source modules", "split\tsentence"]
+    rows += [f"train\t{s}" for s in sentences]
+    return "\n".join(rows) + "\n"
+
+
 def render(sentences: list[str]) -> str:
     """The TSV text: a comment naming the source, a header, then ``split<TAB>sentence`` rows."""
     order = list(sentences)
@@ -87,9 +138,15 @@ def render(sentences: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed file instead of writing")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--source", choices=["pydoc", "modules"], default="pydoc")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    text = render(extract())
+    if args.source == "modules":
+        args.out = args.out or MODULES_OUT
+        text = render_modules(extract_modules(set(extract())))
+    else:
+        args.out = args.out or OUT
+        text = render(extract())
     if args.check:
         same = args.out.exists() and args.out.read_text(encoding="utf-8") == text
         print("identical" if same else f"differs from {args.out} (expected when the Python version differs)")

@@ -446,52 +446,61 @@ def plot_finetune_sample_efficiency(table, *, metric: str = "test_mse") -> plt.F
     return fig
 
 
-def plot_finetune_pretrained(table) -> plt.Figure:
-    """Test MSE and cosine similarity to the teacher against training sentences, per teacher (log x).
+def plot_finetune_pretrained(summary, paired) -> plt.Figure:
+    """Test MSE per student and paired differences to HoRA against training sentences, per teacher (log x).
 
     Parameters
     ----------
-    table : pandas.DataFrame
-        One row per fit with columns ``teacher, teacher_shift, label, n_params, n, test_mse,
-        base_test_mse, test_cosine, base_test_cosine`` (the output of
-        :func:`hmoe_sim.hora.finetune_pretrained.run_pretrained_sample_efficiency`).
+    summary : pandas.DataFrame
+        Per (teacher, student, n) with columns ``teacher, label, n_params, n, n_seeds, test_mse,
+        test_mse_ci_low, test_mse_ci_high, base_test_mse, converged``
+        (:func:`hmoe_sim.hora.pretrained_report.summary_table`).
+    paired : pandas.DataFrame
+        Per (teacher, n, comparison) with ``mean_diff, ci_low, ci_high``
+        (:func:`hmoe_sim.hora.pretrained_report.paired_differences`).
 
     Returns
     -------
     matplotlib.figure.Figure
-        Top row: test MSE (log scale); bottom row: mean cosine similarity; one column per
-        teacher. Points are means over replicates with +-2 standard errors; the legend gives
-        each student's exact trainable-parameter count; the dotted line is the frozen model.
-        Non-finite values are dropped.
+        Top row: mean test MSE over seeds (log scale) with its bootstrap CI as a band, the legend
+        giving each student's trainable-parameter count and the dotted line the frozen model;
+        bottom row: the mean paired difference (HoRA minus each other student) with its CI band
+        and the zero line (below zero: HoRA is closer to the teacher). One column per teacher.
     """
-    teachers = list(dict.fromkeys(table["teacher"]))
-    fig, axes = plt.subplots(2, len(teachers), figsize=(5.0 * len(teachers), 7.4), layout="constrained",
+    teachers = list(dict.fromkeys(summary["teacher"]))
+    fig, axes = plt.subplots(2, len(teachers), figsize=(5.2 * len(teachers), 7.6), layout="constrained",
                              squeeze=False, sharex=True)
     for col, teacher in enumerate(teachers):
-        sub = table[table["teacher"] == teacher]
-        for row, (metric, base_column) in enumerate((("test_mse", "base_test_mse"),
-                                                     ("test_cosine", "base_test_cosine"))):
-            ax = axes[row][col]
-            finite = sub[sub[metric].notna() & (sub[metric].abs() < float("inf"))]
-            for label, group in finite.groupby("label", sort=False):
-                stats = group.groupby("n")[metric].agg(["mean", "std", "count"]).reset_index()
-                se = stats["std"].fillna(0.0) / stats["count"] ** 0.5
-                lower = 2 * se if metric != "test_mse" else (2 * se).clip(upper=stats["mean"] * 0.999)
-                ax.errorbar(stats["n"], stats["mean"], yerr=[lower, 2 * se], marker="o", capsize=3,
-                            label=f"{label}: {int(group['n_params'].iloc[0])} params")
-            if len(sub):
-                ax.axhline(float(sub[base_column].iloc[0]), color="grey", linestyle=":", label="frozen MiniLM")
-            ax.set_xscale("log")
-            grid = sorted(sub["n"].unique())
-            ax.set_xticks(grid, [str(int(n)) for n in grid])
-            ax.minorticks_off()
-            if metric == "test_mse":
-                ax.set_yscale("log")
-                shift = float(sub["teacher_shift"].iloc[0]) if len(sub) else float("nan")
-                ax.set_title(f"teacher: {teacher} (embedding shift {shift:.2f})")
-                ax.legend(fontsize=8)
-            else:
-                ax.set_xlabel("training sentences n")
-        axes[0][col].set_ylabel("test MSE to teacher (mean +- 2 SE)")
-        axes[1][col].set_ylabel("cosine similarity to teacher")
+        sub = summary[summary["teacher"] == teacher]
+        ax = axes[0][col]
+        for i, (label, group) in enumerate(sub.groupby("label", sort=False)):
+            group = group.sort_values("n")
+            color = f"C{i}"
+            seeds = f"{int(group['n_seeds'].min())}-{int(group['n_seeds'].max())}"
+            ax.plot(group["n"], group["test_mse"], "o-", color=color,
+                    label=f"{label}: {int(group['n_params'].iloc[0])} params ({seeds} seeds, "
+                          f"{group['converged'].mean():.0%} conv.)")
+            ax.fill_between(group["n"], group["test_mse_ci_low"], group["test_mse_ci_high"], color=color, alpha=0.2)
+        ax.axhline(float(sub["base_test_mse"].iloc[0]), color="grey", linestyle=":", label="frozen MiniLM")
+        ax.set_yscale("log")
+        ax.set_title(f"teacher: {teacher}")
+        ax.set_ylabel("test MSE to teacher (mean, 95% CI)")
+        ax.legend(fontsize=7, loc="lower left")
+        ax = axes[1][col]
+        part = paired[paired["teacher"] == teacher]
+        for i, (comparison, group) in enumerate(part.groupby("comparison", sort=False)):
+            group = group.sort_values("n")
+            color = f"C{i + 3}"
+            ax.plot(group["n"], group["mean_diff"], "o-", color=color, label=comparison)
+            ax.fill_between(group["n"], group["ci_low"], group["ci_high"], color=color, alpha=0.2)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.set_ylabel("paired test-MSE difference (mean, 95% CI)")
+        ax.set_xlabel("training sentences n")
+        if len(part):
+            ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        grid = sorted(sub["n"].unique())
+        ax.set_xticks(grid, [str(int(n)) for n in grid])
+        ax.minorticks_off()
     return fig

@@ -211,10 +211,17 @@ def test_top_layers_from_hidden_states_equal_the_full_model(minilm):
 
 
 def test_tiny_pretrained_experiment_runs_and_learns(minilm):
-    from hmoe_sim.hora.finetune_pretrained import PretrainedFinetuneConfig, run_pretrained_sample_efficiency
+    from hmoe_sim.hora.finetune_pretrained import (
+        PILOT_SEED,
+        FitKey,
+        PretrainedExperiment,
+        PretrainedFinetuneConfig,
+        run_pretrained_sample_efficiency,
+    )
 
     model, tokenizer, *_ = minilm
-    config = PretrainedFinetuneConfig(n_grid=(4,), n_seeds=1, n_test=8, n_calibration=8, max_iter=4, teacher_shift=0.3,
+    config = PretrainedFinetuneConfig(n_grid=(4,), n_seeds=1, n_test=8, n_calibration=8, n_validation=8, pilot_n=4,
+                                      lr_grid=(1e-2,), max_steps=6, eval_every=2, teacher_shift=0.3, snr=4.0,
                                       students=(StudentSpec("hora", 1, 2),))
     table = run_pretrained_sample_efficiency(config, teachers=("shared",), model=model, tokenizer=tokenizer)
     assert len(table) == 1
@@ -222,7 +229,17 @@ def test_tiny_pretrained_experiment_runs_and_learns(minilm):
     assert abs(row["teacher_shift"] - 0.3) < 1e-3 * 0.3
     assert row["n_params"] == 2 * (3 * 1 * (384 + 32)) + 12 * 2
     assert math.isfinite(row["test_mse"]) and row["test_cosine"] <= 1.0
-    assert row["train_mse"] < row["base_test_mse"]  # four L-BFGS steps moved the student towards the teacher
+    assert row["val_mse"] <= row["val_start"]  # the best validation point is kept (step 0 included)
+    # the noise: snr = mean square of the teacher's update / noise variance, on the calibration sentences
+    experiment = PretrainedExperiment(config, model=model, tokenizer=tokenizer)
+    _, info = experiment.teacher("shared")
+    update = (info.train - experiment.base_train)[experiment.calibration]
+    assert info.noise_sd == pytest.approx(float(update.pow(2).mean().sqrt()) / 2.0, rel=1e-6)
+    # a fit depends on its key only: the same row from a fresh experiment, after another fit or not
+    again = experiment.fit(FitKey("shared", "hora", 4, PILOT_SEED), 1e-2)
+    fresh = PretrainedExperiment(config, model=model, tokenizer=tokenizer).fit(FitKey("shared", "hora", 4, PILOT_SEED),
+                                                                               1e-2)
+    assert again["test_mse"] == fresh["test_mse"] and again["val_mse"] == fresh["val_mse"]
 
 
 # ---------------------------------------------------------------------- nn.MultiheadAttention (no extra needed)
@@ -394,6 +411,19 @@ def test_sentence_corpus_has_a_fixed_disjoint_split():
     assert all(s.isascii() and s.endswith(".") and 5 <= len(s.split()) <= 20 for s in train + test)
     with pytest.raises(ValueError, match="split"):
         load_sentences("validation")
+
+
+def test_module_docstring_corpus_is_a_disjoint_training_set():
+    from hmoe_sim.hora.pretrained import load_sentences
+
+    extra = load_sentences("train", "modules")
+    assert len(extra) == 4000 and len(set(extra)) == len(extra) and list(extra) == sorted(extra)
+    assert not set(extra) & (set(load_sentences("train")) | set(load_sentences("test")))
+    assert all(s.isascii() and s.endswith(".") and 5 <= len(s.split()) <= 20 for s in extra)
+    with pytest.raises(ValueError, match="corpus 'modules' has no 'test' sentences"):
+        load_sentences("test", "modules")
+    with pytest.raises(ValueError, match="corpus"):
+        load_sentences("train", "wiki")
 
 
 def test_embedding_shift_hand_case():

