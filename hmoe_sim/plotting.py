@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from hmoe_sim.rates import RATE_OVERSPECIFIED, RATE_PARAMETRIC  # noqa: E402
 
@@ -66,8 +67,6 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     ``exp(intercept) n^slope``, labelled with the slope and its CI, and with the sensitivity
     slope over the fits strictly inside the parameter box (``slope_inside``) when that set differs.
     """
-    import numpy as np
-
     if "control" in summary:
         controls = summary[summary["control"].fillna("") == "noise_free"]
         summary = summary[summary["control"].fillna("") == ""]
@@ -127,8 +126,6 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
 
 def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str, *, faint: bool = True) -> None:
     """The noise-free control of a series: its median loss per n (faint when beside the series)."""
-    import numpy as np
-
     if part.empty:
         return
     n = part["n"].to_numpy(dtype=float)
@@ -163,8 +160,6 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
     Filled markers: verdict ``rate``; open markers: any other verdict (named in the legend).
     The dashed line is the parametric reference ``-1/2``.
     """
-    import numpy as np
-
     heads = sorted(per_truth["H"].unique())
     paired = "paired_diff" in per_truth and bool(np.isfinite(per_truth["paired_diff"].to_numpy(dtype=float)).any())
     n_cols = len(losses) + int(paired)
@@ -224,8 +219,6 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
 
 def _draw_paired(ax: plt.Axes, part, loss: str, h: int, ensemble) -> None:
     """Per truth: log loss of shared minus non-shared at the largest n (paired), with its CI."""
-    import numpy as np
-
     rows = part[(part["loss"] == loss) & (part["structure"] == "shared")].sort_values("truth")
     truths = rows["truth"].tolist()
     for k, r in enumerate(rows.itertuples()):
@@ -304,8 +297,6 @@ def plot_inverse_bound(table, *, losses: tuple[tuple[str, float], ...] = (("D1",
     grey line of slope 1 is a guide for ``rho ~ eps``. Rows with ``kink_points == 0`` (ReLU
     experts, kink band empty in the evaluation sample) are drawn as crosses, off the line.
     """
-    import numpy as np
-
     fig, axes = plt.subplots(1, len(losses), figsize=(4.2 * len(losses), 4.2), layout="constrained",
                              sharey=True, squeeze=False)
     models = list(dict.fromkeys(table["model"]))
@@ -348,7 +339,6 @@ def plot_sample_complexity(table, *, reference_exponent: float = 2.0) -> plt.Fig
     has no point: upward arrows at the top of the panel mark its ``D1`` (or ``eps``) values,
     and the legend says ``n* = inf``.
     """
-    import numpy as np
     from matplotlib.transforms import blended_transform_factory
 
     models = list(dict.fromkeys(table["model"]))

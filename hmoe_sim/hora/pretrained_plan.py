@@ -8,14 +8,11 @@ the fitting is :class:`hmoe_sim.hora.finetune_pretrained.PretrainedExperiment`'s
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import pandas as pd
 
 from hmoe_sim._validation import check_choice
-
-if TYPE_CHECKING:
-    from hmoe_sim.hora.finetune_pretrained import PretrainedFinetuneConfig
 
 __all__ = ["PILOT_SEED", "TEACHERS", "FitKey", "pending_fits", "pending_pilot", "plan_fits", "plan_pilot",
            "select_learning_rates"]
@@ -23,6 +20,17 @@ __all__ = ["PILOT_SEED", "TEACHERS", "FitKey", "pending_fits", "pending_pilot", 
 TEACHERS = ("shared", "independent")
 #: the seed of the learning-rate pilot fits (its pool, noise and initialisation; no replicate uses it)
 PILOT_SEED = 1_000_000
+
+
+class PlanConfig(Protocol):
+    """What the plan reads of :class:`hmoe_sim.hora.finetune_pretrained.PretrainedFinetuneConfig`
+    (a protocol, so that this module does not import the experiment that imports it)."""
+
+    n_seeds: int
+    n_grid: tuple[int, ...]
+    students: tuple[Any, ...]
+    pilot_n: int
+    lr_grid: tuple[float, ...]
 
 
 class FitKey(NamedTuple):
@@ -34,7 +42,7 @@ class FitKey(NamedTuple):
     seed: int
 
 
-def plan_fits(config: PretrainedFinetuneConfig, teachers: Sequence[str] = TEACHERS) -> list[FitKey]:
+def plan_fits(config: PlanConfig, teachers: Sequence[str] = TEACHERS) -> list[FitKey]:
     """Every fit, seed-major (seed, then teacher, student, n), so a partial run is balanced across cells."""
     teachers = [check_choice("teacher", t, TEACHERS) for t in teachers]
     return [FitKey(t, s.adapter, n, seed) for seed in range(config.n_seeds) for t in teachers
@@ -53,7 +61,7 @@ def pending_fits(plan: Iterable[FitKey], done: pd.DataFrame | None) -> list[FitK
     return [key for key in plan if key not in finished]
 
 
-def plan_pilot(config: PretrainedFinetuneConfig, teachers: Sequence[str] = TEACHERS) -> list[tuple[FitKey, float]]:
+def plan_pilot(config: PlanConfig, teachers: Sequence[str] = TEACHERS) -> list[tuple[FitKey, float]]:
     """The learning-rate pilot: every (teacher, student, learning rate) at ``n = pilot_n`` on :data:`PILOT_SEED`."""
     teachers = [check_choice("teacher", t, TEACHERS) for t in teachers]
     return [(FitKey(t, s.adapter, config.pilot_n, PILOT_SEED), lr) for t in teachers for s in config.students
