@@ -13,7 +13,7 @@ policy can be judged.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ from hmoe_sim.rates import (
     rate_verdict,
 )
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
-from hmoe_sim.sweep.setup import series_setup
+from hmoe_sim.sweep.setup import SeriesSetup, series_setup
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
            "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
@@ -160,29 +160,30 @@ def upper_half(sizes: list[int]) -> list[int]:
     return ordered[len(ordered) // 2:]
 
 
-def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
-    """:func:`hmoe_sim.identifiability.loss_floor` per (truth, series, loss); ``L2`` has floor 0."""
-    out: dict[tuple[int, str, str], float] = {}
+def _voronoi_cases(config: SweepConfig) -> Iterator[tuple[tuple[int, str, str], SeriesSetup]]:
+    """Every (truth, series, Voronoi loss) key of ``config`` with the series' setup on that truth."""
+    kinds = [loss for loss in loss_columns(config) if loss != "L2"]
     for s in config.series:
         for t in s.truth_seeds:
             setup = series_setup(config, s, t)
-            for loss in loss_columns(config):
-                out[(t, s.name, loss)] = 0.0 if loss == "L2" else float(
-                    loss_floor(setup.fit_model, setup.score_model, setup.score_truth, loss, r=config.losses.r))
+            for loss in kinds:
+                yield (t, s.name, loss), setup
+
+
+def loss_floors(config: SweepConfig) -> dict[tuple[int, str, str], float]:
+    """:func:`hmoe_sim.identifiability.loss_floor` per (truth, series, loss); ``L2`` has floor 0."""
+    out = {(t, s.name, "L2"): 0.0 for s in config.series for t in s.truth_seeds if "L2" in loss_columns(config)}
+    for key, setup in _voronoi_cases(config):
+        out[key] = float(loss_floor(setup.fit_model, setup.score_model, setup.score_truth, key[2],
+                                    r=config.losses.r))
     return out
 
 
 def flat_counts(config: SweepConfig) -> dict[tuple[int, str, str], tuple[int, int]]:
     """:func:`hmoe_sim.identifiability.flat_directions` per (truth, series, loss) for the Voronoi losses."""
-    out: dict[tuple[int, str, str], tuple[int, int]] = {}
-    for s in config.series:
-        for t in s.truth_seeds:
-            setup = series_setup(config, s, t)
-            for loss in loss_columns(config):
-                if loss != "L2":
-                    out[(t, s.name, loss)] = tuple(flat_directions(setup.fit_model, setup.score_model,
-                                                                   setup.score_truth, loss, r=config.losses.r))
-    return out
+    return {key: tuple(flat_directions(setup.fit_model, setup.score_model, setup.score_truth, key[2],
+                                       r=config.losses.r))
+            for key, setup in _voronoi_cases(config)}
 
 
 def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataFrame], loss: str,
