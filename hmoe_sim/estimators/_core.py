@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hmoe_sim.estimators._gram import factor_gram, pair_products, side_by_side
 from hmoe_sim.models.base import MixtureModel
 from hmoe_sim.models.flat import Piece, assemble_columns
 
@@ -96,7 +97,7 @@ class Problem:
         """
         if self._input_products is None:
             ext = torch.cat([torch.ones_like(self.X[..., :1]), self.X], -1).transpose(-1, -2).contiguous()
-            self._input_products = _pair_products(ext)
+            self._input_products = pair_products(ext)
         return self._input_products
 
     def predict(self, theta: torch.Tensor) -> torch.Tensor:
@@ -215,7 +216,7 @@ class Linearization:
         if rows is not None and 2 * rows.numel() <= factors.shape[0]:
             factors, products, r = factors[rows], products[rows], r[rows]
             rows = None
-        gram = _factor_gram(factors, products)                                  # (b, m2, d2)
+        gram = factor_gram(factors, products)                                  # (b, m2, d2)
         ext = products[..., : layout.ext_dim, :]                    # x~, (b, D + 1, n)
         grad = torch.bmm(factors * r.unsqueeze(-2), ext.transpose(-1, -2))      # (b, m, D + 1)
         gram_index, grad_index = layout.indices(gram.device)
@@ -228,81 +229,8 @@ def _pick(index: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
     return t if index is None else t[index]
 
 
-def _pair_products(v: torch.Tensor) -> torch.Tensor:
-    """``(b, m, n) -> (b, m(m+1)/2, n)``: rows ``v_a * v_c`` for ``a <= c`` in row-major order."""
-    m = v.shape[-2]
-    out = torch.empty(*v.shape[:-2], m * (m + 1) // 2, v.shape[-1], dtype=v.dtype, device=v.device)
-    start = 0
-    for a in range(m):
-        torch.mul(v[..., a : a + 1, :], v[..., a:, :], out=out[..., start : start + m - a, :])
-        start += m - a
-    return out
-
-
-#: samples per block of :func:`_factor_gram` (the block's factor-pair products stay in cache)
-_GRAM_BLOCK = 1024
-#: bytes of factor-pair products one block of :func:`_factor_gram` may write: about one core's L2
-#: cache on current x86-64 CPUs (1 MiB on the 2-core development machine), so that the matrix
-#: product reads them back from cache; problems are taken in groups that fit
-_GRAM_CACHE_BYTES = 5 * 2**18
-
-
-def _factor_gram(factors: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
-    """``(b, m(m+1)/2, d2)``: the factor-pair products of ``factors (b, m, n)`` times the input
-    products ``(b, d2, n)``, summed over the samples.
-
-    When the factor pairs outnumber the input pairs (the HMoE: 36 against 15), it is formed over
-    blocks of ``_GRAM_BLOCK`` samples and summed in block order, for groups of problems whose
-    block of pair products fits in ``_GRAM_CACHE_BYTES``: the ``m(m+1)/2 x block`` pair products
-    of one block are reused from cache by the matrix product instead of being written to and read
-    back from memory (about 3x faster at ``m = 8``, ``n = 1e4`` than one product; the groups
-    another 1.4x at 16 problems). Otherwise (the flat models, whose input pairs dominate) it is
-    one product over all samples. The order of summation depends on the shapes of one problem
-    only, never on the number of problems in the stack or on the grouping: ``bmm`` treats every
-    problem of a batch alike.
-    """
-    n, m = factors.shape[-1], factors.shape[-2]
-    pairs = m * (m + 1) // 2
-    if pairs <= products.shape[-2]:
-        # the input products dominate the traffic (the flat models): one product, as before
-        return torch.bmm(_pair_products(factors), products.transpose(-1, -2))
-    group = max(1, _GRAM_CACHE_BYTES // (pairs * min(n, _GRAM_BLOCK) * factors.element_size()))
-    grams = []
-    for first in range(0, factors.shape[0], group):
-        u, x = factors[first : first + group], products[first : first + group]
-        gram = None
-        for start in range(0, n, _GRAM_BLOCK):
-            part = torch.bmm(_pair_products(u[..., start : start + _GRAM_BLOCK]),
-                             x[..., start : start + _GRAM_BLOCK].transpose(-1, -2))
-            gram = part if gram is None else gram.add_(part)
-        assert gram is not None
-        grams.append(gram)
-    return grams[0] if len(grams) == 1 else torch.cat(grams)
-
-
-def _side_by_side(blocks: list[torch.Tensor]) -> torch.Tensor | None:
-    """The ``(b, m, n)`` array whose consecutive row ranges are ``blocks`` (each ``(b, w, n)``,
-    rows of ``n`` contiguous numbers), as a view, when they are slices of one such array in
-    order; ``None`` otherwise."""
-    first = blocks[0]
-    if first.dim() != 3 or first.stride(-1) != 1 or first.stride(-2) != first.shape[-1]:
-        return None
-    b, n = first.shape[0], first.shape[-1]
-    storage, address = first.untyped_storage().data_ptr(), first.data_ptr()
-    m = 0
-    for block in blocks:
-        if (block.dim() != 3 or block.shape[0] != b or block.shape[-1] != n or block.stride() != first.stride()
-                or block.untyped_storage().data_ptr() != storage
-                or block.data_ptr() != address + m * n * block.element_size()):
-            return None
-        m += block.shape[1]
-    if b > 1 and first.stride(0) < m * n:
-        return None
-    return first.as_strided((b, m, n), (first.stride(0), n, 1))
-
-
 def _pair_index(i: torch.Tensor, j: torch.Tensor, m: int) -> torch.Tensor:
-    """Row of the pair ``(min(i, j), max(i, j))`` in the layout of :func:`_pair_products`."""
+    """Row of the pair ``(min(i, j), max(i, j))`` in the layout of :func:`pair_products`."""
     a, c = torch.minimum(i, j), torch.maximum(i, j)
     return a * m - a * (a - 1) // 2 + (c - a)
 
@@ -364,7 +292,7 @@ class KhatriRaoLayout:
         for (g, _), slot in zip(pieces, self.slots, strict=True):
             distinct.setdefault(slot, g)
         blocks = [distinct[s].transpose(-1, -2) for s in range(len(self.widths))]
-        joined = _side_by_side(blocks)
+        joined = side_by_side(blocks)
         return torch.cat(blocks, -2) if joined is None else joined
 
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

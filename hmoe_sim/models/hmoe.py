@@ -299,14 +299,13 @@ class HMoE(AnalyticJacobian, MixtureModel):
                 torch.cat([free["b"].unsqueeze(-1), free["a"]], -1).flatten(-3, -2)]
         if self.first_level == "softmax":
             rows.append(torch.cat([free["head_gate_bias"].unsqueeze(-1), free["head_gate_slope"]], -1))
-        lead = torch.broadcast_shapes(*(r.shape[:-2] for r in rows))
-        both = torch.matmul(torch.cat([r.expand(*lead, -1, -1) for r in rows], -2), ext)
+        both = torch.matmul(torch.cat(rows, -2), ext)  # the rows share the parameters' batch shape
         logits = both[..., : h * ell, :].unflatten(-2, (h, ell))
         values = both[..., h * ell : 2 * h * ell, :].unflatten(-2, (h, ell))
         # within-head softmax over the frozen atom and the adapters, shifted by their maximum
         # (every exponential at most 1, the normaliser at least 1)
         known_logit = known_logit.unsqueeze(-2)
-        top = torch.maximum(logits.amax(-2, keepdim=True), known_logit)
+        top = torch.maximum(logits.amax(-2, keepdim=True), known_logit) if ell else known_logit
         p = torch.exp(logits - top)
         known_p = torch.exp(known_logit - top)
         total = p.sum(-2, keepdim=True) + known_p
