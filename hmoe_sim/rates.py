@@ -47,6 +47,7 @@ __all__ = [
     "Verdict",
     "rate_verdict",
     "perturbation_exponent",
+    "ladder_exponent",
 ]
 
 #: exponent of ``n^-1/2`` (parametric rate)
@@ -451,3 +452,39 @@ def perturbation_exponent(perturbations: Any, levels: Any) -> float:
     if np.unique(p[ok]).size < 2:
         return float("nan")
     return float(_ols(np.log(p[ok]), np.log(v[ok]))[0])
+
+
+def ladder_exponent(perturbations: Any, levels: Any, noisy_level: float) -> float:
+    """:func:`perturbation_exponent` of a control-perturbation ladder, or NaN when the ladder shows
+    round-off.
+
+    The start sets the control's level when the rung of the largest perturbation stops above
+    round-off (``level > ROUND_OFF_FRACTION * noisy_level``); the exponent is then fitted over every
+    rung, the smaller ones included: how far a start's level falls with the start is what it
+    measures, and a level below the round-off line of a *large* noisy loss (a non-identified class
+    whose noisy estimates wander far) can still be set by the start. When the widest rung is at
+    round-off, so is every rung, and a ratio of round-off levels is round-off: NaN.
+
+    Parameters
+    ----------
+    perturbations : array-like
+        ``(m,)`` distinct positive start perturbations.
+    levels : array-like
+        ``(m,)`` median control loss at each perturbation (at the largest n).
+    noisy_level : float
+        The noisy series' median loss at the same n (the scale of the round-off line).
+
+    Returns
+    -------
+    float
+        The exponent, or NaN (round-off, fewer than two usable rungs, or no noisy level).
+    """
+    p = np.asarray(perturbations, dtype=np.float64)
+    v = np.asarray(levels, dtype=np.float64)
+    if p.ndim != 1 or v.shape != p.shape or p.size == 0:
+        raise ValueError(f"perturbations and levels must be 1-D of equal, positive length, got shapes "
+                         f"{p.shape} and {v.shape}")
+    widest = float(v[int(np.argmax(p))])
+    if not (np.isfinite(widest) and np.isfinite(noisy_level) and widest > ROUND_OFF_FRACTION * noisy_level):
+        return float("nan")
+    return perturbation_exponent(p, v)

@@ -12,7 +12,15 @@ from roundoff import assert_tensors_match
 
 from hmoe_sim import make_preset, sample_batch
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth, jacobian_bytes
-from hmoe_sim.estimators._core import _GRAM_BLOCK, Problem, _factor_gram, _pair_products, khatri_rao_layout
+from hmoe_sim.estimators._core import Problem, khatri_rao_layout
+from hmoe_sim.estimators._gram import (
+    GRAM_BLOCK,
+    GRAM_CACHE_BYTES,
+    PAIR_GATHER_MAX,
+    factor_gram,
+    pair_products,
+    side_by_side,
+)
 from hmoe_sim.estimators._lm import solve_lm
 from hmoe_sim.models.flat import FlatMoE
 
@@ -36,7 +44,7 @@ def _problem(name: str, options: dict, B: int = 3, n: int = 40, *, structured: b
 
 def test_pair_products_hand_computed():
     v = torch.tensor([[[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]]])  # (1, m=3, n=2)
-    out = _pair_products(v)
+    out = pair_products(v)
     # pairs (0,0) (0,1) (0,2) (1,1) (1,2) (2,2)
     expected = torch.tensor([[[1.0, 4.0], [3.0, -2.0], [0.5, 8.0], [9.0, 1.0], [1.5, -4.0], [0.25, 16.0]]])
     assert torch.equal(out, expected)
@@ -46,11 +54,53 @@ def test_pair_products_hand_computed():
 def test_factor_gram_over_sample_blocks(m):
     # m = 8 factors: 36 pairs > 15 input pairs, summed over blocks (the last one partial); m = 3: one product
     g = torch.Generator().manual_seed(0)
-    n = 2 * _GRAM_BLOCK + 37
+    n = 2 * GRAM_BLOCK + 37
     u, x = torch.randn(2, m, n, generator=g, dtype=torch.float64), torch.randn(2, 15, n, generator=g,
                                                                                dtype=torch.float64)
-    ref = torch.einsum("bpn,bqn->bpq", _pair_products(u), x)
-    torch.testing.assert_close(_factor_gram(u, x), ref, rtol=1e-13, atol=1e-12)
+    ref = torch.einsum("bpn,bqn->bpq", pair_products(u), x)
+    torch.testing.assert_close(factor_gram(u, x), ref, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (3, 8, PAIR_GATHER_MAX // 3 + 1), (1, 8, PAIR_GATHER_MAX)])
+def test_pair_products_gathered_and_looped_agree_exactly(shape):
+    # small stacks gather both factors of every pair, large ones multiply row by rows in place;
+    # each entry is the same floating-point product, so the two paths agree bit for bit
+    v = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    m = shape[1]
+    expected = torch.stack([v[:, a] * v[:, c] for a in range(m) for c in range(a, m)], 1)
+    assert torch.equal(pair_products(v), expected)
+
+
+def test_factor_gram_of_a_problem_does_not_depend_on_its_stack():
+    # the groups of problems that fit in cache change with the stack size; the sums must not
+    g = torch.Generator().manual_seed(5)
+    n = GRAM_BLOCK + 300
+    u, x = torch.randn(11, 8, n, generator=g, dtype=torch.float64), torch.randn(11, 15, n, generator=g,
+                                                                                dtype=torch.float64)
+    group = GRAM_CACHE_BYTES // (36 * GRAM_BLOCK * 8)
+    assert 1 < group < 11  # the stack of 11 is cut into several groups
+    whole = factor_gram(u, x)
+    for b in (0, group - 1, group, 10):
+        assert torch.equal(factor_gram(u[b : b + 1], x[b : b + 1])[0], whole[b])
+    assert torch.equal(factor_gram(u[3:9], x[3:9]), whole[3:9])
+
+
+def test_blocks_written_side_by_side_are_read_without_a_copy():
+    buffer = torch.randn(4, 2, 6, 50, dtype=torch.float64)  # (b, blocks, width, n)
+    first, second = buffer[:, 0], buffer[:, 1]
+    joined = side_by_side([first, second])
+    assert joined is not None and joined.data_ptr() == buffer.data_ptr()
+    assert torch.equal(joined, torch.cat([first, second], -2))
+    assert side_by_side([second, first]) is None  # out of order
+    assert side_by_side([first, torch.randn(4, 6, 50, dtype=torch.float64)]) is None  # another buffer
+    assert side_by_side([buffer[:2, 0], buffer[2:, 1]]) is None  # other problems
+    # the HMoE writes its two blocks this way: the layout's factors are a view, equal to the copy
+    _, problem, theta = _problem("hmoe-nonshared", {})
+    lin = problem.linearize(theta)
+    layout = khatri_rao_layout(lin.pieces, problem.X.shape[-1])
+    factors = layout.factors(lin.pieces)
+    assert factors.data_ptr() == lin.pieces[0][0].data_ptr()
+    assert torch.equal(factors, torch.cat([lin.pieces[0][0].mT, lin.pieces[2][0].mT], -2))
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)

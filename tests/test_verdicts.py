@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmoe_sim.rates import VERDICTS, SeriesEvidence, perturbation_exponent, rate_verdict
+from hmoe_sim.rates import VERDICTS, SeriesEvidence, ladder_exponent, perturbation_exponent, rate_verdict
 from hmoe_sim.sweep.report import worse_than_truth
 
 #: a clean rate: 5 sizes over two decades, converged fits, control at round-off, no class floor
@@ -112,6 +112,23 @@ def test_perturbation_exponent_against_exact_power_laws():
     assert np.isnan(perturbation_exponent([0.01, 0.1], [0.0, 1e-3]))
     with pytest.raises(ValueError, match="-0.1"):
         perturbation_exponent([-0.1, 0.1], [1.0, 2.0])
+
+
+def test_ladder_exponent_is_set_by_the_widest_rung():
+    p = [0.01, 0.1]
+    # hora_truths_conditioned, truth 101, non-shared D1: the start sets the level (1.9e-4 -> 0.017,
+    # exponent about 1.95) although the p = 0.01 rung lies below 1e-5 of the large noisy median (22.3)
+    assert ladder_exponent(p, [1.92e-4, 0.017], 22.3) == pytest.approx(np.log10(0.017 / 1.92e-4), abs=1e-12)
+    # the rung order of the config does not matter
+    assert ladder_exponent([0.1, 0.01], [0.017, 1.92e-4], 22.3) == pytest.approx(1.947, abs=1e-3)
+    # the same truth's shared control: round-off at every rung, whatever the ratio of the two levels
+    assert np.isnan(ladder_exponent(p, [7.69e-13, 6.72e-13], 5.1))
+    # the widest rung at round-off: NaN even when a closer start happens to stop higher
+    assert np.isnan(ladder_exponent(p, [1e-3, 1e-8], 100.0))
+    assert np.isnan(ladder_exponent(p, [1e-4, 1e-2], np.nan))
+    assert np.isnan(ladder_exponent(p, [np.nan, 1e-2], 1.0))
+    with pytest.raises(ValueError, match="shapes"):
+        ladder_exponent(p, [1e-2], 1.0)
 
 
 def test_worse_than_truth_uses_the_near_optimal_margin():

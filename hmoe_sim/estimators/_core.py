@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hmoe_sim.estimators._gram import factor_gram, pair_products, side_by_side
 from hmoe_sim.models.base import MixtureModel
 from hmoe_sim.models.flat import Piece, assemble_columns
 
@@ -96,7 +97,7 @@ class Problem:
         """
         if self._input_products is None:
             ext = torch.cat([torch.ones_like(self.X[..., :1]), self.X], -1).transpose(-1, -2).contiguous()
-            self._input_products = _pair_products(ext)
+            self._input_products = pair_products(ext)
         return self._input_products
 
     def predict(self, theta: torch.Tensor) -> torch.Tensor:
@@ -215,7 +216,7 @@ class Linearization:
         if rows is not None and 2 * rows.numel() <= factors.shape[0]:
             factors, products, r = factors[rows], products[rows], r[rows]
             rows = None
-        gram = _factor_gram(factors, products)                                  # (b, m2, d2)
+        gram = factor_gram(factors, products)                                  # (b, m2, d2)
         ext = products[..., : layout.ext_dim, :]                    # x~, (b, D + 1, n)
         grad = torch.bmm(factors * r.unsqueeze(-2), ext.transpose(-1, -2))      # (b, m, D + 1)
         gram_index, grad_index = layout.indices(gram.device)
@@ -228,48 +229,8 @@ def _pick(index: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
     return t if index is None else t[index]
 
 
-def _pair_products(v: torch.Tensor) -> torch.Tensor:
-    """``(b, m, n) -> (b, m(m+1)/2, n)``: rows ``v_a * v_c`` for ``a <= c`` in row-major order."""
-    m = v.shape[-2]
-    out = torch.empty(*v.shape[:-2], m * (m + 1) // 2, v.shape[-1], dtype=v.dtype, device=v.device)
-    start = 0
-    for a in range(m):
-        torch.mul(v[..., a : a + 1, :], v[..., a:, :], out=out[..., start : start + m - a, :])
-        start += m - a
-    return out
-
-
-#: samples per block of :func:`_factor_gram` (the block's factor-pair products stay in cache)
-_GRAM_BLOCK = 1024
-
-
-def _factor_gram(factors: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
-    """``(b, m(m+1)/2, d2)``: the factor-pair products of ``factors (b, m, n)`` times the input
-    products ``(b, d2, n)``, summed over the samples.
-
-    When the factor pairs outnumber the input pairs (the HMoE: 36 against 15), it is formed over
-    blocks of ``_GRAM_BLOCK`` samples and summed in block order: the ``m(m+1)/2 x block`` pair
-    products of one block are reused from cache by the matrix product instead of being written to
-    and read back from memory (about 3x faster at ``m = 8``, ``n = 1e4``). Otherwise (the flat
-    models, whose input pairs dominate) it is one product over all samples. The order of
-    summation depends on the shapes of one problem only, never on the number of problems in the
-    stack.
-    """
-    n, m = factors.shape[-1], factors.shape[-2]
-    if m * (m + 1) // 2 <= products.shape[-2]:
-        # the input products dominate the traffic (the flat models): one product, as before
-        return torch.bmm(_pair_products(factors), products.transpose(-1, -2))
-    gram = None
-    for start in range(0, n, _GRAM_BLOCK):
-        part = torch.bmm(_pair_products(factors[..., start : start + _GRAM_BLOCK]),
-                         products[..., start : start + _GRAM_BLOCK].transpose(-1, -2))
-        gram = part if gram is None else gram.add_(part)
-    assert gram is not None
-    return gram
-
-
 def _pair_index(i: torch.Tensor, j: torch.Tensor, m: int) -> torch.Tensor:
-    """Row of the pair ``(min(i, j), max(i, j))`` in the layout of :func:`_pair_products`."""
+    """Row of the pair ``(min(i, j), max(i, j))`` in the layout of :func:`pair_products`."""
     a, c = torch.minimum(i, j), torch.maximum(i, j)
     return a * m - a * (a - 1) // 2 + (c - a)
 
@@ -322,11 +283,17 @@ class KhatriRaoLayout:
         return (2 * (d * (d + 1) // 2) + m * (m + 1) // 2) / max(self.n_columns, 1)
 
     def factors(self, pieces: list[Piece]) -> torch.Tensor:
-        """The distinct blocks side by side, transposed: ``(b, m, n)``."""
+        """The distinct blocks side by side, transposed: ``(b, m, n)``.
+
+        When the blocks already lie side by side in one buffer (each a ``(b, w, n)`` slice of
+        one ``(b, m, n)`` array, in slot order, as :meth:`HMoE.jacobian_factors` writes them),
+        that array is returned as a view instead of a copy."""
         distinct: dict[int, torch.Tensor] = {}
         for (g, _), slot in zip(pieces, self.slots, strict=True):
             distinct.setdefault(slot, g)
-        return torch.cat([distinct[s].transpose(-1, -2) for s in range(len(self.widths))], -2)
+        blocks = [distinct[s].transpose(-1, -2) for s in range(len(self.widths))]
+        joined = side_by_side(blocks)
+        return torch.cat(blocks, -2) if joined is None else joined
 
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather indices ``(P, P)`` into the flattened pair-product matrix and ``(P,)`` into

@@ -299,15 +299,18 @@ class HMoE(AnalyticJacobian, MixtureModel):
                 torch.cat([free["b"].unsqueeze(-1), free["a"]], -1).flatten(-3, -2)]
         if self.first_level == "softmax":
             rows.append(torch.cat([free["head_gate_bias"].unsqueeze(-1), free["head_gate_slope"]], -1))
-        lead = torch.broadcast_shapes(*(r.shape[:-2] for r in rows))
-        both = torch.matmul(torch.cat([r.expand(*lead, -1, -1) for r in rows], -2), ext)
+        both = torch.matmul(torch.cat(rows, -2), ext)  # the rows share the parameters' batch shape
         logits = both[..., : h * ell, :].unflatten(-2, (h, ell))
         values = both[..., h * ell : 2 * h * ell, :].unflatten(-2, (h, ell))
-        shape = torch.broadcast_shapes(known_logit.shape, logits.shape[:-2] + logits.shape[-1:])
-        known_logit = known_logit.expand(shape).unsqueeze(-2)
-        lse = torch.logsumexp(torch.cat([known_logit, logits.expand(*shape[:-1], ell, -1)], -2), -2, keepdim=True)
-        p = torch.exp(logits - lse)
-        g = (torch.exp(known_logit - lse) * known_value.unsqueeze(-2)).squeeze(-2) + (p * values).sum(-2)
+        # within-head softmax over the frozen atom and the adapters, shifted by their maximum
+        # (every exponential at most 1, the normaliser at least 1)
+        known_logit = known_logit.unsqueeze(-2)
+        top = torch.maximum(logits.amax(-2, keepdim=True), known_logit) if ell else known_logit
+        p = torch.exp(logits - top)
+        known_p = torch.exp(known_logit - top)
+        total = p.sum(-2, keepdim=True) + known_p
+        p, known_p = p / total, known_p / total
+        g = (known_p * known_value.unsqueeze(-2)).squeeze(-2) + (p * values).sum(-2)
         if self.first_level == "uniform":
             return p, values, g, 1.0 / h
         head_logits = both[..., 2 * h * ell :, :]
@@ -354,8 +357,12 @@ class HMoE(AnalyticJacobian, MixtureModel):
         p, values, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
         f = (pi * g).sum(-2)
         pi_ = pi.unsqueeze(-2) if isinstance(pi, torch.Tensor) else pi
-        d_value = pi_ * p                                             # (*batch, H, L, n)
-        d_logit = d_value * (values - g.unsqueeze(-2))
+        # both blocks in one buffer, logit block first: the Khatri-Rao form reads them side by
+        # side without copying (KhatriRaoLayout.factors)
+        blocks = torch.empty((*p.shape[:-3], 2, *p.shape[-3:]), dtype=p.dtype, device=p.device)
+        d_logit, d_value = blocks.select(-4, 0), blocks.select(-4, 1)      # (*batch, H, L, n)
+        torch.mul(pi_, p, out=d_value)
+        torch.mul(d_value, values - g.unsqueeze(-2), out=d_logit)
         # transposed views (*batch, n, H*L) of head-major blocks
         d_logit, d_value = d_logit.flatten(-3, -2).transpose(-1, -2), d_value.flatten(-3, -2).transpose(-1, -2)
         pieces: list[Piece] = [(d_logit, False), (d_logit, True), (d_value, True), (d_value, False)]

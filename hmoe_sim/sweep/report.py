@@ -22,10 +22,9 @@ from hmoe_sim.estimators.result import count_at_iteration_cap
 from hmoe_sim.identifiability import flat_directions, loss_floor
 from hmoe_sim.rates import (
     FLOOR_TOLERANCE,
-    ROUND_OFF_FRACTION,
     SeriesEvidence,
     fit_rate,
-    perturbation_exponent,
+    ladder_exponent,
     rate_verdict,
 )
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
@@ -206,10 +205,8 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
     row["noisy_level"] = _median_at(main, loss, n_max)
     ladder = config.control_perturbations
     rungs = [(p, _median_at(controls[name], loss, n_max)) for name, p in ladder.items() if name in controls]
-    # levels at round-off carry no exponent: their ratio is round-off too
-    measured = [(p, v) for p, v in rungs if v > ROUND_OFF_FRACTION * row["noisy_level"]]
-    row["control_perturb_exponent"] = perturbation_exponent(*zip(*measured, strict=True)) \
-        if len(measured) >= 2 else np.nan
+    row["control_perturb_exponent"] = ladder_exponent(*zip(*rungs, strict=True), row["noisy_level"]) \
+        if rungs else np.nan
     row["control_perturb_levels"] = "; ".join(f"{p:g}: {v:.3g}" for p, v in rungs)
     control = controls.get("noise_free")
     if control is None or control.empty:
@@ -290,8 +287,8 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
     control_ci_low, control_ci_high, control_level`` (the noise-free control; its median loss
     at the largest n), ``control_perturb_exponent`` and ``control_perturb_levels`` (the
     exponent ``a`` of ``level ~ p^a`` over the control-perturbation ladder,
-    :func:`hmoe_sim.rates.perturbation_exponent`, over the rungs above round-off -- NaN when
-    fewer than two are, since a ratio of round-off levels is round-off -- and its ``p: level``
+    :func:`hmoe_sim.rates.ladder_exponent`: NaN when the widest rung is at round-off, since a
+    ratio of round-off levels is round-off -- and its ``p: level``
     pairs; NaN and empty without a ladder), ``noisy_level`` (the series' median at the largest n), ``loss_floor``
     (:func:`loss_floors`); ``identifiable`` (the floor is at most
     :data:`hmoe_sim.rates.FLOOR_TOLERANCE`: every exact representation of the truth in the fitted
