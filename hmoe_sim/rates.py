@@ -254,6 +254,11 @@ MIN_DECADES = 1.0
 FLOOR_NEAR = 10.0
 
 
+def _above_round_off(level: float, noisy_level: float) -> bool:
+    """Whether a control ``level`` lies above the round-off line of the noisy loss (False for NaN)."""
+    return bool(np.isfinite(level) and level > ROUND_OFF_FRACTION * noisy_level)
+
+
 def _inside(value: float, low: float, high: float) -> bool:
     return bool(np.isfinite(value) and np.isfinite(low) and np.isfinite(high) and low <= value <= high)
 
@@ -398,7 +403,7 @@ def rate_verdict(e: SeriesEvidence) -> Verdict:
     if not upper_known or e.upper_ci_high < e.ci_low or e.upper_ci_low > e.ci_high:
         return Verdict("pre-asymptotic", f"whole-range CI {_ci(e.ci_low, e.ci_high)} and upper-half CI "
                                          f"{_ci(e.upper_ci_low, e.upper_ci_high)} do not overlap")
-    above_round_off = bool(np.isfinite(e.control_level) and e.control_level > ROUND_OFF_FRACTION * e.noisy_level)
+    above_round_off = _above_round_off(e.control_level, e.noisy_level)
     if above_round_off and _inside(e.slope, e.control_ci_low, e.control_ci_high):
         return Verdict("noise-free-artefact",
                        f"slope {e.slope:+.2f} inside the noise-free control's CI "
@@ -485,6 +490,6 @@ def ladder_exponent(perturbations: Any, levels: Any, noisy_level: float) -> floa
         raise ValueError(f"perturbations and levels must be 1-D of equal, positive length, got shapes "
                          f"{p.shape} and {v.shape}")
     widest = float(v[int(np.argmax(p))])
-    if not (np.isfinite(widest) and np.isfinite(noisy_level) and widest > ROUND_OFF_FRACTION * noisy_level):
+    if not _above_round_off(widest, noisy_level):
         return float("nan")
     return perturbation_exponent(p, v)
