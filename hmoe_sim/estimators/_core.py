@@ -135,12 +135,14 @@ class Problem:
         normal equations are formed only on request (:meth:`Linearization.normal_equations`),
         so a step that is rejected costs one such evaluation and nothing more. A model with
         ``jacobian_factors`` (:class:`~hmoe_sim.models.hmoe.HMoE`) gives the blocks of another
-        parametrisation's Jacobian and the map ``M`` of its columns (``J = J_blocks M``).
+        parametrisation's Jacobian; the map ``M`` of its columns (``J = J_blocks M``, the model's
+        ``column_map``) is formed with the normal equations, for the rows asked for.
         """
         factors_of = getattr(self.model, "jacobian_factors", None)
         if factors_of is not None:
-            f, pieces, column_map = factors_of(self.model.unflatten(theta), self.X, self.prepared())
-            return Linearization(self, theta, self.weight * (self.y - f), pieces, column_map)
+            f, pieces, _ = factors_of(self.model.unflatten(theta), self.X, self.prepared(), with_column_map=False)
+            return Linearization(self, theta, self.weight * (self.y - f), pieces,
+                                 mapped=bool(getattr(self.model, "maps_columns", False)))
         pieces_of = getattr(self.model, "jacobian_pieces", None)
         if pieces_of is not None:
             f, pieces = pieces_of(self.model.unflatten(theta), self.X)
@@ -161,16 +163,26 @@ class Linearization:
         ``(b, n)`` masked residuals ``w (y - f_theta(X))``.
     pieces : list of Piece, or None
         The Jacobian's column blocks (``jacobian_pieces``), ``None`` for a model without them.
-    column_map : torch.Tensor, optional
-        ``(b, P_blocks, P)``: the Jacobian is ``J_blocks M`` with ``J_blocks`` the columns of
-        ``pieces`` (``jacobian_factors``); ``None``: the pieces are the Jacobian itself.
+    mapped : bool
+        The pieces are the blocks ``J_blocks`` of another parametrisation's Jacobian and the Jacobian
+        is ``J_blocks M`` with ``M`` the model's ``column_map`` at ``theta`` (``jacobian_factors``);
+        ``False``: the pieces are the Jacobian itself.
     """
 
     problem: Problem
     theta: torch.Tensor
     r: torch.Tensor
     pieces: list[Piece] | None
-    column_map: torch.Tensor | None = None
+    mapped: bool = False
+
+    @property
+    def column_map(self) -> torch.Tensor | None:
+        """``(b, P_blocks, P)``: the map ``M`` of a mapped linearisation (``None`` otherwise)."""
+        return self._column_map(None) if self.mapped else None
+
+    def _column_map(self, rows: torch.Tensor | None) -> torch.Tensor:
+        model = self.problem.model
+        return model.column_map(model.unflatten(_pick(rows, self.theta)))  # type: ignore[attr-defined]
 
     def normal_equations(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``A = J^T J`` ``(b', P, P)`` and ``g = J^T r`` ``(b', P)`` of the problems ``rows``.
@@ -182,13 +194,14 @@ class Linearization:
         matrix-vector kernel for one problem and a batched one for several), this gives every
         problem bit-identical results whatever the size of the stack it is solved in.
 
-        With a column map ``M`` the equations of the blocks' columns are formed as above and
-        mapped: ``A = M^T A_blocks M``, ``g = M^T g_blocks`` (``J^T J = M^T J_b^T J_b M``).
+        With a column map ``M`` (formed here, for ``rows`` only) the equations of the blocks'
+        columns are formed as above and mapped: ``A = M^T A_blocks M``, ``g = M^T g_blocks``
+        (``J^T J = M^T J_b^T J_b M``).
         """
         A, g = self._block_normal_equations(rows)
-        if self.column_map is None:
+        if not self.mapped:
             return A, g
-        M = _pick(rows, self.column_map)
+        M = self._column_map(rows)
         return M.mT @ A @ M, torch.bmm(g.unsqueeze(-2), M).squeeze(-2)
 
     def _block_normal_equations(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

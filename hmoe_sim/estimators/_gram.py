@@ -14,18 +14,22 @@ import torch
 __all__ = ["GRAM_BLOCK", "GRAM_CACHE_BYTES", "PAIR_GATHER_MAX", "factor_gram", "pair_products", "side_by_side"]
 
 
-def pair_products(v: torch.Tensor) -> torch.Tensor:
+def pair_products(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(b, m, n) -> (b, m(m+1)/2, n)``: rows ``v_a * v_c`` for ``a <= c`` in row-major order.
 
     Small stacks (at most ``PAIR_GATHER_MAX`` numbers per row block) gather both factors of every
     pair and multiply once (three operations); larger ones multiply row ``a`` by rows ``a..m-1``
-    in place (``m`` operations, no gathered copies). Each entry is the same product either way.
+    (``m`` operations, no gathered copies). Each entry is the same product either way. ``out``
+    (contiguous, of the result's shape) receives the products; without it a new array does.
     """
     m = v.shape[-2]
+    shape = (*v.shape[:-2], m * (m + 1) // 2, v.shape[-1])
+    if out is None:
+        out = torch.empty(shape, dtype=v.dtype, device=v.device)
     if v.shape[-1] * math.prod(v.shape[:-2]) <= PAIR_GATHER_MAX:
         first, second = _pair_rows(m, v.device)
-        return v.index_select(-2, first) * v.index_select(-2, second)
-    out = torch.empty(*v.shape[:-2], m * (m + 1) // 2, v.shape[-1], dtype=v.dtype, device=v.device)
+        torch.index_select(v, -2, first, out=out)
+        return out.mul_(v.index_select(-2, second))
     start = 0
     for a in range(m):
         torch.mul(v[..., a : a + 1, :], v[..., a:, :], out=out[..., start : start + m - a, :])
@@ -34,8 +38,9 @@ def pair_products(v: torch.Tensor) -> torch.Tensor:
 
 
 #: largest ``problems x samples`` for which :func:`pair_products` gathers (operation count
-#: dominates below it, memory traffic above; measured at m = 8 on one thread)
-PAIR_GATHER_MAX = 4096
+#: dominates below it, memory traffic above; measured at m = 8 and 16 on one thread, with the
+#: products written into a buffer that is reused)
+PAIR_GATHER_MAX = 2048
 _PAIR_ROWS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -79,10 +84,14 @@ def factor_gram(factors: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
     grams = []
     for first in range(0, factors.shape[0], group):
         u, x = factors[first : first + group], products[first : first + group]
+        # one buffer for the pair products of every block of the group (a new array per block
+        # would be a fresh allocation of up to GRAM_CACHE_BYTES each time)
+        buffer = torch.empty(u.shape[0] * pairs * min(n, GRAM_BLOCK), dtype=u.dtype, device=u.device)
         gram = None
         for start in range(0, n, GRAM_BLOCK):
-            part = torch.bmm(pair_products(u[..., start : start + GRAM_BLOCK]),
-                             x[..., start : start + GRAM_BLOCK].transpose(-1, -2))
+            block = u[..., start : start + GRAM_BLOCK]
+            out = buffer[: block.numel() // m * pairs].view(u.shape[0], pairs, block.shape[-1])
+            part = torch.bmm(pair_products(block, out), x[..., start : start + GRAM_BLOCK].transpose(-1, -2))
             gram = part if gram is None else gram.add_(part)
         assert gram is not None
         grams.append(gram)

@@ -7,17 +7,22 @@ a bound whose descent direction points outward are frozen for the step (their ro
 column of the damped normal matrix replaced by the identity), the step is solved for the
 others and the candidate is clipped into the box (a projected Levenberg-Marquardt method
 in the spirit of Kanzow, Yamashita and Fukushima, 2004).
+
+Several solvers (threads) can work through one stack: they share a :class:`RowQueue` of the
+problems not yet started and one output, and each keeps at most ``stack`` problems active,
+taking the next ones from the queue as its own stop (:func:`solve_lm`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from dataclasses import dataclass
 
 import torch
 
 from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small
 
-__all__ = ["solve_lm"]
+__all__ = ["RowQueue", "solve_lm", "start_output"]
 
 _LAMBDA_MAX = 1e20
 
@@ -33,6 +38,59 @@ def _pick(idx: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
     return t if idx is None else t[idx]
 
 
+class RowQueue:
+    """The problems ``0 .. total-1`` of a stack not yet started, handed out in order (thread-safe)."""
+
+    def __init__(self, total: int) -> None:
+        self._next, self._total = 0, total
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> range:
+        """The next ``count`` problems (fewer, or none, when the queue runs out)."""
+        with self._lock:
+            start = self._next
+            self._next = min(self._total, start + max(count, 0))
+            return range(start, self._next)
+
+
+def start_output(theta0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> SolverOutput:
+    """The output of problems not yet solved: the starts clipped into the box, no iterations,
+    neither converged nor diverged (what :func:`solve_lm` fills in, problem by problem)."""
+    B = theta0.shape[0]
+    flags = torch.zeros(B, dtype=torch.bool, device=theta0.device)
+    return SolverOutput(theta=torch.minimum(torch.maximum(theta0, lo), hi).clone(),
+                        n_iter=torch.zeros(B, dtype=torch.long, device=theta0.device),
+                        rel_change=torch.full((B,), float("nan"), dtype=theta0.dtype, device=theta0.device),
+                        converged=flags, diverged=flags.clone())
+
+
+@dataclass
+class _Active:
+    """The state of the active problems (rows ``rows`` of the whole stack), compact."""
+
+    rows: torch.Tensor
+    sub: Problem
+    theta: torch.Tensor
+    cost: torch.Tensor
+    A: torch.Tensor
+    g: torch.Tensor
+    scale: torch.Tensor
+    lam: torch.Tensor
+    nu: torch.Tensor
+    steps: torch.Tensor
+    rel: torch.Tensor
+
+    _STATE = ("theta", "cost", "A", "g", "scale", "lam", "nu", "steps", "rel")
+
+    def keep(self, index: torch.Tensor) -> _Active:
+        return _Active(self.rows[index], self.sub.take(index), *(getattr(self, k)[index] for k in self._STATE))
+
+    def join(self, other: _Active, problem: Problem) -> _Active:
+        rows = torch.cat([self.rows, other.rows])
+        return _Active(rows, problem.take(rows),
+                       *(torch.cat([getattr(self, k), getattr(other, k)]) for k in self._STATE))
+
+
 def solve_lm(
     problem: Problem,
     theta0: torch.Tensor,
@@ -42,7 +100,9 @@ def solve_lm(
     xtol: float,
     gtol: float,
     damping: float = 1e-3,
-    progress: Callable[[int, int], None] | None = None,
+    queue: RowQueue | None = None,
+    stack: int | None = None,
+    out: SolverOutput | None = None,
 ) -> SolverOutput:
     """Minimise ``0.5 * ||w_b (y_b - f(theta_b; X_b))||^2`` for every problem ``b``.
 
@@ -51,12 +111,20 @@ def solve_lm(
     ``ftol * cost``; ``xtol``: a step shorter than ``xtol * (xtol + ||theta||)``;
     ``gtol``: the sup-norm of the projected gradient of the empirical risk ``RSS/n`` is at
     most ``gtol * RSS/n``; or the cost is exactly zero. Damping above ``1e20`` stops the problem
-    as not converged.
+    as not converged, and so does the ``max_iter``-th iteration of a problem.
 
     Work per iteration: one linearisation of the active problems at their candidates
     (residuals and the per-atom Jacobian blocks, :meth:`Problem.linearize`), and the normal
-    equations of the accepted ones only, from that same linearisation. The stack of active
-    problems is gathered again only when a problem leaves it.
+    equations of the accepted ones only, from that same linearisation. The state of the active
+    problems is gathered anew only when a problem leaves or joins.
+
+    Parameters
+    ----------
+    queue, stack, out : optional
+        Several calls (threads) that share a ``queue`` of ``problem``'s rows and an ``out``
+        (:func:`start_output`; each call writes only the rows it took) work through one stack,
+        each with at most ``stack`` active problems, taking the next rows from the queue as its
+        own stop. Default: all rows at once, a new output.
 
     Returns
     -------
@@ -65,94 +133,120 @@ def solve_lm(
     """
     B, P = theta0.shape
     lo, hi = problem.lo, problem.hi
-    theta = torch.minimum(torch.maximum(theta0, lo), hi).clone()
-    lin = problem.linearize(theta)
+    out = start_output(theta0, lo, hi) if out is None else out
+    queue = RowQueue(B) if queue is None else queue
+    stack = B if stack is None else stack
+    eye = torch.eye(P, dtype=theta0.dtype, device=theta0.device)
+    tiny = torch.finfo(theta0.dtype).tiny
+    eps = torch.finfo(theta0.dtype).eps
+    act: _Active | None = None
+    while True:
+        size = 0 if act is None else act.rows.numel()
+        new = queue.take(stack - size) if size < stack else range(0)
+        if len(new):
+            joining = _start(problem, new, out, damping, gtol)
+            if joining is not None:
+                act = joining if act is None or not act.rows.numel() else act.join(joining, problem)
+        if act is None or not act.rows.numel():
+            if not len(new):
+                return out
+            continue
+        free = ~(((act.theta <= lo) & (act.g < 0)) | ((act.theta >= hi) & (act.g > 0)))
+        act = _iterate(act, free, out, eye, tiny, eps, lo, hi, max_iter, ftol, xtol, gtol)
+
+
+def _start(problem: Problem, new: range, out: SolverOutput, damping: float, gtol: float) -> _Active | None:
+    """Linearise the problems ``new`` at their starts; write out those that are done already
+    (diverged, or converged at the start) and return the state of the others."""
+    lo, hi = problem.lo, problem.hi
+    whole = new.start == 0 and new.stop == out.theta.shape[0]
+    rows = torch.arange(new.start, new.stop, device=out.theta.device)
+    sub = problem if whole else problem.take(rows)
+    theta = out.theta[rows]
+    lin = sub.linearize(theta)
     cost = 0.5 * lin.r.square().sum(-1)
     A, g = lin.normal_equations()
     del lin
     finite = torch.isfinite(cost) & torch.isfinite(A).flatten(1).all(-1) & torch.isfinite(g).all(-1)
-    diverged = ~finite
-    scale = torch.diagonal(A, dim1=-2, dim2=-1).clone()
-    lam = torch.full((B,), damping, dtype=theta.dtype, device=theta.device)
-    nu = torch.full_like(lam, 2.0)
-    n_iter = torch.zeros(B, dtype=torch.long, device=theta.device)
-    rel_change = torch.full_like(lam, float("nan"))
-    converged = finite & ((cost == 0) | _grad_test(g, theta, problem.n_eff, lo, hi, cost, gtol))
-    active = finite & ~converged
-    eye = torch.eye(P, dtype=theta.dtype, device=theta.device)
-    tiny = torch.finfo(theta.dtype).tiny
-    eps = torch.finfo(theta.dtype).eps
-    sub, sub_idx = problem, None
-
-    for it in range(max_iter):
-        if not bool(active.any()):
-            break
-        idx = _index(active)
-        if not _same_index(idx, sub_idx):
-            sub, sub_idx = problem.take(idx), idx
-        th, A_, g_, lam_, cost_ = _pick(idx, theta), _pick(idx, A), _pick(idx, g), _pick(idx, lam), _pick(idx, cost)
-        # freeze coordinates at a bound whose descent direction (g) points outward
-        free = ~(((th <= lo) & (g_ < 0)) | ((th >= hi) & (g_ > 0)))
-        ff = free.unsqueeze(-1) & free.unsqueeze(-2)
-        diag = torch.maximum(_pick(idx, scale), torch.diagonal(A_, dim1=-2, dim2=-1))
-        diag = torch.maximum(diag, eps * diag.amax(-1, keepdim=True)).clamp_min(tiny)
-        damp = torch.where(free, lam_.unsqueeze(-1) * diag, torch.ones_like(diag))
-        M = torch.where(ff, A_, torch.zeros_like(A_)) + eye * damp.unsqueeze(-1)
-        gf = torch.where(free, g_, torch.zeros_like(g_))
-        chol, info = torch.linalg.cholesky_ex(M)
-        ok = info == 0
-        delta = torch.cholesky_solve(gf.unsqueeze(-1), chol).squeeze(-1)
-        delta = torch.where(ok.unsqueeze(-1) & torch.isfinite(delta), delta, torch.zeros_like(delta))
-        cand = torch.minimum(torch.maximum(th + delta, lo), hi)
-        step = cand - th
-        lin = sub.linearize(cand)
-        cost_new = 0.5 * lin.r.square().sum(-1)
-        actual = cost_ - cost_new
-        predicted = (step * g_).sum(-1) - 0.5 * torch.einsum("bp,bpq,bq->b", step, A_, step)
-        accept = ok & torch.isfinite(cost_new) & (actual > 0)
-        rho = torch.where(predicted > 0, actual / predicted, torch.zeros_like(actual))
-        shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
-        lam_next = torch.where(accept, lam_ * shrink, lam_ * _pick(idx, nu))
-        nu_next = torch.where(accept, torch.full_like(lam_, 2.0), _pick(idx, nu) * 2)
-        x_small = ok & (step.norm(dim=-1) <= xtol * (xtol + th.norm(dim=-1)))
-        f_small = accept & (actual <= ftol * cost_) & (rho > 0.25)
-        rel = torch.where(accept, actual / cost_, _pick(idx, rel_change))
-
-        # write back (index_put on the active rows; a full-batch step assigns directly)
-        rows = torch.arange(B, device=theta.device) if idx is None else idx
-        n_iter[rows] += 1
-        lam[rows], nu[rows], rel_change[rows] = lam_next, nu_next, rel
-        acc_rows = rows[accept]
-        theta[acc_rows] = cand[accept]
-        cost[acc_rows] = cost_new[accept]
-        done = x_small | f_small | (cost_new == 0) & accept
-        stalled = lam_next > _LAMBDA_MAX
-        stop_bad = torch.zeros_like(accept)
-        if acc_rows.numel():
-            acc_local = _index(accept)
-            A_a, g_a = lin.normal_equations(acc_local)
-            bad = ~(torch.isfinite(A_a).flatten(1).all(-1) & torch.isfinite(g_a).all(-1))
-            A[acc_rows], g[acc_rows] = A_a, g_a
-            scale[acc_rows] = torch.maximum(scale[acc_rows], torch.diagonal(A_a, dim1=-2, dim2=-1))
-            diverged[acc_rows[bad]] = True
-            small_g = _grad_test(g_a, theta[acc_rows], problem.n_eff[acc_rows], lo, hi, cost[acc_rows], gtol)
-            grad_done = torch.zeros_like(accept)
-            grad_done[accept] = small_g & ~bad
-            done = done | grad_done
-            stop_bad[accept] = bad
-        del lin
-        converged[rows] = done & ~stop_bad
-        active[rows] = ~(done | stalled | stop_bad)
-        if progress is not None:
-            progress(it + 1, int(active.sum()))
-    return SolverOutput(theta=theta, n_iter=n_iter, rel_change=rel_change, converged=converged, diverged=diverged)
+    converged = finite & ((cost == 0) | _grad_test(g, theta, sub.n_eff, lo, hi, cost, gtol))
+    out.diverged[rows] = ~finite
+    out.converged[rows] = converged
+    keep = _index(finite & ~converged)
+    if keep is not None and not keep.numel():
+        return None
+    count = rows.numel() if keep is None else keep.numel()
+    lam = torch.full((count,), damping, dtype=theta.dtype, device=theta.device)
+    return _Active(_pick(keep, rows), sub.take(keep), _pick(keep, theta), _pick(keep, cost), _pick(keep, A),
+                   _pick(keep, g), torch.diagonal(_pick(keep, A), dim1=-2, dim2=-1).clone(), lam,
+                   torch.full_like(lam, 2.0), torch.zeros(count, dtype=torch.long, device=theta.device),
+                   torch.full_like(lam, float("nan")))
 
 
-def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Whether two results of :func:`_index` select the same rows."""
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and bool(torch.equal(a, b))
+def _iterate(act: _Active, free: torch.Tensor, out: SolverOutput, eye: torch.Tensor, tiny: float, eps: float,
+             lo: torch.Tensor, hi: torch.Tensor, max_iter: int, ftol: float, xtol: float, gtol: float) -> _Active:
+    """One LM iteration of the active problems (``free``: coordinates not frozen at a bound); the
+    problems that stop are written to ``out``; returns the state of the others."""
+    th, cost, A, g, lam, nu = act.theta, act.cost, act.A, act.g, act.lam, act.nu
+    ff = free.unsqueeze(-1) & free.unsqueeze(-2)
+    diag = torch.maximum(act.scale, torch.diagonal(A, dim1=-2, dim2=-1))
+    diag = torch.maximum(diag, eps * diag.amax(-1, keepdim=True)).clamp_min(tiny)
+    damp = torch.where(free, lam.unsqueeze(-1) * diag, 1.0)
+    M = torch.where(ff, A, 0.0) + eye * damp.unsqueeze(-1)
+    gf = torch.where(free, g, 0.0)
+    chol, info = torch.linalg.cholesky_ex(M)
+    ok = info == 0
+    delta = torch.cholesky_solve(gf.unsqueeze(-1), chol).squeeze(-1)
+    delta = torch.where(ok.unsqueeze(-1) & torch.isfinite(delta), delta, 0.0)
+    cand = torch.minimum(torch.maximum(th + delta, lo), hi)
+    step = cand - th
+    lin = act.sub.linearize(cand)
+    cost_new = 0.5 * lin.r.square().sum(-1)
+    actual = cost - cost_new
+    predicted = (step * g).sum(-1) - 0.5 * torch.einsum("bp,bpq,bq->b", step, A, step)
+    accept = ok & torch.isfinite(cost_new) & (actual > 0)
+    rho = torch.where(predicted > 0, actual / predicted, 0.0)
+    shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
+    act.lam = torch.where(accept, lam * shrink, lam * nu)
+    act.nu = torch.where(accept, 2.0, nu * 2)
+    x_small = ok & (step.norm(dim=-1) <= xtol * (xtol + th.norm(dim=-1)))
+    f_small = accept & (actual <= ftol * cost) & (rho > 0.25)
+    act.rel = torch.where(accept, actual / cost, act.rel)
+    act.steps = act.steps + 1
+    act.theta = torch.where(accept.unsqueeze(-1), cand, th)
+    act.cost = torch.where(accept, cost_new, cost)
+    done = x_small | f_small | (cost_new == 0) & accept
+    stop_bad = None
+    n_accepted = int(accept.sum())
+    if n_accepted:
+        acc = _index(accept) if n_accepted < accept.numel() else None
+        A_a, g_a = lin.normal_equations(acc)
+        bad = ~(torch.isfinite(A_a).flatten(1).all(-1) & torch.isfinite(g_a).all(-1))
+        small_g = _grad_test(g_a, _pick(acc, act.theta), _pick(acc, act.sub.n_eff), lo, hi, _pick(acc, act.cost),
+                             gtol) & ~bad
+        if acc is None:
+            act.A, act.g = A_a, g_a
+            act.scale = torch.maximum(act.scale, torch.diagonal(A_a, dim1=-2, dim2=-1))
+            stop_bad, done = bad, done | small_g
+        else:
+            act.A[acc], act.g[acc] = A_a, g_a
+            act.scale[acc] = torch.maximum(act.scale[acc], torch.diagonal(A_a, dim1=-2, dim2=-1))
+            stop_bad = torch.zeros_like(accept)
+            stop_bad[acc] = bad
+            done[acc] |= small_g
+    del lin
+    converged = done if stop_bad is None else done & ~stop_bad
+    leave = done | (act.lam > _LAMBDA_MAX) | (act.steps >= max_iter)
+    if stop_bad is not None:
+        leave |= stop_bad
+    if not bool(leave.any()):
+        return act
+    # write out the problems that stop; keep the others
+    rows = act.rows[leave]
+    out.theta[rows], out.n_iter[rows], out.rel_change[rows] = act.theta[leave], act.steps[leave], act.rel[leave]
+    out.converged[rows] = converged[leave]
+    if stop_bad is not None:
+        out.diverged[rows] = stop_bad[leave]
+    return act.keep(torch.nonzero(~leave).squeeze(-1))
 
 
 def _grad_test(g: torch.Tensor, theta: torch.Tensor, n_eff: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,

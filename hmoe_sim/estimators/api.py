@@ -14,7 +14,7 @@ from hmoe_sim.data import SeedLike
 from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators._core import Problem, SolverOutput
 from hmoe_sim.estimators._first_order import solve_adam, solve_sgd_paper
-from hmoe_sim.estimators._lm import solve_lm
+from hmoe_sim.estimators._lm import RowQueue, solve_lm, start_output
 from hmoe_sim.estimators.bounds import Bounds
 from hmoe_sim.estimators.init import init_random
 from hmoe_sim.estimators.result import FitResult, best_of_starts, certificate
@@ -238,6 +238,7 @@ def fit_batch(
     batch_size: int = 64,
     seed: SeedLike | Sequence[SeedLike] = 0,
     max_memory: int | None = None,
+    workers: int | None = None,
 ) -> FitResult:
     """Fit ``B`` independent least-squares problems at once.
 
@@ -269,6 +270,13 @@ def fit_batch(
     max_memory : int, optional
         Memory budget of one chunk's solver work in bytes (:func:`auto_chunk_size`; ignored
         when ``chunk_size`` is given).
+    workers : int, optional
+        CPU threads that solve parts of the stack at once, each with one torch thread (torch's
+        thread count is set to 1 for the fit and restored after it). Default: torch's thread
+        count on the CPU, 1 on a GPU. A part gets at least ``MIN_SAMPLES_PER_WORKER`` samples
+        (problems x ``n``); below that the stack is solved in one part, with torch's threads.
+        Per problem, results do not depend on it except through BLAS rounding, which may
+        depend on torch's thread count.
     truth : dict of torch.Tensor, optional
         True parameters (unbatched or batched ``(B,)``) of ``model.with_atoms(k*)``, the
         number of atoms read from ``truth["beta0"]``; gives ``risk_truth``.
@@ -310,6 +318,8 @@ def fit_batch(
     batch_size = check_positive_int("batch_size", batch_size)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
+    if workers is not None:
+        workers = check_positive_int("workers", workers)
     X, y, mask = _check_data(model, X, y, mask)
     dev = X.device if device is None else resolve_device(device)
     dt = _check_dtype("X", X.dtype) if dtype is None else resolve_dtype(dtype)
@@ -339,6 +349,9 @@ def fit_batch(
         t_theta = None if truth_theta is None else truth_theta[sl]
         return certificate(problem, out, box, truth_model, t_theta, method)
 
+    if workers is None:
+        workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    options["workers"] = workers if dev.type == "cpu" and method == "lm" else 1
     result = _over_chunks(solve_chunk, X.shape[0], size, show_progress)
     return best_of_starts(result, B, n_starts) if n_starts > 1 else result
 
@@ -373,6 +386,48 @@ def _over_chunks(solve_chunk: Callable[[slice], FitResult], total: int, size: in
     return FitResult.concat(parts)
 
 
+#: fewest samples (problems x n) one worker thread of :func:`fit_batch` is given: below it the
+#: torch operations are short enough that the threads mostly wait for each other (Python's GIL)
+MIN_SAMPLES_PER_WORKER = 20_000
+
+
+#: the stack of each worker thread is ``1 / THREAD_STACK_SPLIT`` of its share of the problems, so that
+#: a thread whose problems stop early takes more from the common queue (load balance)
+THREAD_STACK_SPLIT = 2
+
+
+def _parts_for(workers: int, total: int, n: int) -> int:
+    """Worker threads for ``total`` problems of ``n`` samples: at most ``workers``, and each with at
+    least ``MIN_SAMPLES_PER_WORKER`` samples."""
+    return max(1, min(workers, total, total * n // MIN_SAMPLES_PER_WORKER))
+
+
+def _lm_in_threads(problem: Problem, theta0: torch.Tensor, threads: int, kw: dict[str, Any]) -> SolverOutput:
+    """:func:`solve_lm` on ``threads`` threads with one torch thread each, sharing the stack's queue
+    and output; each keeps ``ceil(B / (threads * THREAD_STACK_SPLIT))`` problems active and takes
+    the next from the queue as its own stop. torch's thread count is restored after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    B = theta0.shape[0]
+    # what depends on the data alone, formed once for the whole stack before the threads share it
+    problem.prepared()
+    problem.input_products()
+    out = start_output(theta0, problem.lo, problem.hi)
+    queue = RowQueue(B)
+    stack = max(1, math.ceil(B / (threads * THREAD_STACK_SPLIT)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hmoe-sim-lm") as pool:
+            futures = [pool.submit(solve_lm, problem, theta0, queue=queue, stack=stack, out=out, **kw)
+                       for _ in range(threads)]
+            for future in futures:
+                future.result()
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
 def _progress(total: int, show: bool) -> Any:
     if not show:
         return None
@@ -400,7 +455,11 @@ def _truth_vector(model: MixtureModel, truth: Params | None, B: int, n_starts: i
 def _solve(problem: Problem, theta0: torch.Tensor, seeds: list[np.random.SeedSequence],
            o: dict[str, Any]) -> SolverOutput:
     if o["method"] == "lm":
-        return solve_lm(problem, theta0, max_iter=o["max_iter"], ftol=o["ftol"], xtol=o["xtol"], gtol=o["gtol"])
+        kw = dict(max_iter=o["max_iter"], ftol=o["ftol"], xtol=o["xtol"], gtol=o["gtol"])
+        threads = _parts_for(o["workers"], *problem.y.shape)
+        if threads > 1:
+            return _lm_in_threads(problem, theta0, threads, kw)
+        return solve_lm(problem, theta0, **kw)
     if o["method"] == "adam":
         return solve_adam(problem, theta0, max_iter=o["max_iter"], ftol=o["ftol"], gtol=o["gtol"],
                           lr=1e-2 if o["lr"] is None else o["lr"])

@@ -39,6 +39,7 @@ from hmoe_sim._validation import (
     check_positive_float,
     check_positive_int,
 )
+from hmoe_sim.models._column_map import column_map_layout
 from hmoe_sim.models.base import MixingMeasure, MixtureModel, Params, dict_repr
 from hmoe_sim.models.flat import AnalyticJacobian, Piece, assemble_columns, min_pairwise_distance
 
@@ -234,17 +235,25 @@ class HMoE(AnalyticJacobian, MixtureModel):
         """
         if self.structure == "nonshared":
             return params
-        s = self._s
+        h, ell, d = self.n_heads, self.n_adapters, self.input_dim
+        generated = self._s(self._pre_activations(params))                   # (*batch, H*L, 2D + 1)
         out = {
             "beta0": params["beta0"],
-            "beta1": s(torch.einsum("...hlq,...dq->...hld", params["z"], params["W1"])),
-            "a": s(torch.einsum("...hlq,...dq->...hld", params["z"], params["W2"])),
-            "b": s(torch.einsum("...hlq,...q->...hl", params["z"], params["w3"])),
+            "beta1": generated[..., :d].unflatten(-2, (h, ell)),
+            "a": generated[..., d : 2 * d].unflatten(-2, (h, ell)),
+            "b": generated[..., 2 * d].unflatten(-1, (h, ell)),
         }
         for name in ("head_gate_bias", "head_gate_slope"):
             if name in params:
                 out[name] = params[name]
         return out
+
+    def _pre_activations(self, params: Params) -> torch.Tensor:
+        """``(*batch, H*L, 2D + 1)``: per atom the pre-activations ``W_1 z``, ``W_2 z``, ``w_3^T z`` of the
+        generated ``beta_1``, ``a`` and ``b``, from one matrix product of the codes with the stacked
+        hypernetwork ``(W_1; W_2; w_3^T)``."""
+        hyper = torch.cat([params["W1"], params["W2"], params["w3"].unsqueeze(-2)], -2)    # (*batch, 2D + 1, q)
+        return torch.matmul(params["z"].flatten(-3, -2), hyper.mT)
 
     # ------------------------------------------------------------------ evaluation
     def _frozen_on(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -342,11 +351,12 @@ class HMoE(AnalyticJacobian, MixtureModel):
         return (pi * g).sum(-2)
 
     # ------------------------------------------------------------------ derivatives
-    def jacobian_factors(self, params: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None = None
-                         ) -> tuple[torch.Tensor, list[Piece], torch.Tensor | None]:
+    def jacobian_factors(self, params: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None = None,
+                         *, with_column_map: bool = True) -> tuple[torch.Tensor, list[Piece], torch.Tensor | None]:
         """``f_G(X)`` ``(*batch, n)``, the column blocks of the *non-shared* Jacobian at
         :meth:`to_nonshared` ``(params)`` and the column map ``M`` (:meth:`column_map`; ``None``
-        for a non-shared model), so that the Jacobian is ``J_ns M`` (no checks).
+        for a non-shared model, or when ``with_column_map`` is false: the estimators form it only
+        for the steps they accept), so that the Jacobian is ``J_ns M`` (no checks).
 
         With ``p_hl`` the within-head softmax weight of adapter ``(h, l)``, its logit
         ``l_hl`` and value ``v_hl``: ``df/dl_hl = pi_h p_hl (v_hl - g_h)`` and
@@ -369,13 +379,18 @@ class HMoE(AnalyticJacobian, MixtureModel):
         if self.first_level == "softmax":
             d_head = (pi * (g - f.unsqueeze(-2)))[..., 1:, :].transpose(-1, -2)
             pieces += [(d_head, False), (d_head, True)]
-        return f, pieces, self.column_map(params) if self.structure == "shared" else None
+        return f, pieces, self.column_map(params) if self.maps_columns and with_column_map else None
 
     def value_and_jacobian(self, params: Params, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``f_G(X)`` ``(*batch, n)`` and its Jacobian ``(*batch, n, n_params)`` (no checks)."""
         f, pieces, column_map = self.jacobian_factors(params, X)
         J = assemble_columns(pieces, X)
         return f, J if column_map is None else J @ column_map
+
+    @property
+    def maps_columns(self) -> bool:
+        """Whether the Jacobian is ``J_ns M`` with a :meth:`column_map` ``M`` (the shared structure)."""
+        return self.structure == "shared"
 
     def column_map(self, params: Params) -> torch.Tensor:
         """``M = d theta_ns / d theta``, ``(*batch, P_ns, P)``: the derivative of the flattened
@@ -390,34 +405,20 @@ class HMoE(AnalyticJacobian, MixtureModel):
         """
         if self.structure != "shared":
             raise ValueError(f"column_map is defined for the shared structure; this model is {self.structure!r}")
-        z, w1, w2, w3 = params["z"], params["W1"], params["W2"], params["w3"]
-        batch = z.shape[:-3]
-        hl, d, q = self.n_atoms, self.input_dim, self.code_dim
-        ds, s = CODE_DERIVATIVES[self.code_activation], self._s
-        u1 = torch.einsum("...hlq,...dq->...hld", z, w1).reshape(*batch, hl, d)
-        u2 = torch.einsum("...hlq,...dq->...hld", z, w2).reshape(*batch, hl, d)
-        u3 = torch.einsum("...hlq,...q->...hl", z, w3).reshape(*batch, hl)
-        t1, t2, t3 = ds(u1, s(u1)), ds(u2, s(u2)), ds(u3, s(u3))
-        zf = z.reshape(*batch, hl, q)
-        eye_d = torch.eye(d, dtype=z.dtype, device=z.device)
-        eye_k = torch.eye(hl, dtype=z.dtype, device=z.device)
-        n_gate = (self.n_heads - 1) * (d + 1) if self.first_level == "softmax" else 0
-        p_ns, p_s = 2 * hl * (d + 1) + n_gate, hl * (1 + q) + 2 * d * q + q + n_gate
-        M = torch.zeros(*batch, p_ns, p_s, dtype=z.dtype, device=z.device)
-        rows_beta1, rows_a, rows_b = hl, hl * (1 + d), hl * (1 + 2 * d)
-        col_w1, col_w2, col_w3, col_z = hl, hl + d * q, hl + 2 * d * q, hl + 2 * d * q + q
-        M[..., :hl, :hl] = eye_k
-        for row, t, w, col in ((rows_beta1, t1, w1, col_w1), (rows_a, t2, w2, col_w2)):
-            M[..., row : row + hl * d, col : col + d * q] = torch.einsum(
-                "...kd,...kq,de->...kdeq", t, zf, eye_d).reshape(*batch, hl * d, d * q)
-            M[..., row : row + hl * d, col_z : col_z + hl * q] = torch.einsum(
-                "...kd,...dq,kj->...kdjq", t, w, eye_k).reshape(*batch, hl * d, hl * q)
-        M[..., rows_b : rows_b + hl, col_w3 : col_w3 + q] = t3.unsqueeze(-1) * zf
-        M[..., rows_b : rows_b + hl, col_z : col_z + hl * q] = torch.einsum(
-            "...k,...q,kj->...kjq", t3, w3, eye_k).reshape(*batch, hl, hl * q)
-        if n_gate:
-            M[..., p_ns - n_gate :, p_s - n_gate :] = torch.eye(n_gate, dtype=z.dtype, device=z.device)
-        return M
+        z = params["z"]
+        batch, hl, q = z.shape[:-3], self.n_atoms, self.code_dim
+        u = self._pre_activations(params)                                            # (*batch, H*L, 2D + 1)
+        slope = CODE_DERIVATIVES[self.code_activation](u, self._s(u)).unsqueeze(-1)   # s'(u), (..., H*L, 2D + 1, 1)
+        hyper = torch.cat([params["W1"], params["W2"], params["w3"].unsqueeze(-2)], -2)    # (*batch, 2D + 1, q)
+        by_code = slope * hyper.unsqueeze(-3)                      # d gen_kr / d z_kq = s'(u_kr) W_rq
+        by_hyper = slope * z.reshape(*batch, hl, 1, q)             # d gen_kr / d W_rq = s'(u_kr) z_kq
+        n_gate = (self.n_heads - 1) * (self.input_dim + 1) if self.first_level == "softmax" else 0
+        (p_ns, p_s), (at_code, at_hyper, at_one) = column_map_layout(hl, self.input_dim, q, n_gate, z.device)
+        M = torch.zeros(*batch, p_ns * p_s, dtype=z.dtype, device=z.device)
+        M[..., at_code] = by_code.flatten(-3)
+        M[..., at_hyper] = by_hyper.flatten(-3)
+        M[..., at_one] = 1.0
+        return M.unflatten(-1, (p_ns, p_s))
 
     def mixing_measure(self, params: Params) -> MixingMeasure:
         batch = self.batch_shape(params, check_finite=False)

@@ -6,7 +6,7 @@ processes x torch threads per cell within the cores this process may use, with a
 notice. :func:`cell_results` yields ``(cell, frame)`` pairs in order of completion: in-process
 for one job (or one cell), from ``jobs`` spawned worker processes
 (``concurrent.futures.ProcessPoolExecutor``) for several, or from a dask.distributed cluster
-through joblib's dask backend.
+through joblib's dask backend; workers take the cells largest first (:func:`largest_first`).
 
 Worker processes never outlive the sweep: they ignore Ctrl-C (the parent's business), are
 killed by the kernel when their parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere each
@@ -36,7 +36,7 @@ import pandas as pd
 from hmoe_sim.sweep.cell import run_cell
 from hmoe_sim.sweep.cells import Cell
 
-__all__ = ["BACKENDS", "ORPHAN_POLL_SECONDS", "Execution", "cell_results", "usable_cores"]
+__all__ = ["BACKENDS", "ORPHAN_POLL_SECONDS", "Execution", "cell_results", "largest_first", "usable_cores"]
 
 BACKENDS = ("local", "dask")
 #: how often a worker process checks that the sweep that started it is still alive
@@ -155,6 +155,14 @@ def _worker_init(parent_pid: int) -> None:
                      daemon=True).start()
 
 
+def largest_first(todo: list[Cell]) -> list[Cell]:
+    """``todo`` in the order workers take it: most samples (``n`` x replications) first, ties in the
+    given order. Handing out the long cells first keeps the last cells short, so that no worker
+    waits idle on another's long cell at the end (longest-processing-time-first scheduling); the
+    order never changes a number."""
+    return sorted(todo, key=lambda c: -c.n * len(c.reps))
+
+
 def _run_pair(config_dict: dict[str, Any], cell: Cell) -> tuple[Cell, pd.DataFrame]:
     return cell, run_cell(config_dict, cell)
 
@@ -191,7 +199,9 @@ def _process_results(todo: list[Cell], config_dict: dict[str, Any],
                                    initializer=_worker_init, initargs=(os.getpid(),))
     finished = False
     try:
-        pending: set[Future[tuple[Cell, pd.DataFrame]]] = {executor.submit(_run_pair, config_dict, c) for c in todo}
+        # submitted in this order, taken by the workers in this order
+        futures = [executor.submit(_run_pair, config_dict, c) for c in largest_first(todo)]
+        pending: set[Future[tuple[Cell, pd.DataFrame]]] = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -225,5 +235,5 @@ def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, sche
                 raise ValueError(f"cannot connect to the dask scheduler at {scheduler!r}: {err}") from err
         with parallel_config(backend="dask", wait_for_workers_timeout=60):
             parallel = Parallel(return_as="generator_unordered")
-            yield from parallel(delayed(_run_pair)(config_dict, c) for c in todo)
+            yield from parallel(delayed(_run_pair)(config_dict, c) for c in largest_first(todo))
         del client

@@ -1,0 +1,117 @@
+"""The LM worked through a queue of problems (a bounded stack topped up as problems stop) and on
+several threads: every problem gets the answer it gets alone, and fit_batch restores torch's threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from roundoff import assert_tensors_match
+
+from hmoe_sim import make_preset, sample_batch
+from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth
+from hmoe_sim.estimators import api as fit_api
+from hmoe_sim.estimators._core import Problem
+from hmoe_sim.estimators._lm import RowQueue, solve_lm, start_output
+
+OPTIONS = dict(max_iter=150, ftol=1e-6, xtol=1e-8, gtol=1e-6)
+
+
+def _stack(name: str, B: int = 7, n: int = 80):
+    s = make_preset(name, seed=2)
+    model = s.fit_model
+    X, y = sample_batch(s.true_model, s.truth, n, s.noise_std, [np.random.SeedSequence([8, b]) for b in range(B)])
+    # starts from near the truth to far from it: the problems stop after very different numbers of steps
+    theta0 = torch.cat([model.flatten(init_near_truth(model, s.true_model, s.truth, batch_shape=1,
+                                                      perturbation=0.05 + 0.25 * b, seed=b)) for b in range(B)])
+    w = torch.ones_like(y)
+    return Problem(model, X, y, w, w.sum(-1), *Bounds().vectors(model)), theta0
+
+
+def _assert_same_output(a, b):
+    for name in ("theta", "rel_change"):
+        assert_tensors_match(getattr(a, name), getattr(b, name))
+    for name in ("n_iter", "converged", "diverged"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_row_queue_hands_out_each_row_once_in_order():
+    queue = RowQueue(5)
+    assert list(queue.take(2)) == [0, 1]
+    assert list(queue.take(0)) == []
+    assert list(queue.take(4)) == [2, 3, 4]
+    assert list(queue.take(3)) == []
+
+
+@pytest.mark.parametrize("name", ["hmoe-shared", "softmax-linear"])
+@pytest.mark.parametrize("stack", [1, 3])
+def test_a_bounded_stack_topped_up_from_the_queue_gives_every_problem_its_answer(name, stack):
+    problem, theta0 = _stack(name)
+    whole = solve_lm(problem, theta0, **OPTIONS)
+    assert int(whole.n_iter.min()) < int(whole.n_iter.max())  # problems stop at different steps
+    bounded = solve_lm(problem, theta0, stack=stack, **OPTIONS)
+    _assert_same_output(bounded, whole)
+    # one at a time, each problem alone
+    for b in range(theta0.shape[0]):
+        alone = solve_lm(problem.take(torch.tensor([b])), theta0[b : b + 1], **OPTIONS)
+        assert int(alone.n_iter[0]) == int(whole.n_iter[b])
+        assert_tensors_match(alone.theta[0], whole.theta[b])
+
+
+def test_solvers_sharing_a_queue_and_an_output_on_threads():
+    problem, theta0 = _stack("hmoe-shared", B=9)
+    whole = solve_lm(problem, theta0, **OPTIONS)
+    out, queue = start_output(theta0, problem.lo, problem.hi), RowQueue(theta0.shape[0])
+    threads = [threading.Thread(target=solve_lm, args=(problem, theta0),
+                                kwargs=dict(queue=queue, stack=2, out=out, **OPTIONS)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _assert_same_output(out, whole)
+
+
+def test_fit_batch_on_worker_threads_matches_one_thread_and_restores_torch_threads(monkeypatch):
+    s = make_preset("hmoe-shared", seed=3)
+    model = s.fit_model
+    X, y = sample_batch(s.true_model, s.truth, 150, s.noise_std, [np.random.SeedSequence([9, b]) for b in range(6)])
+    init = init_near_truth(model, s.true_model, s.truth, batch_shape=6, perturbation=0.2, seed=4)
+    before = torch.get_num_threads()
+    serial = fit_batch(model, X, y, init, max_iter=80, workers=1)
+    calls = []
+    original = fit_api._lm_in_threads
+
+    def spy(problem, theta0, threads, kw):
+        calls.append((threads, torch.get_num_threads()))
+        return original(problem, theta0, threads, kw)
+
+    monkeypatch.setattr(fit_api, "_lm_in_threads", spy)
+    monkeypatch.setattr(fit_api, "MIN_SAMPLES_PER_WORKER", 100)
+    threaded = fit_batch(model, X, y, init, max_iter=80, workers=3)
+    assert calls and calls[0][0] == 3
+    assert torch.get_num_threads() == before
+    for name in ("risk", "rel_change"):
+        assert_tensors_match(getattr(threaded, name), getattr(serial, name))
+    assert_tensors_match(model.flatten(threaded.params), model.flatten(serial.params))
+    assert torch.equal(threaded.converged, serial.converged)
+
+
+def test_small_stacks_stay_on_one_thread():
+    # a part smaller than MIN_SAMPLES_PER_WORKER samples is not worth a thread (the GIL)
+    assert fit_api.MIN_SAMPLES_PER_WORKER == 20_000
+    assert fit_api._parts_for(4, 16, 10_000) == 4
+    assert fit_api._parts_for(4, 4, 10_000) == 2
+    assert fit_api._parts_for(4, 3, 10_000) == 1
+    assert fit_api._parts_for(8, 12, 316) == 1
+    assert fit_api._parts_for(1, 64, 10_000) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_workers_must_be_a_positive_integer(bad):
+    s = make_preset("softmax-linear", seed=1)
+    X, y = sample_batch(s.true_model, s.truth, 20, s.noise_std, [1])
+    init = init_near_truth(s.fit_model, s.true_model, s.truth, batch_shape=1, seed=0)
+    with pytest.raises((ValueError, TypeError), match="workers"):
+        fit_batch(s.fit_model, X, y, init, workers=bad)
