@@ -83,6 +83,12 @@ def test_factor_gram_of_a_problem_does_not_depend_on_its_stack():
     for b in (0, group - 1, group, 10):
         assert torch.equal(factor_gram(u[b : b + 1], x[b : b + 1])[0], whole[b])
     assert torch.equal(factor_gram(u[3:9], x[3:9]), whole[3:9])
+    # rows picked block by block (the accepted steps of a stack): the same sums, bit for bit
+    for rows in ([2], [0, 5, 6], [1, 2, 3, 4, 6, 7, 8, 9, 10], list(range(11))):
+        index = torch.tensor(rows)
+        assert torch.equal(factor_gram(u, x, index), whole[index])
+    flat = torch.randn(4, 3, n, generator=g, dtype=torch.float64)  # 6 pairs < 15: one product, rows picked
+    assert torch.equal(factor_gram(flat, x[:4], torch.tensor([1, 3])), factor_gram(flat, x[:4])[[1, 3]])
 
 
 def test_blocks_written_side_by_side_are_read_without_a_copy():

@@ -12,6 +12,7 @@ import pytest
 
 import hmoe_sim.sweep.backends as backends
 from hmoe_sim.sweep import parse_config, plan_cells, run_sweep
+from hmoe_sim.sweep.cells import Cell
 from hmoe_sim.sweep.setup import series_setup
 
 TINY = {
@@ -199,3 +200,12 @@ def test_results_record_the_bounds_hit(tmp_path: Path):
     table = pd.read_csv(tmp_path / "boundary.csv")
     assert set(table["kind"]) == kinds and not table["excluded"].any()
 
+
+
+def test_workers_take_the_largest_cells_first():
+    cells = [Cell(1, "a", "", 316, 0, (0, 1)), Cell(1, "a", "", 3107, 0, (0, 1)), Cell(1, "b", "", 1000, 0, (0, 1)),
+             Cell(2, "a", "", 3107, 0, (0,)), Cell(1, "a", "noise_free", 3107, 0, (0, 1))]
+    order = backends.largest_first(cells)
+    # most samples (n x replications) first; ties keep the given order; nothing lost or repeated
+    assert order == [cells[1], cells[4], cells[3], cells[2], cells[0]]
+    assert sorted(order, key=cells.index) == cells

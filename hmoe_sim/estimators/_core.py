@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hmoe_sim.estimators._gram import factor_gram, pair_products, side_by_side
+from hmoe_sim.estimators._gram import factor_gram, pair_products, sample_blocked, side_by_side
 from hmoe_sim.models.base import MixtureModel
 from hmoe_sim.models.flat import Piece, assemble_columns
 
@@ -224,14 +224,22 @@ class Linearization:
         if not problem.unmasked:
             factors = factors * problem.weight.unsqueeze(-2)
         products = problem.input_products()                          # (b, d2, n)
-        # a stack of at most half the rows is gathered; otherwise all rows are computed and
-        # the wanted ones picked (cheaper than copying the input products)
-        if rows is not None and 2 * rows.numel() <= factors.shape[0]:
-            factors, products, r = factors[rows], products[rows], r[rows]
-            rows = None
-        gram = factor_gram(factors, products)                                  # (b, m2, d2)
         ext = products[..., : layout.ext_dim, :]                    # x~, (b, D + 1, n)
-        grad = torch.bmm(factors * r.unsqueeze(-2), ext.transpose(-1, -2))      # (b, m, D + 1)
+        if rows is not None and sample_blocked(factors.shape[-2], products.shape[-2]):
+            # the Gram gathers the rows block by block (no copy of the input products), the
+            # gradient gathers its factors and x~ (a few rows of n numbers per problem)
+            gram = factor_gram(factors, products, rows)
+            weighted = factors.index_select(0, rows).mul_(r.index_select(0, rows).unsqueeze(-2))
+            grad = torch.bmm(weighted, ext.index_select(0, rows).transpose(-1, -2))
+            rows = None
+        else:
+            # a stack of at most half the rows is gathered; otherwise all rows are computed and
+            # the wanted ones picked (cheaper than copying the input products)
+            if rows is not None and 2 * rows.numel() <= factors.shape[0]:
+                factors, products, ext, r = factors[rows], products[rows], ext[rows], r[rows]
+                rows = None
+            gram = factor_gram(factors, products)                              # (b, m2, d2)
+            grad = torch.bmm(factors * r.unsqueeze(-2), ext.transpose(-1, -2))  # (b, m, D + 1)
         gram_index, grad_index = layout.indices(gram.device)
         A = gram.flatten(-2)[..., gram_index]
         g = grad.flatten(-2)[..., grad_index]

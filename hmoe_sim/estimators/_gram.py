@@ -11,7 +11,8 @@ import math
 
 import torch
 
-__all__ = ["GRAM_BLOCK", "GRAM_CACHE_BYTES", "PAIR_GATHER_MAX", "factor_gram", "pair_products", "side_by_side"]
+__all__ = ["GRAM_BLOCK", "GRAM_CACHE_BYTES", "PAIR_GATHER_MAX", "factor_gram", "pair_products", "sample_blocked",
+           "side_by_side"]
 
 
 def pair_products(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,37 +62,51 @@ GRAM_BLOCK = 1024
 GRAM_CACHE_BYTES = 5 * 2**18
 
 
-def factor_gram(factors: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
-    """``(b, m(m+1)/2, d2)``: the factor-pair products of ``factors (b, m, n)`` times the input
-    products ``(b, d2, n)``, summed over the samples.
+def sample_blocked(n_factors: int, n_products: int) -> bool:
+    """Whether :func:`factor_gram` sums over blocks of samples: when the factor pairs outnumber the
+    input pairs (the HMoE: 36 against 15), not when the input pairs dominate (the flat models)."""
+    return n_factors * (n_factors + 1) // 2 > n_products
 
-    When the factor pairs outnumber the input pairs (the HMoE: 36 against 15), it is formed over
+
+def factor_gram(factors: torch.Tensor, products: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``(b, m(m+1)/2, d2)``: the factor-pair products of ``factors (b, m, n)`` times the input
+    products ``(b, d2, n)``, summed over the samples, for the problems ``rows`` (``None``: all).
+
+    When the factor pairs outnumber the input pairs (:func:`sample_blocked`), it is formed over
     blocks of ``GRAM_BLOCK`` samples and summed in block order, for groups of problems whose
     block of pair products fits in ``GRAM_CACHE_BYTES``: the ``m(m+1)/2 x block`` pair products
     of one block are reused from cache by the matrix product instead of being written to and read
     back from memory (about 3x faster at ``m = 8``, ``n = 1e4`` than one product; the groups
-    another 1.4x at 16 problems). Otherwise (the flat models, whose input pairs dominate) it is
-    one product over all samples. The order of summation depends on the shapes of one problem
-    only, never on the number of problems in the stack or on the grouping: ``bmm`` treats every
-    problem of a batch alike.
+    another 1.4x at 16 problems). ``rows`` are gathered block by block (only the block's factors
+    and input products are copied). Otherwise (the flat models, whose input pairs dominate) it
+    is one product over all samples (``rows`` picked from it). The order of summation depends on
+    the shapes of one problem only, never on the number of problems in the stack, on ``rows`` or
+    on the grouping: ``bmm`` treats every problem of a batch alike.
     """
     n, m = factors.shape[-1], factors.shape[-2]
     pairs = m * (m + 1) // 2
-    if pairs <= products.shape[-2]:
+    if not sample_blocked(m, products.shape[-2]):
         # the input products dominate the traffic (the flat models): one product, as before
-        return torch.bmm(pair_products(factors), products.transpose(-1, -2))
+        gram = torch.bmm(pair_products(factors), products.transpose(-1, -2))
+        return gram if rows is None else gram[rows]
+    count = factors.shape[0] if rows is None else rows.numel()
     group = max(1, GRAM_CACHE_BYTES // (pairs * min(n, GRAM_BLOCK) * factors.element_size()))
     grams = []
-    for first in range(0, factors.shape[0], group):
-        u, x = factors[first : first + group], products[first : first + group]
+    for first in range(0, count, group):
+        chosen = None if rows is None else rows[first : first + group]
+        size = min(group, count - first)
         # one buffer for the pair products of every block of the group (a new array per block
         # would be a fresh allocation of up to GRAM_CACHE_BYTES each time)
-        buffer = torch.empty(u.shape[0] * pairs * min(n, GRAM_BLOCK), dtype=u.dtype, device=u.device)
+        buffer = torch.empty(size * pairs * min(n, GRAM_BLOCK), dtype=factors.dtype, device=factors.device)
         gram = None
         for start in range(0, n, GRAM_BLOCK):
-            block = u[..., start : start + GRAM_BLOCK]
-            out = buffer[: block.numel() // m * pairs].view(u.shape[0], pairs, block.shape[-1])
-            part = torch.bmm(pair_products(block, out), x[..., start : start + GRAM_BLOCK].transpose(-1, -2))
+            u, x = factors[..., start : start + GRAM_BLOCK], products[..., start : start + GRAM_BLOCK]
+            if chosen is None:
+                u, x = u[first : first + group], x[first : first + group]
+            else:
+                u, x = u.index_select(0, chosen), x.index_select(0, chosen)
+            out = buffer[: size * pairs * u.shape[-1]].view(size, pairs, u.shape[-1])
+            part = torch.bmm(pair_products(u, out), x.transpose(-1, -2))
             gram = part if gram is None else gram.add_(part)
         assert gram is not None
         grams.append(gram)
