@@ -127,6 +127,10 @@ class Problem:
             jac = jac * self.weight.unsqueeze(-1)
         return self.weight * (self.y - f), jac
 
+    def _masked(self, residual: torch.Tensor) -> torch.Tensor:
+        """``w * residual`` (the residual itself when every weight is one: the same numbers)."""
+        return residual if self.unmasked else self.weight * residual
+
     def linearize(self, theta: torch.Tensor) -> Linearization:
         """The masked residual at ``theta`` and the Jacobian in the cheapest form to hand.
 
@@ -141,12 +145,12 @@ class Problem:
         factors_of = getattr(self.model, "jacobian_factors", None)
         if factors_of is not None:
             f, pieces, _ = factors_of(self.model.unflatten(theta), self.X, self.prepared(), with_column_map=False)
-            return Linearization(self, theta, self.weight * (self.y - f), pieces,
+            return Linearization(self, theta, self._masked(self.y - f), pieces,
                                  mapped=bool(getattr(self.model, "maps_columns", False)))
         pieces_of = getattr(self.model, "jacobian_pieces", None)
         if pieces_of is not None:
             f, pieces = pieces_of(self.model.unflatten(theta), self.X)
-            return Linearization(self, theta, self.weight * (self.y - f), pieces)
+            return Linearization(self, theta, self._masked(self.y - f), pieces)
         return Linearization(self, theta, self.residual(theta), None)
 
 

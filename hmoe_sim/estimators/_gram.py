@@ -38,10 +38,11 @@ def pair_products(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     return out
 
 
-#: largest ``problems x samples`` for which :func:`pair_products` gathers (operation count
-#: dominates below it, memory traffic above; measured at m = 8 and 16 on one thread, with the
-#: products written into a buffer that is reused)
-PAIR_GATHER_MAX = 2048
+#: largest ``problems x samples`` for which :func:`pair_products` gathers: three operations instead
+#: of ``m``; above it the looped products move less memory. Every block of :func:`factor_gram`
+#: (at most ``GRAM_CACHE_BYTES`` of products) is gathered: with several solver threads the
+#: operation count (Python, under the GIL) costs more than the extra copy (measured on 2 cores)
+PAIR_GATHER_MAX = 8192
 _PAIR_ROWS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
