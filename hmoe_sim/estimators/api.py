@@ -271,12 +271,13 @@ def fit_batch(
         Memory budget of one chunk's solver work in bytes (:func:`auto_chunk_size`; ignored
         when ``chunk_size`` is given).
     workers : int, optional
-        CPU threads that solve parts of the stack at once, each with one torch thread (torch's
-        thread count is set to 1 for the fit and restored after it). Default: torch's thread
-        count on the CPU, 1 on a GPU. A part gets at least ``MIN_SAMPLES_PER_WORKER`` samples
-        (problems x ``n``); below that the stack is solved in one part, with torch's threads.
-        Per problem, results do not depend on it except through BLAS rounding, which may
-        depend on torch's thread count.
+        CPU threads that work through the stack at once (``method="lm"``; the other methods
+        solve it as one stack), each with one torch thread (torch's thread count is set to 1 for
+        the fit and restored after it); they share a queue of the problems not yet started and
+        each takes the next as its own problems stop. Default: torch's thread count on the CPU,
+        1 on a GPU. Each thread gets at least ``MIN_SAMPLES_PER_WORKER`` samples (problems x
+        ``n``); a smaller stack is solved as one, with torch's threads. Per problem, results do
+        not depend on it except through BLAS rounding, which may depend on torch's thread count.
     truth : dict of torch.Tensor, optional
         True parameters (unbatched or batched ``(B,)``) of ``model.with_atoms(k*)``, the
         number of atoms read from ``truth["beta0"]``; gives ``risk_truth``.
