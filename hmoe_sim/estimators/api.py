@@ -330,8 +330,11 @@ def fit_batch(
     n_starts = _starts_per_set(model, init, B)
     eps = torch.finfo(dt).eps
     floor = lambda v: max(tol if v is None else float(v), 4 * eps)  # noqa: E731
+    if workers is None:
+        workers = torch.get_num_threads() if dev.type == "cpu" else 1
     options = dict(method=method, max_iter=max_iter, ftol=floor(ftol), xtol=floor(xtol), gtol=floor(gtol),
-                   lr=lr, epochs=epochs, batch_size=batch_size)
+                   lr=lr, epochs=epochs, batch_size=batch_size,
+                   workers=workers if dev.type == "cpu" and method == "lm" else 1)
     theta0 = model.flatten(model.cast(init, device=dev, dtype=dt)).reshape(B * n_starts, -1)
     X, y, mask = (t.to(dev, dt).repeat_interleave(n_starts, dim=0) for t in (X, y, mask.to(dt)))
     seeds = [s for s in _seed_list(seed, B) for _ in range(n_starts)]
@@ -350,9 +353,6 @@ def fit_batch(
         t_theta = None if truth_theta is None else truth_theta[sl]
         return certificate(problem, out, box, truth_model, t_theta, method)
 
-    if workers is None:
-        workers = torch.get_num_threads() if dev.type == "cpu" else 1
-    options["workers"] = workers if dev.type == "cpu" and method == "lm" else 1
     result = _over_chunks(solve_chunk, X.shape[0], size, show_progress)
     return best_of_starts(result, B, n_starts) if n_starts > 1 else result
 

@@ -236,7 +236,7 @@ class HMoE(AnalyticJacobian, MixtureModel):
         if self.structure == "nonshared":
             return params
         h, ell, d = self.n_heads, self.n_adapters, self.input_dim
-        generated = self._s(self._pre_activations(params))                   # (*batch, H*L, 2D + 1)
+        generated = self._s(self._pre_activations(params)[0])                # (*batch, H*L, 2D + 1)
         out = {
             "beta0": params["beta0"],
             "beta1": generated[..., :d].unflatten(-2, (h, ell)),
@@ -248,12 +248,12 @@ class HMoE(AnalyticJacobian, MixtureModel):
                 out[name] = params[name]
         return out
 
-    def _pre_activations(self, params: Params) -> torch.Tensor:
+    def _pre_activations(self, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """``(*batch, H*L, 2D + 1)``: per atom the pre-activations ``W_1 z``, ``W_2 z``, ``w_3^T z`` of the
         generated ``beta_1``, ``a`` and ``b``, from one matrix product of the codes with the stacked
-        hypernetwork ``(W_1; W_2; w_3^T)``."""
-        hyper = torch.cat([params["W1"], params["W2"], params["w3"].unsqueeze(-2)], -2)    # (*batch, 2D + 1, q)
-        return torch.matmul(params["z"].flatten(-3, -2), hyper.mT)
+        hypernetwork ``(W_1; W_2; w_3^T)``, which is returned too (``(*batch, 2D + 1, q)``)."""
+        hyper = torch.cat([params["W1"], params["W2"], params["w3"].unsqueeze(-2)], -2)
+        return torch.matmul(params["z"].flatten(-3, -2), hyper.mT), hyper
 
     # ------------------------------------------------------------------ evaluation
     def _frozen_on(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -407,9 +407,8 @@ class HMoE(AnalyticJacobian, MixtureModel):
             raise ValueError(f"column_map is defined for the shared structure; this model is {self.structure!r}")
         z = params["z"]
         batch, hl, q = z.shape[:-3], self.n_atoms, self.code_dim
-        u = self._pre_activations(params)                                            # (*batch, H*L, 2D + 1)
+        u, hyper = self._pre_activations(params)                   # (*batch, H*L, 2D + 1), (*batch, 2D + 1, q)
         slope = CODE_DERIVATIVES[self.code_activation](u, self._s(u)).unsqueeze(-1)   # s'(u), (..., H*L, 2D + 1, 1)
-        hyper = torch.cat([params["W1"], params["W2"], params["w3"].unsqueeze(-2)], -2)    # (*batch, 2D + 1, q)
         by_code = slope * hyper.unsqueeze(-3)                      # d gen_kr / d z_kq = s'(u_kr) W_rq
         by_hyper = slope * z.reshape(*batch, hl, 1, q)             # d gen_kr / d W_rq = s'(u_kr) z_kq
         n_gate = (self.n_heads - 1) * (self.input_dim + 1) if self.first_level == "softmax" else 0
