@@ -151,8 +151,7 @@ def solve_lm(
             if not len(new):
                 return out
             continue
-        free = ~(((act.theta <= lo) & (act.g < 0)) | ((act.theta >= hi) & (act.g > 0)))
-        act = _iterate(act, free, out, eye, tiny, eps, lo, hi, max_iter, ftol, xtol, gtol)
+        act = _iterate(act, out, eye, tiny, eps, lo, hi, max_iter, ftol, xtol, gtol)
 
 
 def _start(problem: Problem, new: range, out: SolverOutput, damping: float, gtol: float) -> _Active | None:
@@ -182,11 +181,13 @@ def _start(problem: Problem, new: range, out: SolverOutput, damping: float, gtol
                    torch.full_like(lam, float("nan")))
 
 
-def _iterate(act: _Active, free: torch.Tensor, out: SolverOutput, eye: torch.Tensor, tiny: float, eps: float,
+def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, eps: float,
              lo: torch.Tensor, hi: torch.Tensor, max_iter: int, ftol: float, xtol: float, gtol: float) -> _Active:
-    """One LM iteration of the active problems (``free``: coordinates not frozen at a bound); the
-    problems that stop are written to ``out``; returns the state of the others."""
+    """One LM iteration of the active problems; the problems that stop are written to ``out``;
+    returns the state of the others."""
     th, cost, A, g, lam, nu = act.theta, act.cost, act.A, act.g, act.lam, act.nu
+    # freeze coordinates at a bound whose descent direction (g) points outward
+    free = ~(((th <= lo) & (g < 0)) | ((th >= hi) & (g > 0)))
     ff = free.unsqueeze(-1) & free.unsqueeze(-2)
     diag = torch.maximum(act.scale, torch.diagonal(A, dim1=-2, dim2=-1))
     diag = torch.maximum(diag, eps * diag.amax(-1, keepdim=True)).clamp_min(tiny)
