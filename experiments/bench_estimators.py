@@ -99,6 +99,8 @@ from scipy.optimize import least_squares  # noqa: E402
 
 from hmoe_sim import make_preset, sample_batch  # noqa: E402
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth  # noqa: E402
+from hmoe_sim.estimators.api import MIN_SAMPLES_PER_WORKER  # noqa: E402
+from hmoe_sim.estimators.api import _parts_for as worker_threads  # noqa: E402
 from hmoe_sim.models.hmoe import HMoE  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -501,6 +503,12 @@ def main(args: argparse.Namespace) -> None:
     print(f"threads: torch {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
           f"NumPy/SciPy BLAS (OPENBLAS_NUM_THREADS) {os.environ['OPENBLAS_NUM_THREADS']}; cores {os.cpu_count()}; "
           f"load average before the run {os.getloadavg()[0]:.2f}")
+    if args.device == "cpu":
+        parts = worker_threads(torch.get_num_threads(), args.n_sets, args.n)
+        print(f"batched LM on the CPU: {parts} worker thread(s) of one torch thread each, sharing a queue of the "
+              f"problems (fit_batch's default workers = torch's {torch.get_num_threads()} threads, at least "
+              f"{MIN_SAMPLES_PER_WORKER} samples each)" if parts > 1 else
+              f"batched LM on the CPU: one stack with torch's {torch.get_num_threads()} thread(s)")
     fit_kw: dict[str, object] = dict(max_iter=args.max_iter, tol=args.tol)
     if args.max_memory is not None:
         fit_kw["max_memory"] = args.max_memory
