@@ -99,8 +99,7 @@ from scipy.optimize import least_squares  # noqa: E402
 
 from hmoe_sim import make_preset, sample_batch  # noqa: E402
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth  # noqa: E402
-from hmoe_sim.estimators.api import MIN_SAMPLES_PER_WORKER  # noqa: E402
-from hmoe_sim.estimators.api import _parts_for as worker_threads  # noqa: E402
+from hmoe_sim.estimators._lm import MIN_SAMPLES_PER_WORKER, worker_threads  # noqa: E402
 from hmoe_sim.models.hmoe import HMoE  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -11,10 +11,10 @@ import torch
 from roundoff import assert_tensors_match
 
 from hmoe_sim import make_preset, sample_batch
-from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth
+from hmoe_sim.estimators import Bounds, _lm, fit_batch, init_near_truth
 from hmoe_sim.estimators import api as fit_api
 from hmoe_sim.estimators._core import Problem
-from hmoe_sim.estimators._lm import RowQueue, solve_lm, start_output
+from hmoe_sim.estimators._lm import RowQueue, solve_lm, start_output, worker_threads
 
 OPTIONS = dict(max_iter=150, ftol=1e-6, xtol=1e-8, gtol=1e-6)
 
@@ -81,16 +81,16 @@ def test_fit_batch_on_worker_threads_matches_one_thread_and_restores_torch_threa
     before = torch.get_num_threads()
     serial = fit_batch(model, X, y, init, max_iter=80, workers=1)
     calls = []
-    original = fit_api._lm_in_threads
+    original = fit_api.solve_lm_in_threads
 
-    def spy(problem, theta0, threads, kw):
-        calls.append((threads, torch.get_num_threads()))
-        return original(problem, theta0, threads, kw)
+    def spy(problem, theta0, threads, **options):
+        calls.append(threads)
+        return original(problem, theta0, threads, **options)
 
-    monkeypatch.setattr(fit_api, "_lm_in_threads", spy)
-    monkeypatch.setattr(fit_api, "MIN_SAMPLES_PER_WORKER", 100)
+    monkeypatch.setattr(fit_api, "solve_lm_in_threads", spy)
+    monkeypatch.setattr(_lm, "MIN_SAMPLES_PER_WORKER", 100)
     threaded = fit_batch(model, X, y, init, max_iter=80, workers=3)
-    assert calls and calls[0][0] == 3
+    assert calls == [3]
     assert torch.get_num_threads() == before
     for name in ("risk", "rel_change"):
         assert_tensors_match(getattr(threaded, name), getattr(serial, name))
@@ -100,12 +100,12 @@ def test_fit_batch_on_worker_threads_matches_one_thread_and_restores_torch_threa
 
 def test_small_stacks_stay_on_one_thread():
     # a part smaller than MIN_SAMPLES_PER_WORKER samples is not worth a thread (the GIL)
-    assert fit_api.MIN_SAMPLES_PER_WORKER == 20_000
-    assert fit_api._parts_for(4, 16, 10_000) == 4
-    assert fit_api._parts_for(4, 4, 10_000) == 2
-    assert fit_api._parts_for(4, 3, 10_000) == 1
-    assert fit_api._parts_for(8, 12, 316) == 1
-    assert fit_api._parts_for(1, 64, 10_000) == 1
+    assert _lm.MIN_SAMPLES_PER_WORKER == 20_000
+    assert worker_threads(4, 16, 10_000) == 4
+    assert worker_threads(4, 4, 10_000) == 2
+    assert worker_threads(4, 3, 10_000) == 1
+    assert worker_threads(8, 12, 316) == 1
+    assert worker_threads(1, 64, 10_000) == 1
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5])

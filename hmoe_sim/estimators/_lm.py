@@ -15,14 +15,17 @@ taking the next ones from the queue as its own stop (:func:`solve_lm`).
 
 from __future__ import annotations
 
+import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small
 
-__all__ = ["RowQueue", "solve_lm", "start_output"]
+__all__ = ["MIN_SAMPLES_PER_WORKER", "THREAD_STACK_SPLIT", "RowQueue", "solve_lm", "solve_lm_in_threads",
+           "start_output", "worker_threads"]
 
 _LAMBDA_MAX = 1e20
 
@@ -248,6 +251,45 @@ def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, ep
     if stop_bad is not None:
         out.diverged[rows] = stop_bad[leave]
     return act.keep(torch.nonzero(~leave).squeeze(-1))
+
+
+#: fewest samples (problems x n) one worker thread is given: below it the torch operations are
+#: short enough that the threads mostly wait for each other (Python's GIL)
+MIN_SAMPLES_PER_WORKER = 20_000
+#: the stack of each worker thread is ``1 / THREAD_STACK_SPLIT`` of its share of the problems, so that
+#: a thread whose problems stop early takes more from the common queue (load balance)
+THREAD_STACK_SPLIT = 2
+
+
+def worker_threads(workers: int, total: int, n: int) -> int:
+    """Worker threads for ``total`` problems of ``n`` samples: at most ``workers``, and each with at
+    least ``MIN_SAMPLES_PER_WORKER`` samples."""
+    return max(1, min(workers, total, total * n // MIN_SAMPLES_PER_WORKER))
+
+
+def solve_lm_in_threads(problem: Problem, theta0: torch.Tensor, threads: int, **options: float) -> SolverOutput:
+    """:func:`solve_lm` on ``threads`` threads with one torch thread each, sharing the stack's queue
+    and output; each keeps ``ceil(B / (threads * THREAD_STACK_SPLIT))`` problems active and takes
+    the next from the queue as its own stop. torch's thread count is restored after.
+    ``options``: those of :func:`solve_lm` (``max_iter``, ``ftol``, ``xtol``, ``gtol``)."""
+    B = theta0.shape[0]
+    # what depends on the data alone, formed once for the whole stack before the threads share it
+    problem.prepared()
+    problem.input_products()
+    out = start_output(theta0, problem.lo, problem.hi)
+    queue = RowQueue(B)
+    stack = max(1, math.ceil(B / (threads * THREAD_STACK_SPLIT)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hmoe-sim-lm") as pool:
+            futures = [pool.submit(solve_lm, problem, theta0, queue=queue, stack=stack, out=out, **options)
+                       for _ in range(threads)]
+            for future in futures:
+                future.result()
+    finally:
+        torch.set_num_threads(previous)
+    return out
 
 
 def _grad_test(g: torch.Tensor, theta: torch.Tensor, n_eff: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,

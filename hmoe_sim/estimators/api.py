@@ -14,7 +14,7 @@ from hmoe_sim.data import SeedLike
 from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators._core import Problem, SolverOutput
 from hmoe_sim.estimators._first_order import solve_adam, solve_sgd_paper
-from hmoe_sim.estimators._lm import RowQueue, solve_lm, start_output
+from hmoe_sim.estimators._lm import solve_lm, solve_lm_in_threads, worker_threads
 from hmoe_sim.estimators.bounds import Bounds
 from hmoe_sim.estimators.init import init_random
 from hmoe_sim.estimators.result import FitResult, best_of_starts, certificate
@@ -275,7 +275,7 @@ def fit_batch(
         solve it as one stack), each with one torch thread (torch's thread count is set to 1 for
         the fit and restored after it); they share a queue of the problems not yet started and
         each takes the next as its own problems stop. Default: torch's thread count on the CPU,
-        1 on a GPU. Each thread gets at least ``MIN_SAMPLES_PER_WORKER`` samples (problems x
+        1 on a GPU. Each thread gets at least ``_lm.MIN_SAMPLES_PER_WORKER`` samples (problems x
         ``n``); a smaller stack is solved as one, with torch's threads. Per problem, results do
         not depend on it except through BLAS rounding, which may depend on torch's thread count.
     truth : dict of torch.Tensor, optional
@@ -387,48 +387,6 @@ def _over_chunks(solve_chunk: Callable[[slice], FitResult], total: int, size: in
     return FitResult.concat(parts)
 
 
-#: fewest samples (problems x n) one worker thread of :func:`fit_batch` is given: below it the
-#: torch operations are short enough that the threads mostly wait for each other (Python's GIL)
-MIN_SAMPLES_PER_WORKER = 20_000
-
-
-#: the stack of each worker thread is ``1 / THREAD_STACK_SPLIT`` of its share of the problems, so that
-#: a thread whose problems stop early takes more from the common queue (load balance)
-THREAD_STACK_SPLIT = 2
-
-
-def _parts_for(workers: int, total: int, n: int) -> int:
-    """Worker threads for ``total`` problems of ``n`` samples: at most ``workers``, and each with at
-    least ``MIN_SAMPLES_PER_WORKER`` samples."""
-    return max(1, min(workers, total, total * n // MIN_SAMPLES_PER_WORKER))
-
-
-def _lm_in_threads(problem: Problem, theta0: torch.Tensor, threads: int, kw: dict[str, Any]) -> SolverOutput:
-    """:func:`solve_lm` on ``threads`` threads with one torch thread each, sharing the stack's queue
-    and output; each keeps ``ceil(B / (threads * THREAD_STACK_SPLIT))`` problems active and takes
-    the next from the queue as its own stop. torch's thread count is restored after."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    B = theta0.shape[0]
-    # what depends on the data alone, formed once for the whole stack before the threads share it
-    problem.prepared()
-    problem.input_products()
-    out = start_output(theta0, problem.lo, problem.hi)
-    queue = RowQueue(B)
-    stack = max(1, math.ceil(B / (threads * THREAD_STACK_SPLIT)))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hmoe-sim-lm") as pool:
-            futures = [pool.submit(solve_lm, problem, theta0, queue=queue, stack=stack, out=out, **kw)
-                       for _ in range(threads)]
-            for future in futures:
-                future.result()
-    finally:
-        torch.set_num_threads(previous)
-    return out
-
-
 def _progress(total: int, show: bool) -> Any:
     if not show:
         return None
@@ -457,9 +415,9 @@ def _solve(problem: Problem, theta0: torch.Tensor, seeds: list[np.random.SeedSeq
            o: dict[str, Any]) -> SolverOutput:
     if o["method"] == "lm":
         kw = dict(max_iter=o["max_iter"], ftol=o["ftol"], xtol=o["xtol"], gtol=o["gtol"])
-        threads = _parts_for(o["workers"], *problem.y.shape)
+        threads = worker_threads(o["workers"], *problem.y.shape)
         if threads > 1:
-            return _lm_in_threads(problem, theta0, threads, kw)
+            return solve_lm_in_threads(problem, theta0, threads, **kw)
         return solve_lm(problem, theta0, **kw)
     if o["method"] == "adam":
         return solve_adam(problem, theta0, max_iter=o["max_iter"], ftol=o["ftol"], gtol=o["gtol"],
