@@ -99,7 +99,6 @@ from scipy.optimize import least_squares  # noqa: E402
 
 from hmoe_sim import make_preset, sample_batch  # noqa: E402
 from hmoe_sim.estimators import Bounds, auto_chunk_size, fit_batch, init_near_truth  # noqa: E402
-from hmoe_sim.estimators._lm import MIN_SAMPLES_PER_WORKER, worker_threads  # noqa: E402
 from hmoe_sim.models.hmoe import HMoE  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -503,6 +502,10 @@ def main(args: argparse.Namespace) -> None:
           f"NumPy/SciPy BLAS (OPENBLAS_NUM_THREADS) {os.environ['OPENBLAS_NUM_THREADS']}; cores {os.cpu_count()}; "
           f"load average before the run {os.getloadavg()[0]:.2f}")
     if args.device == "cpu":
+        try:
+            from hmoe_sim.estimators._lm import MIN_SAMPLES_PER_WORKER, worker_threads
+        except ImportError:  # a library before the worker threads (experiments/bench_hmoe_versions.sh)
+            MIN_SAMPLES_PER_WORKER, worker_threads = 0, lambda *_: 1
         parts = worker_threads(torch.get_num_threads(), args.n_sets, args.n)
         print(f"batched LM on the CPU: {parts} worker thread(s) of one torch thread each, sharing a queue of the "
               f"problems (fit_batch's default workers = torch's {torch.get_num_threads()} threads, at least "
