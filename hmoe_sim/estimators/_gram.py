@@ -93,20 +93,22 @@ def factor_gram(factors: torch.Tensor, products: torch.Tensor, rows: torch.Tenso
     count = factors.shape[0] if rows is None else rows.numel()
     group = max(1, GRAM_CACHE_BYTES // (pairs * min(n, GRAM_BLOCK) * factors.element_size()))
     grams = []
+    width = min(n, GRAM_BLOCK)
     for first in range(0, count, group):
         chosen = None if rows is None else rows[first : first + group]
         size = min(group, count - first)
-        # one buffer for the pair products of every block of the group (a new array per block
-        # would be a fresh allocation of up to GRAM_CACHE_BYTES each time)
-        buffer = torch.empty(size * pairs * min(n, GRAM_BLOCK), dtype=factors.dtype, device=factors.device)
+        # the group's problems (views; gathered block by block for rows) and one buffer for the pair
+        # products of every block (a new array per block would be a fresh allocation each time)
+        u_all, x_all = (factors, products) if chosen is not None else (factors[first : first + group],
+                                                                      products[first : first + group])
+        buffer = torch.empty(size * pairs * width, dtype=factors.dtype, device=factors.device)
+        full = buffer.view(size, pairs, width)
         gram = None
         for start in range(0, n, GRAM_BLOCK):
-            u, x = factors[..., start : start + GRAM_BLOCK], products[..., start : start + GRAM_BLOCK]
-            if chosen is None:
-                u, x = u[first : first + group], x[first : first + group]
-            else:
+            u, x = u_all[..., start : start + GRAM_BLOCK], x_all[..., start : start + GRAM_BLOCK]
+            if chosen is not None:
                 u, x = u.index_select(0, chosen), x.index_select(0, chosen)
-            out = buffer[: size * pairs * u.shape[-1]].view(size, pairs, u.shape[-1])
+            out = full if u.shape[-1] == width else buffer[: size * pairs * u.shape[-1]].view(size, pairs, -1)
             part = torch.bmm(pair_products(u, out), x.transpose(-1, -2))
             gram = part if gram is None else gram.add_(part)
         assert gram is not None
