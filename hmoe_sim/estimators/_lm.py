@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, _pick, gradient_small
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small
 
 __all__ = ["MIN_SAMPLES_PER_WORKER", "THREAD_STACK_SPLIT", "RowQueue", "solve_lm", "solve_lm_in_threads",
            "start_output", "worker_threads"]
@@ -35,6 +35,10 @@ def _index(mask: torch.Tensor) -> torch.Tensor | None:
     if bool(mask.all()):
         return None
     return torch.nonzero(mask).squeeze(-1)
+
+
+def _pick(idx: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    return t if idx is None else t[idx]
 
 
 class RowQueue:
