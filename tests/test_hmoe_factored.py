@@ -125,3 +125,42 @@ def test_prepared_inputs_belong_to_their_data_set(name):
     for got, full in zip(sub.prepared(), stacks[1].prepared(), strict=True):
         assert torch.equal(got, full[torch.tensor([2, 0])])
     torch.testing.assert_close(sub.predict(theta[[2, 0]]), stacks[1].predict(theta)[[2, 0]], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("code_activation", "first_level"), VARIANTS)
+@pytest.mark.parametrize("structure", ["shared", "nonshared"])
+def test_in_place_jacobian_factors_are_the_same_numbers(code_activation, first_level, structure):
+    # the estimators' in-place evaluation runs the same operations on the same numbers as the
+    # out-of-place one (which autograd needs): bit for bit, with the blocks in the matmul's buffer
+    model = _shared(code_activation, first_level)
+    if structure == "nonshared":
+        model = model.with_structure("nonshared")
+    params = _params(model, (3,), 4)
+    X = torch.randn(3, 57, model.input_dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    prepared = model.prepare_inputs(X)
+    f, pieces, M = model.jacobian_factors(params, X, prepared)
+    f_ip, pieces_ip, M_ip = model.jacobian_factors(params, X, prepared, in_place=True)
+    assert torch.equal(f_ip, f)
+    assert len(pieces_ip) == len(pieces)
+    for (g, outer), (g_ip, outer_ip) in zip(pieces, pieces_ip, strict=True):
+        assert outer_ip == outer and torch.equal(g_ip, g)
+    assert (M is None and M_ip is None) or torch.equal(M_ip, M)
+    # every block lies in one buffer, in slot order, so the factored form reads them without a copy
+    from hmoe_sim.estimators._core import khatri_rao_layout
+    layout = khatri_rao_layout(pieces_ip, model.input_dim)
+    assert layout is not None
+    assert layout.factors(pieces_ip).data_ptr() == pieces_ip[0][0].data_ptr()
+
+
+def test_in_place_evaluation_is_ignored_under_autograd():
+    # parameters that require grad keep the out-of-place path: the graph stays differentiable,
+    # with the numbers of the in-place path
+    model = _shared("tanh", "softmax").with_structure("nonshared")
+    params = _params(model, (2,), 6)
+    X = torch.randn(2, 31, model.input_dim, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    _, _, g_ip, pi_ip, _ = model._head_major(params, X, None, True)
+    tracked = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    _, _, g, pi, _ = model._head_major(tracked, X, None, True)
+    assert torch.equal(g.detach(), g_ip) and torch.equal(pi.detach(), pi_ip)
+    ((g * pi).sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tracked.values())

@@ -91,6 +91,35 @@ def test_factor_gram_of_a_problem_does_not_depend_on_its_stack():
     assert torch.equal(factor_gram(flat, x[:4], torch.tensor([1, 3])), factor_gram(flat, x[:4])[[1, 3]])
 
 
+def test_factor_gram_scratch_buffers_are_kept_per_thread_and_grown():
+    # the pair products go to buffers kept by the calling thread: reused call after call (the
+    # same sums as a first call) and grown for a larger stack; another thread gets its own
+    import threading
+
+    from hmoe_sim.estimators import _gram
+    g = torch.Generator().manual_seed(8)
+    u, x = torch.randn(3, 8, 300, generator=g, dtype=torch.float64), torch.randn(3, 15, 300, generator=g,
+                                                                                dtype=torch.float64)
+    ref = torch.einsum("bpn,bqn->bpq", pair_products(u), x)
+    seen = {}
+
+    def in_a_new_thread() -> None:  # a thread that has kept no buffer yet
+        seen["first"] = factor_gram(u[:1], x[:1])
+        seen["small"] = _gram._scratch(0, 1, u)
+        seen["again"] = factor_gram(u[:1], x[:1])
+        seen["all"] = factor_gram(u, x)
+        seen["grown"] = _gram._scratch(0, 1, u)
+
+    thread = threading.Thread(target=in_a_new_thread)
+    thread.start()
+    thread.join()
+    assert seen["small"].numel() == 36 * 300
+    assert torch.equal(seen["again"], seen["first"])
+    torch.testing.assert_close(seen["all"], ref, rtol=1e-13, atol=1e-12)
+    assert seen["grown"].numel() == 3 * 36 * 300
+    assert _gram._scratch(0, 1, u).data_ptr() != seen["grown"].data_ptr()  # this thread's own
+
+
 def test_blocks_written_side_by_side_are_read_without_a_copy():
     buffer = torch.randn(4, 2, 6, 50, dtype=torch.float64)  # (b, blocks, width, n)
     first, second = buffer[:, 0], buffer[:, 1]

@@ -144,7 +144,8 @@ class Problem:
         """
         factors_of = getattr(self.model, "jacobian_factors", None)
         if factors_of is not None:
-            f, pieces, _ = factors_of(self.model.unflatten(theta), self.X, self.prepared(), with_column_map=False)
+            f, pieces, _ = factors_of(self.model.unflatten(theta), self.X, self.prepared(), with_column_map=False,
+                                      in_place=True)
             return Linearization(self, theta, self._masked(self.y - f), pieces,
                                  mapped=bool(getattr(self.model, "maps_columns", False)))
         pieces_of = getattr(self.model, "jacobian_pieces", None)

@@ -8,6 +8,7 @@ input products; :func:`side_by_side` lets blocks written into one buffer be read
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -15,13 +16,15 @@ __all__ = ["GRAM_BLOCK", "GRAM_CACHE_BYTES", "PAIR_GATHER_MAX", "factor_gram", "
            "side_by_side"]
 
 
-def pair_products(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def pair_products(v: torch.Tensor, out: torch.Tensor | None = None,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``(b, m, n) -> (b, m(m+1)/2, n)``: rows ``v_a * v_c`` for ``a <= c`` in row-major order.
 
     Small stacks (at most ``PAIR_GATHER_MAX`` numbers per row block) gather both factors of every
     pair and multiply once (three operations); larger ones multiply row ``a`` by rows ``a..m-1``
     (``m`` operations, no gathered copies). Each entry is the same product either way. ``out``
     (contiguous, of the result's shape) receives the products; without it a new array does.
+    ``scratch`` (of the same shape) receives the second factors of a gather (else a new array).
     """
     m = v.shape[-2]
     shape = (*v.shape[:-2], m * (m + 1) // 2, v.shape[-1])
@@ -30,7 +33,8 @@ def pair_products(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     if v.shape[-1] * math.prod(v.shape[:-2]) <= PAIR_GATHER_MAX:
         first, second = _pair_rows(m, v.device)
         torch.index_select(v, -2, first, out=out)
-        return out.mul_(v.index_select(-2, second))
+        other = v.index_select(-2, second) if scratch is None else torch.index_select(v, -2, second, out=scratch)
+        return out.mul_(other)
     start = 0
     for a in range(m):
         torch.mul(v[..., a : a + 1, :], v[..., a:, :], out=out[..., start : start + m - a, :])
@@ -92,28 +96,51 @@ def factor_gram(factors: torch.Tensor, products: torch.Tensor, rows: torch.Tenso
         return gram if rows is None else gram[rows]
     count = factors.shape[0] if rows is None else rows.numel()
     group = max(1, GRAM_CACHE_BYTES // (pairs * min(n, GRAM_BLOCK) * factors.element_size()))
-    grams = []
     width = min(n, GRAM_BLOCK)
+    # the pair products of every block, and the second factors of their gather, go to two
+    # buffers kept by this thread (a new array per group or block is a fresh allocation each time)
+    numel = min(group, count) * pairs * width
+    buffer, second = (_scratch(k, numel, factors) for k in (0, 1))
+    grams = []
     for first in range(0, count, group):
-        chosen = None if rows is None else rows[first : first + group]
         size = min(group, count - first)
-        # the group's problems (views; gathered block by block for rows) and one buffer for the pair
-        # products of every block (a new array per block would be a fresh allocation each time)
+        chosen = None if rows is None else rows[first : first + group]
+        # the group's problems (views; gathered block by block for rows)
         u_all, x_all = (factors, products) if chosen is not None else (factors[first : first + group],
                                                                       products[first : first + group])
-        buffer = torch.empty(size * pairs * width, dtype=factors.dtype, device=factors.device)
-        full = buffer.view(size, pairs, width)
+        full = buffer[: size * pairs * width].view(size, pairs, width)
+        full_second = second[: size * pairs * width].view(size, pairs, width)
         gram = None
         for start in range(0, n, GRAM_BLOCK):
             u, x = u_all[..., start : start + GRAM_BLOCK], x_all[..., start : start + GRAM_BLOCK]
             if chosen is not None:
                 u, x = u.index_select(0, chosen), x.index_select(0, chosen)
-            out = full if u.shape[-1] == width else buffer[: size * pairs * u.shape[-1]].view(size, pairs, -1)
-            part = torch.bmm(pair_products(u, out), x.transpose(-1, -2))
+            if u.shape[-1] == width:
+                out, scratch = full, full_second
+            else:
+                k = size * pairs * u.shape[-1]
+                out, scratch = buffer[:k].view(size, pairs, -1), second[:k].view(size, pairs, -1)
+            part = torch.bmm(pair_products(u, out, scratch), x.transpose(-1, -2))
             gram = part if gram is None else gram.add_(part)
         assert gram is not None
         grams.append(gram)
     return grams[0] if len(grams) == 1 else torch.cat(grams)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat array of at least ``numel`` numbers of ``like``'s dtype and device, kept by the
+    calling thread for ``slot`` and reused by its next calls (grown when too small)."""
+    kept = getattr(_SCRATCH, "arrays", None)
+    if kept is None:
+        kept = _SCRATCH.arrays = {}
+    key = (slot, like.dtype, like.device)
+    array = kept.get(key)
+    if array is None or array.numel() < numel:
+        array = kept[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return array
 
 
 def side_by_side(blocks: list[torch.Tensor]) -> torch.Tensor | None:

@@ -295,12 +295,13 @@ class HMoE(AnalyticJacobian, MixtureModel):
         ext = torch.cat([torch.ones_like(X[..., :1]), X], -1).transpose(-1, -2).contiguous()
         return (*self.frozen_atoms(X), ext)
 
-    def _head_major(self, free: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None
-                    ) -> tuple[torch.Tensor, ...]:
-        """Head-major evaluation, the sample axis innermost (long contiguous rows): within-head
-        weights ``p`` of the adapters ``(*batch, H, L, n)``, their values ``(*batch, H, L, n)``,
-        head outputs ``g`` ``(*batch, H, n)`` and head weights ``pi`` (``(*batch, H, n)``, or the
-        number ``1/H`` for a uniform first level), from one matrix product with ``X``."""
+    def _head_major(self, free: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None,
+                    in_place: bool = False) -> tuple[torch.Tensor, ...]:
+        """Head-major evaluation (the sample axis innermost): within-head weights ``p`` of the adapters and
+        their values (each ``(*batch, H, L, n)``), head outputs ``g`` ``(*batch, H, n)``, head weights ``pi``
+        (``(*batch, H, n)``, or ``1/H`` for a uniform first level) and the product ``(*batch, R, n)`` of the
+        rows (adapter logits, values, head logits) with ``(1, x)`` (logits and values are views of it).
+        ``in_place`` (no autograd of any kind): the same operations on the same numbers, in place."""
         h, ell = self.n_heads, self.n_adapters
         known_logit, known_value, ext = self.prepare_inputs(X) if prepared is None else prepared
         # rows (bias, slope) of the adapter logits, the adapter values and the head logits, times (1, x)
@@ -314,17 +315,25 @@ class HMoE(AnalyticJacobian, MixtureModel):
         # within-head softmax over the frozen atom and the adapters, shifted by their maximum
         # (every exponential at most 1, the normaliser at least 1)
         known_logit = known_logit.unsqueeze(-2)
-        top = torch.maximum(logits.amax(-2, keepdim=True), known_logit) if ell else known_logit
-        p = torch.exp(logits - top)
-        known_p = torch.exp(known_logit - top)
-        total = p.sum(-2, keepdim=True) + known_p
-        p, known_p = p / total, known_p / total
-        g = (known_p * known_value.unsqueeze(-2)).squeeze(-2) + (p * values).sum(-2)
+        if in_place and ell and not both.requires_grad:  # each temporary has ``both``'s batch shape
+            top = logits.amax(-2, keepdim=True)
+            p = (logits - torch.maximum(top, known_logit, out=top)).exp_()
+            known_p = (known_logit - top).exp_()
+            total = p.sum(-2, keepdim=True).add_(known_p)
+            p.div_(total)
+            g = known_p.div_(total).mul_(known_value.unsqueeze(-2)).squeeze(-2).add_((p * values).sum(-2))
+        else:
+            top = torch.maximum(logits.amax(-2, keepdim=True), known_logit) if ell else known_logit
+            p = torch.exp(logits - top)
+            known_p = torch.exp(known_logit - top)
+            total = p.sum(-2, keepdim=True) + known_p
+            p, known_p = p / total, known_p / total
+            g = (known_p * known_value.unsqueeze(-2)).squeeze(-2) + (p * values).sum(-2)
         if self.first_level == "uniform":
-            return p, values, g, 1.0 / h
+            return p, values, g, 1.0 / h, both
         head_logits = both[..., 2 * h * ell :, :]
         pi = torch.softmax(torch.cat([torch.zeros_like(head_logits[..., :1, :]), head_logits], -2), -2)
-        return p, values, g, pi
+        return p, values, g, pi, both
 
     def _head_outputs(self, free: Params, X: torch.Tensor,
                       prepared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -347,12 +356,13 @@ class HMoE(AnalyticJacobian, MixtureModel):
     def predict_prepared(self, params: Params, X: torch.Tensor,
                          prepared: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         """``f_G(X)`` (no checks) with the :meth:`prepare_inputs` of ``X`` (``None``: formed here)."""
-        _, _, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
+        _, _, g, pi, _ = self._head_major(self.to_nonshared(params), X, prepared)
         return (pi * g).sum(-2)
 
     # ------------------------------------------------------------------ derivatives
     def jacobian_factors(self, params: Params, X: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None = None,
-                         *, with_column_map: bool = True) -> tuple[torch.Tensor, list[Piece], torch.Tensor | None]:
+                         *, with_column_map: bool = True, in_place: bool = False
+                         ) -> tuple[torch.Tensor, list[Piece], torch.Tensor | None]:
         """``f_G(X)`` ``(*batch, n)``, the column blocks of the *non-shared* Jacobian at
         :meth:`to_nonshared` ``(params)`` and the column map ``M`` (:meth:`column_map`; ``None``
         for a non-shared model, or when ``with_column_map`` is false: the estimators form it only
@@ -362,22 +372,34 @@ class HMoE(AnalyticJacobian, MixtureModel):
         ``l_hl`` and value ``v_hl``: ``df/dl_hl = pi_h p_hl (v_hl - g_h)`` and
         ``df/dv_hl = pi_h p_hl``; a softmax first level adds ``df/d(head logit h) =
         pi_h (g_h - f)``. ``prepared`` is the :meth:`prepare_inputs` of ``X`` (formed here when
-        not given).
+        not given). ``in_place``: for callers without autograd of any kind (the estimators), fewer
+        new arrays (the same numbers).
         """
-        p, values, g, pi = self._head_major(self.to_nonshared(params), X, prepared)
+        h, ell = self.n_heads, self.n_adapters
+        p, values, g, pi, both = self._head_major(self.to_nonshared(params), X, prepared, in_place)
         f = (pi * g).sum(-2)
         pi_ = pi.unsqueeze(-2) if isinstance(pi, torch.Tensor) else pi
-        # both blocks in one buffer, logit block first: the Khatri-Rao form reads them side by
-        # side without copying (KhatriRaoLayout.factors)
-        blocks = torch.empty((*p.shape[:-3], 2, *p.shape[-3:]), dtype=p.dtype, device=p.device)
+        # the blocks side by side in one buffer, logit block first (then value, then head), read without
+        # copying by KhatriRaoLayout.factors; in place, it is ``both`` (its logit rows are no longer needed)
+        reuse = in_place and not both.requires_grad
+        blocks = (both[..., : 2 * h * ell, :].unflatten(-2, (2, h, ell)) if reuse else
+                  torch.empty((*p.shape[:-3], 2, *p.shape[-3:]), dtype=p.dtype, device=p.device))
         d_logit, d_value = blocks.select(-4, 0), blocks.select(-4, 1)      # (*batch, H, L, n)
-        torch.mul(pi_, p, out=d_value)
-        torch.mul(d_value, values - g.unsqueeze(-2), out=d_logit)
+        if reuse:  # values - g into the logit rows, then d_value over the values, d_logit over values - g
+            spread = torch.sub(values, g.unsqueeze(-2), out=d_logit)
+            torch.mul(pi_, p, out=d_value)
+            torch.mul(d_value, spread, out=d_logit)
+        else:
+            torch.mul(pi_, p, out=d_value)
+            torch.mul(d_value, values - g.unsqueeze(-2), out=d_logit)
         # transposed views (*batch, n, H*L) of head-major blocks
         d_logit, d_value = d_logit.flatten(-3, -2).transpose(-1, -2), d_value.flatten(-3, -2).transpose(-1, -2)
         pieces: list[Piece] = [(d_logit, False), (d_logit, True), (d_value, True), (d_value, False)]
         if self.first_level == "softmax":
-            d_head = (pi * (g - f.unsqueeze(-2)))[..., 1:, :].transpose(-1, -2)
+            spread = g - f.unsqueeze(-2)
+            # in place: into the head-logit rows, right after the value block
+            d_head = (torch.mul(pi[..., 1:, :], spread[..., 1:, :], out=both[..., 2 * h * ell :, :]) if reuse
+                      else (pi * spread)[..., 1:, :]).transpose(-1, -2)
             pieces += [(d_head, False), (d_head, True)]
         return f, pieces, self.column_map(params) if self.maps_columns and with_column_map else None
 
