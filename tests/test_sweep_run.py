@@ -209,3 +209,41 @@ def test_workers_take_the_largest_cells_first():
     # most samples (n x replications) first; ties keep the given order; nothing lost or repeated
     assert order == [cells[1], cells[4], cells[3], cells[2], cells[0]]
     assert sorted(order, key=cells.index) == cells
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from hmoe_sim.sweep import backends
+if sys.argv[1] == "keep" and not backends._keep_freed_memory():
+    print(-1, 0)  # not glibc
+    sys.exit()
+sizes = [(1 + (7 * i) % 19) * 2**20 // 8 for i in range(60)]  # arrays of 1..19 MB, three kept alive
+def rounds():
+    kept = []
+    for k in sizes:
+        kept.append(torch.empty(k, dtype=torch.float64).fill_(1.0))
+        kept = kept[-3:]
+rounds()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, sum(sizes) * 8 // 4096)
+"""
+
+
+@pytest.mark.skipif(not backends.sys.platform.startswith("linux"), reason="glibc malloc settings (Linux)")
+def test_sweep_workers_reuse_freed_memory():
+    # a worker asks malloc to keep freed memory: the second round of the same allocations touches
+    # no fresh pages, where by default most arrays are fresh mmaps faulted in anew
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        counted, pages = out.stdout.split()
+        return int(counted), int(pages)
+
+    kept, pages = faults("keep")
+    if kept < 0:  # pragma: no cover
+        pytest.skip("malloc settings not available (not glibc)")
+    default, _ = faults("default")
+    assert kept < 0.01 * pages < 0.1 * pages < default

@@ -140,14 +140,39 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
+#: a worker's glibc malloc serves arrays up to this size from its heap (not a fresh mmap each time)
+#: and keeps up to ``WORKER_TRIM_BYTES`` of freed heap for reuse (not handed back to the kernel)
+WORKER_MMAP_BYTES = 32 * 2**20
+WORKER_TRIM_BYTES = 256 * 2**20
+
+
+def _keep_freed_memory() -> bool:
+    """Ask glibc's malloc (Linux) to reuse freed memory: the fits allocate and free arrays of a few MB
+    many times per second, and by default each is a fresh ``mmap`` whose pages are faulted in anew
+    (measured: 2.4 million page faults in a 48-cell sweep, 5 s of system time; 0.2 million with
+    this). Affects this process only; ``False`` where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, WORKER_MMAP_BYTES)) and bool(mallopt(m_trim_threshold, WORKER_TRIM_BYTES))
+
+
 def _worker_init(parent_pid: int) -> None:
-    """Set up a worker process: Ctrl-C is the parent's business; never outlive the parent.
+    """Set up a worker process: Ctrl-C is the parent's business; never outlive the parent; freed
+    memory is reused (:func:`_keep_freed_memory`).
 
     The kernel kills the worker when its parent dies (Linux); elsewhere, and as a fallback, a
     daemon thread exits the worker once its parent pid changes.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _keep_freed_memory()
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before the request above took effect
         os._exit(1)
