@@ -60,17 +60,42 @@ def test_a_bounded_stack_topped_up_from_the_queue_gives_every_problem_its_answer
         assert_tensors_match(alone.theta[0], whole.theta[b])
 
 
-def test_solvers_sharing_a_queue_and_an_output_on_threads():
+@pytest.mark.parametrize("solvers", [1, 3])
+def test_solvers_sharing_a_queue_and_an_output_on_threads(solvers):
+    # solvers=1: the queue only hands out rows; 3: the threads also balance their active problems
     problem, theta0 = _stack("hmoe-shared", B=9)
     whole = solve_lm(problem, theta0, **OPTIONS)
-    out, queue = start_output(theta0, problem.lo, problem.hi), RowQueue(theta0.shape[0])
+    out, queue = start_output(theta0, problem.lo, problem.hi), RowQueue(theta0.shape[0], solvers=solvers)
     threads = [threading.Thread(target=solve_lm, args=(problem, theta0),
-                                kwargs=dict(queue=queue, stack=2, out=out, **OPTIONS)) for _ in range(3)]
+                                kwargs=dict(queue=queue, stack=3, out=out, solver=k % solvers, **OPTIONS))
+               for k in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     _assert_same_output(out, whole)
+
+
+def test_a_solver_with_two_fewer_problems_is_handed_half_the_difference():
+    problem, theta0 = _stack("hmoe-shared", B=7)
+    out, queue = start_output(theta0, problem.lo, problem.hi), RowQueue(7, solvers=2)
+    assert list(queue.take(7)) == list(range(7))
+    many = _lm._start(problem, range(0, 6), out, 1e-3, OPTIONS["gtol"])
+    few = _lm._start(problem, range(6, 7), out, 1e-3, OPTIONS["gtol"])
+    assert many.rows.numel() == 6 and few.rows.numel() == 1
+    assert queue.balance(1, many, problem) is many  # nobody has asked; solver 0 has not reported yet
+    assert queue.balance(0, few, problem) is few    # 1 + 2 <= 6: solver 0 asks
+    kept = queue.balance(1, many, problem)          # hands over (6 - 1) // 2 = 2 problems
+    assert kept.rows.tolist() == [0, 1, 2, 3]
+    joined = queue.balance(0, few, problem)
+    assert joined.rows.tolist() == [6, 4, 5]
+    assert torch.equal(joined.theta[1:], many.theta[4:]) and torch.equal(joined.A[1:], many.A[4:])
+    assert torch.equal(joined.sub.X[1:], problem.X[4:6])
+    # balanced within one: nobody asks any more; a solver out of problems waits only while another has two
+    assert queue.balance(1, kept, problem) is kept and queue.balance(0, joined, problem) is joined
+    idle = RowQueue(3, solvers=2)
+    idle.balance(1, few, problem)
+    assert idle.wait_for_problems(0, problem) is None  # the other has one problem: nothing to hand over
 
 
 def test_fit_batch_on_worker_threads_matches_one_thread_and_restores_torch_threads(monkeypatch):
@@ -115,3 +140,57 @@ def test_workers_must_be_a_positive_integer(bad):
     init = init_near_truth(s.fit_model, s.true_model, s.truth, batch_shape=1, seed=0)
     with pytest.raises((ValueError, TypeError), match="workers"):
         fit_batch(s.fit_model, X, y, init, workers=bad)
+
+
+def test_a_waiting_solver_is_handed_problems_and_close_ends_the_wait():
+    import time
+
+    problem, theta0 = _stack("hmoe-shared", B=4)
+    out, queue = start_output(theta0, problem.lo, problem.hi), RowQueue(4, solvers=2)
+    queue.take(4)
+    four = _lm._start(problem, range(0, 4), out, 1e-3, OPTIONS["gtol"])
+    assert four.rows.numel() == 4
+    queue.balance(1, four, problem)
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(queue.wait_for_problems(0, problem)))
+    waiting.start()
+    for _ in range(500):  # until solver 0 has asked
+        if queue._asking == 0:
+            break
+        time.sleep(0.01)
+    kept = queue.balance(1, four, problem)
+    waiting.join(5)
+    assert kept.rows.tolist() == [0, 1] and got[0].rows.tolist() == [2, 3]
+    # a failed solver closes the queue: the others stop waiting
+    closed = RowQueue(4, solvers=2)
+    closed.balance(1, four, problem)
+    waiting = threading.Thread(target=lambda: got.append(closed.wait_for_problems(0, problem)))
+    waiting.start()
+    closed.close()
+    waiting.join(5)
+    assert not waiting.is_alive() and got[1] is None
+
+
+def test_a_failing_solver_does_not_leave_the_others_waiting(monkeypatch):
+    problem, theta0 = _stack("hmoe-shared", B=6)
+    original, calls = _lm._iterate, []
+
+    def failing(act, *args, **kwargs):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 5:
+            raise RuntimeError("solver failed")
+        return original(act, *args, **kwargs)
+
+    monkeypatch.setattr(_lm, "_iterate", failing)
+    errors = []
+
+    def run() -> None:
+        try:
+            _lm.solve_lm_in_threads(problem, theta0, 2, **OPTIONS)
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive() and errors == ["solver failed"]

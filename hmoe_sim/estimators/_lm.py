@@ -10,7 +10,9 @@ in the spirit of Kanzow, Yamashita and Fukushima, 2004).
 
 Several solvers (threads) can work through one stack: they share a :class:`RowQueue` of the
 problems not yet started and one output, and each keeps at most ``stack`` problems active,
-taking the next ones from the queue as its own stop (:func:`solve_lm`).
+taking the next ones from the queue as its own stop (:func:`solve_lm`). Once the queue is empty,
+a solver with at least two problems fewer than another is handed some of the other's active
+problems (the slow problems of a stack are not known in advance).
 """
 
 from __future__ import annotations
@@ -42,11 +44,21 @@ def _pick(idx: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
 
 
 class RowQueue:
-    """The problems ``0 .. total-1`` of a stack not yet started, handed out in order (thread-safe)."""
+    """The problems ``0 .. total-1`` of a stack shared by ``solvers`` solvers (thread-safe).
 
-    def __init__(self, total: int) -> None:
+    The problems not yet started are handed out in order (:meth:`take`). Once they run out, the
+    solvers balance their active problems (:meth:`balance`, :meth:`wait_for_problems`): a solver
+    with at least two fewer than another asks, and the other hands it half the difference. A
+    problem's answer does not depend on the stack it is solved in, so moving it changes no result.
+    """
+
+    def __init__(self, total: int, solvers: int = 1) -> None:
         self._next, self._total = 0, total
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._active = [0] * solvers            # active problems per solver (each writes its own)
+        self._handed: list[list[_Active]] = [[] for _ in range(solvers)]
+        self._asking: int | None = None          # the solver asking for problems, if any
+        self._closed = False
 
     def take(self, count: int) -> range:
         """The next ``count`` problems (fewer, or none, when the queue runs out)."""
@@ -54,6 +66,70 @@ class RowQueue:
             start = self._next
             self._next = min(self._total, start + max(count, 0))
             return range(start, self._next)
+
+    def balance(self, solver: int, act: _Active, problem: Problem) -> _Active:
+        """``act`` of ``solver`` after balancing: problems handed to it joined, half the difference
+        handed to an asking solver with at least two fewer, or a request made when another has at
+        least two more. Cheap when there is nothing to do (no lock)."""
+        count = act.rows.numel()
+        self._active[solver] = count
+        if len(self._active) == 1:
+            return act
+        if self._handed[solver]:
+            with self._lock:
+                received, self._handed[solver] = self._handed[solver], []
+            for other in received:
+                act = act.join(other, problem)
+            return act
+        asking = self._asking
+        if asking is not None and asking != solver and count >= self._active[asking] + 2:
+            with self._lock:
+                if self._asking != asking or count < self._active[asking] + 2:
+                    return act
+                given = (count - self._active[asking]) // 2
+                index = torch.arange(count, device=act.rows.device)
+                self._handed[asking].append(act.keep(index[count - given :]))
+                self._active[asking] += given
+                self._active[solver] = count - given
+                self._asking = None
+                self._lock.notify_all()
+            return act.keep(index[: count - given])
+        if asking is None and count + 2 <= max(self._active):
+            with self._lock:
+                if self._asking is None:
+                    self._asking = solver
+        elif asking == solver and count + 2 > max(self._active):
+            with self._lock:  # balanced meanwhile: let another ask
+                if self._asking == solver:
+                    self._asking = None
+        return act
+
+    def wait_for_problems(self, solver: int, problem: Problem) -> _Active | None:
+        """Problems handed to ``solver``, which has none left, or ``None`` once no other solver has
+        two or more (nothing will be handed over) or the stack was :meth:`close` d."""
+        with self._lock:
+            self._active[solver] = 0
+            while True:
+                if self._handed[solver]:
+                    received, self._handed[solver] = self._handed[solver], []
+                    act = received[0]
+                    for other in received[1:]:
+                        act = act.join(other, problem)
+                    return act
+                if self._closed or max(self._active) <= 1:
+                    if self._asking == solver:
+                        self._asking = None
+                    self._lock.notify_all()
+                    return None
+                if self._asking is None:
+                    self._asking = solver
+                self._lock.wait(0.01)  # the others' counts change without a notice
+
+    def close(self) -> None:
+        """Stop every wait (a solver failed: the others must not wait for its problems)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
 
 
 def start_output(theta0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> SolverOutput:
@@ -106,6 +182,7 @@ def solve_lm(
     queue: RowQueue | None = None,
     stack: int | None = None,
     out: SolverOutput | None = None,
+    solver: int = 0,
 ) -> SolverOutput:
     """Minimise ``0.5 * ||w_b (y_b - f(theta_b; X_b))||^2`` for every problem ``b``.
 
@@ -123,11 +200,12 @@ def solve_lm(
 
     Parameters
     ----------
-    queue, stack, out : optional
+    queue, stack, out, solver : optional
         Several calls (threads) that share a ``queue`` of ``problem``'s rows and an ``out``
-        (:func:`start_output`; each call writes only the rows it took) work through one stack,
+        (:func:`start_output`; each call writes only the rows it solves) work through one stack,
         each with at most ``stack`` active problems, taking the next rows from the queue as its
-        own stop. Default: all rows at once, a new output.
+        own stop; once the queue is empty they balance their active problems (:class:`RowQueue`;
+        ``solver``: this call's number, ``0 .. solvers-1``). Default: all rows at once, a new output.
 
     Returns
     -------
@@ -151,9 +229,13 @@ def solve_lm(
             if joining is not None:
                 act = joining if act is None or not act.rows.numel() else act.join(joining, problem)
         if act is None or not act.rows.numel():
-            if not len(new):
+            if len(new):
+                continue
+            act = queue.wait_for_problems(solver, problem)
+            if act is None:
                 return out
-            continue
+        else:
+            act = queue.balance(solver, act, problem)
         act = _iterate(act, out, eye, tiny, eps, lo, hi, max_iter, ftol, xtol, gtol)
 
 
@@ -280,14 +362,21 @@ def solve_lm_in_threads(problem: Problem, theta0: torch.Tensor, threads: int, **
     problem.prepared()
     problem.input_products()
     out = start_output(theta0, problem.lo, problem.hi)
-    queue = RowQueue(B)
+    queue = RowQueue(B, solvers=threads)
     stack = max(1, math.ceil(B / (threads * THREAD_STACK_SPLIT)))
+
+    def solver(number: int) -> None:
+        try:
+            solve_lm(problem, theta0, queue=queue, stack=stack, out=out, solver=number, **options)
+        except BaseException:
+            queue.close()  # the others must not wait for this solver's problems
+            raise
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hmoe-sim-lm") as pool:
-            futures = [pool.submit(solve_lm, problem, theta0, queue=queue, stack=stack, out=out, **options)
-                       for _ in range(threads)]
+            futures = [pool.submit(solver, number) for number in range(threads)]
             for future in futures:
                 future.result()
     finally:
