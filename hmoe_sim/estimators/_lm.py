@@ -355,7 +355,9 @@ def worker_threads(workers: int, total: int, n: int) -> int:
 def solve_lm_in_threads(problem: Problem, theta0: torch.Tensor, threads: int, **options: float) -> SolverOutput:
     """:func:`solve_lm` on ``threads`` threads with one torch thread each, sharing the stack's queue
     and output; each keeps ``ceil(B / (threads * THREAD_STACK_SPLIT))`` problems active and takes
-    the next from the queue (if any is left) as its own stop. torch's thread count is restored after.
+    the next from the queue (if any is left) as its own stop; then they balance their active problems
+    (:meth:`RowQueue.balance`). A solver that fails closes the queue, so that no other waits for its
+    problems. torch's thread count is restored after.
     ``options``: those of :func:`solve_lm` (``max_iter``, ``ftol``, ``xtol``, ``gtol``)."""
     B = theta0.shape[0]
     # what depends on the data alone, formed once for the whole stack before the threads share it

@@ -273,7 +273,8 @@ def fit_batch(
     workers : int, optional
         CPU threads that work through the stack at once (``method="lm"``; the other methods
         solve it as one stack), each with one torch thread (torch's thread count is set to 1 for
-        the fit and restored after it), taking their shares of the problems from one queue
+        the fit and restored after it), taking their shares of the problems from one queue and
+        balancing their active problems once it is empty
         (:func:`~hmoe_sim.estimators._lm.solve_lm_in_threads`). Default: torch's thread count on the CPU,
         1 on a GPU. Each thread gets at least ``_lm.MIN_SAMPLES_PER_WORKER`` samples (problems x
         ``n``); a smaller stack is solved as one, with torch's threads. Per problem, results do
