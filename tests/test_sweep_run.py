@@ -232,18 +232,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, sum(sizes) * 
 
 @pytest.mark.skipif(not backends.sys.platform.startswith("linux"), reason="glibc malloc settings (Linux)")
 def test_sweep_workers_reuse_freed_memory():
-    # a worker asks malloc to keep freed memory: the second round of the same allocations touches
-    # no fresh pages, where by default most arrays are fresh mmaps faulted in anew
+    # a worker asks malloc to keep freed memory: the second round of the same allocations touches no
+    # fresh page (by default, measured on the development machine, 6% to 25% of its pages are faulted
+    # in anew, depending on the thread count: every freed array above the mmap threshold is unmapped)
     import subprocess
     import sys
 
-    def faults(mode: str) -> tuple[int, int]:
-        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
-        counted, pages = out.stdout.split()
-        return int(counted), int(pages)
-
-    kept, pages = faults("keep")
-    if kept < 0:  # pragma: no cover
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, "keep"], capture_output=True, text=True, check=True)
+    faults, pages = (int(v) for v in out.stdout.split())
+    if faults < 0:  # pragma: no cover
         pytest.skip("malloc settings not available (not glibc)")
-    default, _ = faults("default")
-    assert kept < 0.01 * pages < 0.1 * pages < default
+    assert faults < 0.01 * pages
