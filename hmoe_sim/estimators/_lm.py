@@ -78,8 +78,8 @@ class RowQueue:
         if self._handed[solver]:
             with self._lock:
                 received, self._handed[solver] = self._handed[solver], []
-            for other in received:
-                act = act.join(other, problem)
+            act = _joined([act, *received], problem)
+            self._active[solver] = act.rows.numel()
             return act
         asking = self._asking
         if asking is not None and asking != solver and count >= self._active[asking] + 2:
@@ -112,9 +112,8 @@ class RowQueue:
             while True:
                 if self._handed[solver]:
                     received, self._handed[solver] = self._handed[solver], []
-                    act = received[0]
-                    for other in received[1:]:
-                        act = act.join(other, problem)
+                    act = _joined(received, problem)
+                    self._active[solver] = act.rows.numel()
                     return act
                 if self._closed or max(self._active) <= 1:
                     if self._asking == solver:
@@ -130,6 +129,14 @@ class RowQueue:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+
+
+def _joined(parts: list[_Active], problem: Problem) -> _Active:
+    """The active problems of ``parts`` as one state (in order)."""
+    act = parts[0]
+    for other in parts[1:]:
+        act = act.join(other, problem)
+    return act
 
 
 def start_output(theta0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> SolverOutput:

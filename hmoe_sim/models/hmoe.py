@@ -396,10 +396,10 @@ class HMoE(AnalyticJacobian, MixtureModel):
         d_logit, d_value = d_logit.flatten(-3, -2).transpose(-1, -2), d_value.flatten(-3, -2).transpose(-1, -2)
         pieces: list[Piece] = [(d_logit, False), (d_logit, True), (d_value, True), (d_value, False)]
         if self.first_level == "softmax":
-            spread = g - f.unsqueeze(-2)
+            above = g - f.unsqueeze(-2)
             # in place: into the head-logit rows, right after the value block
-            d_head = (torch.mul(pi[..., 1:, :], spread[..., 1:, :], out=both[..., 2 * h * ell :, :]) if reuse
-                      else (pi * spread)[..., 1:, :]).transpose(-1, -2)
+            d_head = (torch.mul(pi[..., 1:, :], above[..., 1:, :], out=both[..., 2 * h * ell :, :]) if reuse
+                      else (pi * above)[..., 1:, :]).transpose(-1, -2)
             pieces += [(d_head, False), (d_head, True)]
         return f, pieces, self.column_map(params) if self.maps_columns and with_column_map else None
 

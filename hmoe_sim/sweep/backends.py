@@ -18,6 +18,7 @@ A dask LocalCluster's workers are watched by their nannies, which exit when the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import multiprocessing
 import os
@@ -128,14 +129,22 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
+def _libc() -> ctypes.CDLL | None:
+    """This process's C library (Linux), or ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _die_with_parent() -> None:
     """On Linux, ask the kernel to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``)."""
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return
-    import ctypes
-
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
@@ -151,13 +160,8 @@ def _keep_freed_memory() -> bool:
     many times per second, and by default each is a fresh ``mmap`` whose pages are faulted in anew
     (measured: 2.4 million page faults in a 48-cell sweep, 5 s of system time; 0.2 million with
     this). Affects this process only; ``False`` where it is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not Linux, or not glibc
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, WORKER_MMAP_BYTES)) and bool(mallopt(m_trim_threshold, WORKER_TRIM_BYTES))
