@@ -89,6 +89,27 @@ def test_chunked_and_unchunked_runs_agree_to_round_off():
         assert_tensors_match(res.risk, ref.risk)
 
 
+@pytest.mark.parametrize("name", ["softmax-linear", "hmoe-shared"])
+@pytest.mark.parametrize("method", ["lm", "adam"])
+def test_fit_under_no_grad_and_inference_mode_is_the_same_fit(name, method):
+    # the certificate differentiates the risk; a caller's no_grad / inference_mode must not break
+    # it, also with data, starts and model all made inside inference mode
+    def fit():
+        s, model, X, y = _data(name, 2, 120)
+        init = init_near_truth(model, s.true_model, s.truth, batch_shape=2, perturbation=0.1, seed=3)
+        return fit_batch(model, X, y, init, method=method, max_iter=25, truth=s.truth)
+
+    ref = fit()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            res = fit()
+        assert not res.risk.is_inference()
+        for field in ("risk", "grad_norm", "n_iter", "converged", "risk_truth"):
+            assert torch.equal(getattr(res, field), getattr(ref, field)), (mode.__name__, field)
+        for k in ref.params:
+            assert torch.equal(res.params[k], ref.params[k])
+
+
 def test_mask_gives_the_fit_of_the_shorter_data_set():
     s, model, X, y = _data("softmax-linear", 2, 240)
     init = init_near_truth(model, s.true_model, s.truth, batch_shape=2, perturbation=0.1, seed=4)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -213,6 +214,26 @@ def _check_init_in_box(model: MixtureModel, theta0: torch.Tensor, lo: torch.Tens
         start += size
 
 
+_Fit = TypeVar("_Fit", bound=Callable[..., FitResult])
+
+
+def _outside_inference_mode(fit: _Fit) -> _Fit:
+    """``fit`` run with torch's inference mode off when its caller has it on: the certificate
+    differentiates the risk (autograd), which ``torch.inference_mode()`` forbids. Tensors made in
+    inference mode are only read (never saved for backward), so they may be passed in; the results
+    are ordinary tensors, and the same numbers as outside inference mode."""
+
+    @functools.wraps(fit)
+    def outside(*args: Any, **kwargs: Any) -> FitResult:
+        if not torch.is_inference_mode_enabled():
+            return fit(*args, **kwargs)
+        with torch.inference_mode(False):
+            return fit(*args, **kwargs)
+
+    return outside  # type: ignore[return-value]
+
+
+@_outside_inference_mode
 def fit_batch(
     model: MixtureModel,
     X: torch.Tensor,
@@ -293,6 +314,12 @@ def fit_batch(
     Returns
     -------
     FitResult
+
+    Notes
+    -----
+    Under ``torch.no_grad()`` or ``torch.inference_mode()`` the fit runs as usual (the
+    certificate's gradient re-enables autograd locally; inference mode is left for the fit) and
+    gives the same numbers.
 
     Raises
     ------
