@@ -91,6 +91,19 @@ def test_factor_gram_of_a_problem_does_not_depend_on_its_stack():
     assert torch.equal(factor_gram(flat, x[:4], torch.tensor([1, 3])), factor_gram(flat, x[:4])[[1, 3]])
 
 
+def test_factor_gram_rows_of_strided_factors_are_those_of_the_whole_stack():
+    # the HMoE's factors are rows of the model's product buffer (a strided view); at m = 16 a group is one
+    # problem, whose factors the rows path reads as a view (consecutive rows) instead of a gathered copy
+    g = torch.Generator().manual_seed(9)
+    n = 2 * GRAM_BLOCK + 35
+    u = torch.randn(5, 19, n, generator=g, dtype=torch.float64)[:, :16]
+    x = torch.randn(5, 15, n, generator=g, dtype=torch.float64)
+    assert GRAM_CACHE_BYTES // (136 * GRAM_BLOCK * 8) <= 1 and not u.is_contiguous()
+    whole = factor_gram(u, x)
+    for rows in ([3], [0, 1], [1, 3, 4], [0, 1, 2, 3, 4]):
+        assert torch.equal(factor_gram(u, x, torch.tensor(rows)), whole[rows])
+
+
 def test_factor_gram_scratch_buffers_are_kept_per_thread_and_grown():
     # the pair products go to buffers kept by the calling thread: reused call after call (the
     # same sums as a first call) and grown for a larger stack; another thread gets its own

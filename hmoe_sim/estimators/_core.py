@@ -144,10 +144,10 @@ class Problem:
         """
         factors_of = getattr(self.model, "jacobian_factors", None)
         if factors_of is not None:
-            f, pieces, _ = factors_of(self.model.unflatten(theta), self.X, self.prepared(), with_column_map=False,
-                                      in_place=True)
+            params = self.model.unflatten(theta)
+            f, pieces, _ = factors_of(params, self.X, self.prepared(), with_column_map=False, in_place=True)
             return Linearization(self, theta, self._masked(self.y - f), pieces,
-                                 mapped=bool(getattr(self.model, "maps_columns", False)))
+                                 mapped=bool(getattr(self.model, "maps_columns", False)), params=params)
         pieces_of = getattr(self.model, "jacobian_pieces", None)
         if pieces_of is not None:
             f, pieces = pieces_of(self.model.unflatten(theta), self.X)
@@ -172,6 +172,8 @@ class Linearization:
         The pieces are the blocks ``J_blocks`` of another parametrisation's Jacobian and the Jacobian
         is ``J_blocks M`` with ``M`` the model's ``column_map`` at ``theta`` (``jacobian_factors``);
         ``False``: the pieces are the Jacobian itself.
+    params : dict, optional
+        ``model.unflatten(theta)``, when the linearisation had it (the column map reads it).
     """
 
     problem: Problem
@@ -179,6 +181,7 @@ class Linearization:
     r: torch.Tensor
     pieces: list[Piece] | None
     mapped: bool = False
+    params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def column_map(self) -> torch.Tensor | None:
@@ -187,7 +190,8 @@ class Linearization:
 
     def _column_map(self, rows: torch.Tensor | None) -> torch.Tensor:
         model = self.problem.model
-        return model.column_map(model.unflatten(_pick(rows, self.theta)))  # type: ignore[attr-defined]
+        params = self.params if rows is None and self.params is not None else model.unflatten(_pick(rows, self.theta))
+        return model.column_map(params)  # type: ignore[attr-defined]
 
     def normal_equations(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``A = J^T J`` ``(b', P, P)`` and ``g = J^T r`` ``(b', P)`` of the problems ``rows``.

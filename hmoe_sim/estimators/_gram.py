@@ -101,19 +101,25 @@ def factor_gram(factors: torch.Tensor, products: torch.Tensor, rows: torch.Tenso
     # buffers kept by this thread (a new array per group or block is a fresh allocation each time)
     numel = min(group, count) * pairs * width
     buffer, second = (_scratch(k, numel, factors) for k in (0, 1))
+    wanted = None if rows is None else rows.tolist()
     grams = []
     for first in range(0, count, group):
         size = min(group, count - first)
         chosen = None if rows is None else rows[first : first + group]
-        # the group's problems (views; gathered block by block for rows)
+        # the group's problems (views; gathered block by block for rows); the factors of consecutive
+        # rows (one row, always, when a group is one problem) are read as a view: only the pair
+        # products are formed from them (the same numbers either way)
         u_all, x_all = (factors, products) if chosen is not None else (factors[first : first + group],
                                                                       products[first : first + group])
+        u_rows = wanted is not None and wanted[first : first + size] == list(range(wanted[first], wanted[first] + size))
         full = buffer[: size * pairs * width].view(size, pairs, width)
         full_second = second[: size * pairs * width].view(size, pairs, width)
         gram = None
         for start in range(0, n, GRAM_BLOCK):
             u, x = u_all[..., start : start + GRAM_BLOCK], x_all[..., start : start + GRAM_BLOCK]
-            if chosen is not None:
+            if u_rows:
+                u, x = u[wanted[first] : wanted[first] + size], x.index_select(0, chosen)
+            elif chosen is not None:
                 u, x = u.index_select(0, chosen), x.index_select(0, chosen)
             if u.shape[-1] == width:
                 out, scratch = full, full_second

@@ -280,12 +280,15 @@ def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, ep
     th, cost, A, g, lam, nu = act.theta, act.cost, act.A, act.g, act.lam, act.nu
     # freeze coordinates at a bound whose descent direction (g) points outward
     free = ~(((th <= lo) & (g < 0)) | ((th >= hi) & (g > 0)))
-    ff = free.unsqueeze(-1) & free.unsqueeze(-2)
     diag = torch.maximum(act.scale, torch.diagonal(A, dim1=-2, dim2=-1))
     diag = torch.maximum(diag, eps * diag.amax(-1, keepdim=True)).clamp_min(tiny)
-    damp = torch.where(free, lam.unsqueeze(-1) * diag, 1.0)
-    M = torch.where(ff, A, 0.0) + eye * damp.unsqueeze(-1)
-    gf = torch.where(free, g, 0.0)
+    damp = lam.unsqueeze(-1) * diag
+    if bool(free.all()):  # nothing frozen (the common case): the same matrix without the masks
+        M, gf = A + eye * damp.unsqueeze(-1), g
+    else:
+        ff = free.unsqueeze(-1) & free.unsqueeze(-2)
+        M = torch.where(ff, A, 0.0) + eye * torch.where(free, damp, 1.0).unsqueeze(-1)
+        gf = torch.where(free, g, 0.0)
     chol, info = torch.linalg.cholesky_ex(M)
     ok = info == 0
     delta = torch.cholesky_solve(gf.unsqueeze(-1), chol).squeeze(-1)
@@ -295,7 +298,9 @@ def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, ep
     lin = act.sub.linearize(cand)
     cost_new = 0.5 * lin.r.square().sum(-1)
     actual = cost - cost_new
-    predicted = (step * g).sum(-1) - 0.5 * torch.einsum("bp,bpq,bq->b", step, A, step)
+    # step^T A step by two products, in the order torch.einsum("bp,bpq,bq->b") takes without opt_einsum
+    quadratic = torch.bmm(torch.bmm(step.unsqueeze(-2), A), step.unsqueeze(-1)).reshape(-1)
+    predicted = (step * g).sum(-1) - 0.5 * quadratic
     accept = ok & torch.isfinite(cost_new) & (actual > 0)
     rho = torch.where(predicted > 0, actual / predicted, 0.0)
     shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
