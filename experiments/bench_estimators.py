@@ -446,6 +446,16 @@ def bench_setup(name: str, seed: int):
             setup.true_model.to_nonshared(setup.truth))
 
 
+def bench_problems(name: str, seed: int, n: int, n_sets: int):
+    """``(setup, fitted model, X, y, starts)``: ``n_sets`` data sets of ``n`` samples of ``--model name``
+    (seeds ``(seed, b)``) and their near-truth starts (perturbation 0.1, seed ``seed``)."""
+    setup, model, start_model, start_truth = bench_setup(name, seed)
+    X, y = sample_batch(setup.true_model, setup.truth, n, setup.noise_std,
+                        [np.random.SeedSequence([seed, b]) for b in range(n_sets)])
+    init = init_near_truth(model, start_model, start_truth, batch_shape=n_sets, perturbation=0.1, seed=seed)
+    return setup, model, X, y, init
+
+
 def describe(name: str, setup, model) -> str:
     if name == "softmax-linear":
         return f"softmax-linear D={model.input_dim} k*={setup.true_model.n_atoms} k={model.n_atoms}"
@@ -481,11 +491,7 @@ def main(args: argparse.Namespace) -> None:
                 json.dump({"memory": summary}, fh, indent=1)
         return
     summary: dict[str, object] = {"model": args.model}
-    setup, model, start_model, start_truth = bench_setup(args.model, args.seed)
-    X, y = sample_batch(setup.true_model, setup.truth, args.n, setup.noise_std,
-                        [np.random.SeedSequence([args.seed, b]) for b in range(args.n_sets)])
-    init = init_near_truth(model, start_model, start_truth, batch_shape=args.n_sets, perturbation=0.1,
-                           seed=args.seed)
+    setup, model, X, y, init = bench_problems(args.model, args.seed, args.n, args.n_sets)
     box = Bounds()
     lo, hi = (v.numpy() for v in box.vectors(model))
     B, n, P = args.n_sets, args.n, model.n_params

@@ -31,14 +31,12 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_estimators import bench_setup  # noqa: E402
+from bench_estimators import bench_problems  # noqa: E402
 
-from hmoe_sim import sample_batch  # noqa: E402
-from hmoe_sim.estimators import fit_batch, init_near_truth  # noqa: E402
+from hmoe_sim.estimators import fit_batch  # noqa: E402
 
 SPLITS = {"even/odd": lambda B: (list(range(0, B, 2)), list(range(1, B, 2))),
           "first/last": lambda B: (list(range(B // 2)), list(range(B // 2, B)))}
@@ -57,21 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def problems(args: argparse.Namespace):
-    """The benchmark's model, data and near-truth starts (as in ``bench_estimators.py``)."""
-    setup, model, start_model, start_truth = bench_setup(args.model, args.seed)
-    X, y = sample_batch(setup.true_model, setup.truth, args.n, setup.noise_std,
-                        [np.random.SeedSequence([args.seed, b]) for b in range(args.n_sets)])
-    init = init_near_truth(model, start_model, start_truth, batch_shape=args.n_sets, perturbation=0.1,
-                           seed=args.seed)
+    """The benchmark's model, data and near-truth starts (``bench_estimators.bench_problems``)."""
+    _, model, X, y, init = bench_problems(args.model, args.seed, args.n, args.n_sets)
     return model, X, y, init
 
 
-def fit_rows(model, X, y, init, rows: list[int], args: argparse.Namespace, workers: int = 1):
-    """``fit_batch`` on the data sets ``rows``: (seconds, RSS per fit, iterations per fit)."""
+def fit_rows(model, X, y, init, rows: list[int], args: argparse.Namespace):
+    """``fit_batch`` with one worker thread on the data sets ``rows``: (seconds, RSS per fit, iterations
+    per fit)."""
     index = torch.tensor(rows)
     t0 = time.perf_counter()
     res = fit_batch(model, X[index], y[index], {k: v[index] for k, v in init.items()}, max_iter=args.max_iter,
-                    tol=args.tol, workers=workers)
+                    tol=args.tol, workers=1)
     seconds = time.perf_counter() - t0
     return seconds, (res.risk * res.n).double().tolist(), res.n_iter.tolist()
 
