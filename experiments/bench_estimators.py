@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scipy-sets", type=int, default=2,
                     help="run the finite-difference scipy loop on the first m data sets only and extrapolate "
                          "its time (0: skip it)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="K",
+                    help="time the batched LM, the matmul and the strong anchor K times each and report medians "
+                         "(with their range): single runs vary by 8-10%% on a shared 2-core machine")
     ap.add_argument("--max-memory", type=int, default=None, metavar="BYTES",
                     help="memory budget of the batched LM's chunks (fit_batch max_memory)")
     ap.add_argument("--reference-rss", metavar="JSON",
@@ -213,10 +216,12 @@ def anchor_costs(task: tuple, reps: int = 10) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
-def run_anchor(tasks: list[tuple], processes: int) -> tuple[list[tuple], float, tuple[float, float, float]]:
+def run_anchor(tasks: list[tuple], processes: int, repeat: int = 1
+               ) -> tuple[list[tuple], list[float], tuple[float, float, float]]:
     """The anchor on every data set, one fit per task in a pool of ``processes`` spawned workers with
-    one BLAS/OpenMP thread each. The pool is started and warmed up (one short fit per worker)
-    before the clock starts, as the batched LM is warmed up before its own."""
+    one BLAS/OpenMP thread each, ``repeat`` times: the fits of the last run and the wall seconds of
+    every run. The pool is started and warmed up (one short fit per worker) before the clock starts,
+    as the batched LM is warmed up before its own."""
     saved = {v: os.environ.get(v) for v in _THREAD_VARS}
     os.environ.update({v: "1" for v in _THREAD_VARS})
     try:
@@ -231,9 +236,12 @@ def run_anchor(tasks: list[tuple], processes: int) -> tuple[list[tuple], float, 
         warm = [(t[0].head(50), *t[1:]) for t in tasks[:1]] * processes
         pool.map(anchor_fit, warm, chunksize=1)
         costs = pool.apply(anchor_costs, (tasks[0],))
-        t0 = time.perf_counter()
-        out = pool.map(anchor_fit, tasks, chunksize=1)
-        return out, time.perf_counter() - t0, costs
+        walls = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = pool.map(anchor_fit, tasks, chunksize=1)
+            walls.append(time.perf_counter() - t0)
+        return out, walls, costs
 
 
 def run_fd_loop(residuals, theta0, lo, hi, tol):
@@ -267,6 +275,13 @@ def timed_fit(model, X, y, init, device: str, dtype: torch.dtype, **kwargs):
     res = fit_batch(model, Xd, yd, initd, **kwargs)
     _sync(device)
     return res, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _spread(values: list[float], unit: str) -> str:
+    """``"2.47 s"`` for one value; ``"median 2.47 s of 5 runs (2.40..2.61)"`` for several."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}{unit}"
+    return f"median {np.median(values):.2f}{unit} of {len(values)} runs ({min(values):.2f}..{max(values):.2f})"
 
 
 def matmul_rate(batch: int, n: int, P: int, device: str, dtype: torch.dtype, reps: int = 5) -> float:
@@ -473,6 +488,8 @@ def numpy_residual(model, X: np.ndarray, y: np.ndarray):
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
     if args.scaling_point:
         rate, peak = scaling_point(*args.scaling_point, args.device)
         print(rate, peak)
@@ -521,14 +538,20 @@ def main(args: argparse.Namespace) -> None:
     if args.max_memory is not None:
         fit_kw["max_memory"] = args.max_memory
 
-    # (a) batched LM
-    res, t_batched, cpu_batched = timed_fit(model, X, y, init, args.device, dtype, **fit_kw)
+    # (a) batched LM, --repeat times (the same fits each time: checked)
+    runs = [timed_fit(model, X, y, init, args.device, dtype, **fit_kw) for _ in range(args.repeat)]
+    res = runs[0][0]
     rss_batched = (res.risk * res.n).double().cpu().numpy()
+    changed = [i for i, run in enumerate(runs) if not torch.equal(run[0].risk, res.risk)]
+    if changed:
+        print(f"    WARNING: runs {changed} gave other risks than run 0 (the fits should not depend on the run)")
+    t_runs, cpu_runs = [run[1] for run in runs], [run[2] for run in runs]
+    t_batched, cpu_batched = float(np.median(t_runs)), float(np.median(cpu_runs))
     n_iter = res.n_iter.cpu()
     total_iter = int(n_iter.sum())
-    print(f"(a) batched LM: {t_batched:.2f} s ({cpu_batched:.2f} CPU s), converged {int(res.converged.sum())}/{B}, "
-          f"on boundary {int(res.on_boundary.sum())}, iterations median {int(n_iter.median())} "
-          f"max {int(n_iter.max())} total {total_iter}")
+    print(f"(a) batched LM: {_spread(t_runs, ' s')} ({cpu_batched:.2f} CPU s), "
+          f"converged {int(res.converged.sum())}/{B}, on boundary {int(res.on_boundary.sum())}, "
+          f"iterations median {int(n_iter.median())} max {int(n_iter.max())} total {total_iter}")
     kinds: dict[str, int] = {}
     for labels in res.boundary_params:
         for label in labels:
@@ -560,11 +583,16 @@ def main(args: argparse.Namespace) -> None:
 
     # roofline
     rate_fit = total_iter / t_batched * 2 * n * P * P / 1e9
-    rate_mm = matmul_rate(B, n, P, args.device, dtype)
+    mm_runs = [matmul_rate(B, n, P, args.device, dtype) for _ in range(args.repeat)]
+    rate_mm = float(np.median(mm_runs))
+    fractions = [total_iter / t * 2 * n * P * P / 1e9 / rate_mm for t in t_runs]
     print(f"roofline: effective {total_iter / t_batched:.1f} problem-iterations/s x 2nP^2 = {rate_fit:.2f} GFLOP/s; "
           f"same-shape batched J^T J matmul ({B}, {P}, {n}) @ ({B}, {n}, {P}), {args.dtype}, {args.device}: "
-          f"{rate_mm:.2f} GFLOP/s; fraction {rate_fit / rate_mm:.0%}")
-    summary.update(effective_gflops=rate_fit, matmul_gflops=rate_mm, roofline_fraction=rate_fit / rate_mm)
+          f"{_spread(mm_runs, ' GFLOP/s')}; fraction {rate_fit / rate_mm:.0%}"
+          + (f" (each run against the median matmul: {min(fractions):.0%}..{max(fractions):.0%})"
+             if args.repeat > 1 else ""))
+    summary.update(effective_gflops=rate_fit, matmul_gflops=rate_mm, roofline_fraction=rate_fit / rate_mm,
+                   batched_s_runs=t_runs, matmul_gflops_runs=mm_runs)
 
     if args.device != "cpu":
         res_cpu, t_cpu, _ = timed_fit(model, X, y, init, "cpu", dtype, **fit_kw)
@@ -585,11 +613,13 @@ def main(args: argparse.Namespace) -> None:
     if not jac_err < 1e-10:
         raise RuntimeError(f"the anchor's NumPy Jacobian disagrees with the model's: {jac_err:.2e}")
     tasks = [(residuals[b], theta0[b], lo, hi, args.tol) for b in range(B)]
-    an, t_anchor, costs = run_anchor(tasks, args.threads)
+    an, anchor_runs, costs = run_anchor(tasks, args.threads, args.repeat)
+    t_anchor = float(np.median(anchor_runs))
     rss_anchor = np.array([s[0] for s in an])
     cpu_anchor = sum(s[5] for s in an)
     print(f"(b) strong anchor: scipy least_squares (trf, exact NumPy Jacobian, checked against the model's to "
-          f"{jac_err:.1e}), pool of {args.threads} processes x 1 BLAS thread, every data set: {t_anchor:.2f} s "
+          f"{jac_err:.1e}), pool of {args.threads} processes x 1 BLAS thread, every data set: "
+          f"{_spread(anchor_runs, ' s')} "
           f"({cpu_anchor:.2f} CPU s) for {B} fits ({min(s[3] for s in an):.2f}..{max(s[3] for s in an):.2f} s "
           f"per fit); nfev median {int(np.median([s[1] for s in an]))}, status {sorted({s[2] for s in an})}")
     print(f"    one evaluation in a worker (CPU ms): residual {costs[0]:.2f}, Jacobian {costs[1]:.2f}, SVD of the "
@@ -601,7 +631,8 @@ def main(args: argparse.Namespace) -> None:
                 f"at bound={','.join(an[b][4]) or '-'}")
 
     _agreement("batched", rss_batched, "anchor", rss_anchor, detail)
-    summary.update(anchor_s=t_anchor, ratio_anchor=t_anchor / t_batched, batched_cpu_s=cpu_batched,
+    summary.update(anchor_s=t_anchor, anchor_s_runs=anchor_runs, ratio_anchor=t_anchor / t_batched,
+                   batched_cpu_s=cpu_batched,
                    anchor_cpu_s=cpu_anchor, ratio_anchor_cpu=cpu_anchor / cpu_batched)
 
     # (c) finite-difference loop

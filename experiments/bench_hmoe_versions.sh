@@ -19,8 +19,9 @@ bench() {  # label, library, args...
   PYTHONPATH=$lib python experiments/bench_estimators.py "$@" 2>&1
   echo "# uptime after: $(stamp)"
 }
-# N_SETS, N and SKIP_E2E=1 shrink the run for a smoke test; the record uses the defaults
-common=(--n-sets "${N_SETS:-16}" --n "${N:-10000}" --threads 2 --scipy-sets 0 --no-profile)
+# N_SETS, N and SKIP_E2E=1 shrink the run for a smoke test; the record uses the defaults. REPEAT=K times every
+# benchmark K times (medians and ranges; bench_estimators.py --repeat)
+common=(--n-sets "${N_SETS:-16}" --n "${N:-10000}" --threads 2 --scipy-sets 0 --no-profile --repeat "${REPEAT:-1}")
 for model in hmoe-shared hmoe-nonshared; do
   for i in "${!versions[@]}"; do
     label=${versions[$i]%%:*}; lib=${versions[$i]#*:}
