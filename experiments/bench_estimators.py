@@ -217,11 +217,11 @@ def anchor_costs(task: tuple, reps: int = 10) -> tuple[float, float, float]:
 
 
 def run_anchor(tasks: list[tuple], processes: int, repeat: int = 1
-               ) -> tuple[list[tuple], list[float], tuple[float, float, float]]:
+               ) -> tuple[list[tuple], list[float], list[float], tuple[float, float, float]]:
     """The anchor on every data set, one fit per task in a pool of ``processes`` spawned workers with
-    one BLAS/OpenMP thread each, ``repeat`` times: the fits of the last run and the wall seconds of
-    every run. The pool is started and warmed up (one short fit per worker) before the clock starts,
-    as the batched LM is warmed up before its own."""
+    one BLAS/OpenMP thread each, ``repeat`` times: the fits of the last run, and the wall seconds and
+    the CPU seconds (all workers) of every run. The pool is started and warmed up (one short fit per
+    worker) before the clock starts, as the batched LM is warmed up before its own."""
     saved = {v: os.environ.get(v) for v in _THREAD_VARS}
     os.environ.update({v: "1" for v in _THREAD_VARS})
     try:
@@ -236,12 +236,13 @@ def run_anchor(tasks: list[tuple], processes: int, repeat: int = 1
         warm = [(t[0].head(50), *t[1:]) for t in tasks[:1]] * processes
         pool.map(anchor_fit, warm, chunksize=1)
         costs = pool.apply(anchor_costs, (tasks[0],))
-        walls = []
+        walls, cpus = [], []
         for _ in range(repeat):
             t0 = time.perf_counter()
             out = pool.map(anchor_fit, tasks, chunksize=1)
             walls.append(time.perf_counter() - t0)
-        return out, walls, costs
+            cpus.append(sum(fit[5] for fit in out))
+        return out, walls, cpus, costs
 
 
 def run_fd_loop(residuals, theta0, lo, hi, tol):
@@ -613,10 +614,10 @@ def main(args: argparse.Namespace) -> None:
     if not jac_err < 1e-10:
         raise RuntimeError(f"the anchor's NumPy Jacobian disagrees with the model's: {jac_err:.2e}")
     tasks = [(residuals[b], theta0[b], lo, hi, args.tol) for b in range(B)]
-    an, anchor_runs, costs = run_anchor(tasks, args.threads, args.repeat)
+    an, anchor_runs, anchor_cpu_runs, costs = run_anchor(tasks, args.threads, args.repeat)
     t_anchor = float(np.median(anchor_runs))
     rss_anchor = np.array([s[0] for s in an])
-    cpu_anchor = sum(s[5] for s in an)
+    cpu_anchor = float(np.median(anchor_cpu_runs))
     print(f"(b) strong anchor: scipy least_squares (trf, exact NumPy Jacobian, checked against the model's to "
           f"{jac_err:.1e}), pool of {args.threads} processes x 1 BLAS thread, every data set: "
           f"{_spread(anchor_runs, ' s')} "
