@@ -108,3 +108,35 @@ def test_autograd_fallback_agrees_with_analytic(name):
     f, J = model.value_and_jacobian(params, X)
     torch.testing.assert_close(f, f_ref, **TOL)
     torch.testing.assert_close(J, J_ref, **TOL)
+
+
+@pytest.mark.parametrize("model", [
+    FlatMoE(3, 3, gate="softmax", expert="tanh", anchors=ANCHORS),
+    FlatMoE(3, 2, gate="sigmoid", expert="relu"),
+    HMoE(FrozenAttention.from_seed(3, n_heads=2, token_dim=2, key_dim=2, value_dim=3), n_tokens=2, n_adapters=2,
+         structure="nonshared", first_level="softmax"),
+    HMoE(FrozenAttention.from_seed(3, n_heads=2, token_dim=2, key_dim=2, value_dim=3), n_tokens=2, n_adapters=2,
+         structure="shared", code_dim=3, code_activation="tanh", first_level="uniform"),
+    HMoE(FrozenAttention.from_seed(3, n_heads=2, token_dim=2, key_dim=2, value_dim=3), n_tokens=2, n_adapters=2,
+         structure="shared", code_dim=3, code_activation="identity", first_level="softmax"),
+], ids=["flat-softmax", "flat-sigmoid", "hmoe-nonshared", "hmoe-shared-uniform", "hmoe-shared-softmax"])
+def test_jacobian_of_parameters_that_require_grad_is_differentiable(model):
+    # the same numbers as without autograd, and d(sum of w * J)/d theta equals central differences
+    params = _random_params(model, (2,), 8)
+    X = 2 * torch.rand(2, 30, model.input_dim, generator=torch.Generator().manual_seed(9), dtype=torch.float64) - 1
+    f_plain, J_plain = model.value_and_jacobian(params, X)
+    theta = model.flatten(params).requires_grad_(True)
+    f, J = model.value_and_jacobian(model.unflatten(theta), X)
+    assert torch.equal(f.detach(), f_plain) and torch.equal(J.detach(), J_plain)
+    weights = torch.randn(J.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((weights * J).sum(), theta)
+
+    def weighted_jacobian(t: torch.Tensor) -> float:
+        return float((weights * model.value_and_jacobian(model.unflatten(t), X)[1]).sum())
+
+    eps = 1e-6
+    for b, i in [(0, 0), (1, theta.shape[-1] // 2), (1, theta.shape[-1] - 1)]:
+        step = torch.zeros_like(theta)
+        step[b, i] = eps
+        central = (weighted_jacobian(theta.detach() + step) - weighted_jacobian(theta.detach() - step)) / (2 * eps)
+        assert abs(float(grad[b, i]) - central) <= 1e-6 * max(1.0, abs(central))

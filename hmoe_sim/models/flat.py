@@ -339,7 +339,8 @@ def assemble_columns(pieces: list[Piece], X: torch.Tensor) -> torch.Tensor:
     once into a preallocated tensor (no intermediate outer products, no concatenation copy),
     which is what the cost of a Jacobian of ``n * P`` numbers comes down to. The result is a
     transposed view of a ``(*lead, P, n)`` tensor (each column contiguous); ``J^T J`` and
-    ``J^T r`` by matmul read it without a copy.
+    ``J^T r`` by matmul read it without a copy. Blocks that require grad are written by copies
+    (autograd records them; the same numbers), so the Jacobian stays differentiable.
     """
     D = X.shape[-1]
     shapes = [g.shape[:-1] for g, _ in pieces] + [X.shape[:-1]]
@@ -349,13 +350,17 @@ def assemble_columns(pieces: list[Piece], X: torch.Tensor) -> torch.Tensor:
     # stored parameter-major, (*batch, P, n), so that every block is a run of whole rows
     out = torch.empty(*lead[:-1], width, lead[-1], dtype=ref.dtype, device=ref.device)
     xt = X.transpose(-1, -2).contiguous().unsqueeze(-3)
+    tracked = torch.is_grad_enabled() and (X.requires_grad or any(g.requires_grad for g, _ in pieces))
     start = 0
     for g, outer in pieces:
         m = g.shape[-1]
         gt = g.transpose(-1, -2).contiguous()
         if outer:
             block = out[..., start : start + m * D, :].unflatten(-2, (m, D))
-            torch.mul(gt.unsqueeze(-2), xt, out=block)
+            if tracked:  # out= arguments do not support autograd
+                block.copy_(gt.unsqueeze(-2) * xt)
+            else:
+                torch.mul(gt.unsqueeze(-2), xt, out=block)
             start += m * D
         else:
             out[..., start : start + m, :].copy_(gt)

@@ -382,16 +382,14 @@ class HMoE(AnalyticJacobian, MixtureModel):
         # the blocks side by side in one buffer, logit block first (then value, then head), read without
         # copying by KhatriRaoLayout.factors; in place, it is ``both`` (its logit rows are no longer needed)
         reuse = in_place and not both.requires_grad
-        blocks = (both[..., : 2 * h * ell, :].unflatten(-2, (2, h, ell)) if reuse else
-                  torch.empty((*p.shape[:-3], 2, *p.shape[-3:]), dtype=p.dtype, device=p.device))
-        d_logit, d_value = blocks.select(-4, 0), blocks.select(-4, 1)      # (*batch, H, L, n)
         if reuse:  # values - g into the logit rows, then d_value over the values, d_logit over values - g
+            d_logit, d_value = both[..., : 2 * h * ell, :].unflatten(-2, (2, h, ell)).unbind(-4)  # (*batch, H, L, n)
             spread = torch.sub(values, g.unsqueeze(-2), out=d_logit)
             torch.mul(pi_, p, out=d_value)
             torch.mul(d_value, spread, out=d_logit)
-        else:
-            torch.mul(pi_, p, out=d_value)
-            torch.mul(d_value, values - g.unsqueeze(-2), out=d_logit)
+        else:  # differentiable (no out= arguments): the same numbers, stacked into one buffer
+            d_value = pi_ * p
+            d_logit, d_value = torch.stack([d_value * (values - g.unsqueeze(-2)), d_value], -4).unbind(-4)
         # transposed views (*batch, n, H*L) of head-major blocks
         d_logit, d_value = d_logit.flatten(-3, -2).transpose(-1, -2), d_value.flatten(-3, -2).transpose(-1, -2)
         pieces: list[Piece] = [(d_logit, False), (d_logit, True), (d_value, True), (d_value, False)]
