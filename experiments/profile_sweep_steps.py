@@ -1,5 +1,6 @@
 """Where a sweep's time goes, LM step by LM step (issue 18): every cell of a configuration computed in
-this process at one torch thread, with each LM iteration timed and split.
+this process (each at the configuration's ``threads`` torch threads, 1 by default, as in a sweep's
+workers), with each LM iteration timed and split.
 
 For every cell: its wall time and the part in ``fit_batch``. For every LM iteration (``_iterate`` of
 the solver): its time, the number of problems in the stack, and how many of them end at the
@@ -28,8 +29,6 @@ import collections  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
 
 from hmoe_sim.estimators import _core, _lm  # noqa: E402
 from hmoe_sim.sweep import cell as cell_module  # noqa: E402
@@ -73,7 +72,6 @@ def main() -> None:
     ap.add_argument("--series", action="append", help="only these series (repeatable; default: all)")
     ap.add_argument("--json", metavar="PATH", help="also write the totals and the per-cell times as JSON")
     args = ap.parse_args()
-    torch.set_num_threads(1)
     config = load_config(args.config)
     config_dict = config.to_dict()
     cells = [c for c in plan_cells(config) if not args.series or c.series in args.series]
@@ -100,7 +98,7 @@ def main() -> None:
                          "fit_s": SECONDS["fit_batch"] - fit_before, "steps": len(STEPS)})
     total = sum(row["wall_s"] for row in per_cell)
     steps = by_step["all steps"]
-    print(f"{len(cells)} cells of {args.config} in one process at one torch thread: {total:.1f} s "
+    print(f"{len(cells)} cells of {args.config} in one process, {config.threads} torch thread(s) each: {total:.1f} s "
           f"(fit_batch {SECONDS['fit_batch']:.1f} s; LM iterations {steps:.1f} s)")
     print("LM iterations by what they do:")
     rest = steps - SECONDS["linearize"] - SECONDS["normal_equations"]

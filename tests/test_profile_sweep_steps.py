@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from hmoe_sim.sweep.cell import run_cell
 from hmoe_sim.sweep.cells import plan_cells
@@ -80,11 +79,10 @@ def test_the_timers_change_no_number(profiled: tuple[Path, dict, str], tmp_path:
     check = tmp_path / "check.py"
     # the cells computed under the script's timers, in a fresh process, against run_cell here
     check.write_text(
-        "import sys, runpy, torch\n"
+        "import sys, runpy\n"
         f"sys.argv = [{str(SCRIPT)!r}, {str(config)!r}, '--series', 'shared']\n"
         "mod = runpy.run_path(sys.argv[0], run_name='profile')\n"
         "mod['_install_timers']()\n"
-        "torch.set_num_threads(1)\n"
         "from hmoe_sim.sweep import cell\n"
         "from hmoe_sim.sweep.cells import plan_cells\n"
         "from hmoe_sim.sweep.config import load_config\n"
@@ -93,11 +91,7 @@ def test_the_timers_change_no_number(profiled: tuple[Path, dict, str], tmp_path:
         f"import pandas as pd; pd.concat(frames).to_pickle({str(tmp_path / 'timed.pkl')!r})\n")
     subprocess.run([sys.executable, str(check)], check=True, timeout=300)
     timed = pd.read_pickle(tmp_path / "timed.pkl")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = load_config(config)
-        plain = pd.concat([run_cell(cfg.to_dict(), c) for c in plan_cells(cfg) if c.series == "shared"])
-    finally:
-        torch.set_num_threads(before)
+    # run_cell sets the configuration's torch threads (1) itself, here and in the subprocess
+    cfg = load_config(config)
+    plain = pd.concat([run_cell(cfg.to_dict(), c) for c in plan_cells(cfg) if c.series == "shared"])
     pd.testing.assert_frame_equal(timed.reset_index(drop=True), plain.reset_index(drop=True))
