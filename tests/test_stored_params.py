@@ -162,3 +162,23 @@ def test_old_results_without_parameters_still_report(run):
     config, results, _ = run
     tables = derived_tables(results.drop(columns="params"), config)
     assert "d1_sources.csv" not in tables and "rates.csv" in tables and "summary.csv" in tables
+
+
+def test_d1_sources_table_counts_atoms_at_the_box_and_points_without_usable_fits(run):
+    config, results, _ = run
+    edited = results.copy()
+    noisy = edited[(edited["control"] == "") & (edited["series"] == "nonshared")]
+    largest = noisy[noisy["n_eff"] == noisy["n_eff"].max()].index
+    setup, params = stored_params(config, edited.loc[largest[:1]])
+    params["a"][0, 0, 1, 0] = 10.0  # one atom of one fit at the box
+    theta = setup.fit_model.flatten(params)[0].numpy()
+    edited["params"] = [theta if i == largest[0] else v for i, v in zip(edited.index, edited["params"], strict=True)]
+    smallest = noisy[noisy["n_eff"] == noisy["n_eff"].min()].index
+    edited.loc[smallest, "D1"] = np.nan  # no usable fit at the smallest n_eff
+    table = d1_sources_table(config, edited).set_index(["series", "end"])
+    row = table.loc[("nonshared", "largest_n_eff")]
+    assert (row.n_fits_at_box, row.n_atoms_at_box) == (1, 1) and row.box_share > 0
+    assert row.mass_share + row.location_share + row.box_share == pytest.approx(1.0, rel=1e-12)
+    empty = table.loc[("nonshared", "smallest_n_eff")]
+    assert empty.n_fits == 0 and np.isnan(empty.box_share) and empty.n_eff == noisy["n_eff"].min()
+    assert table.loc[("shared", "largest_n_eff")].n_fits_at_box == 0

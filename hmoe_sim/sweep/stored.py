@@ -96,13 +96,22 @@ def recompute_losses(config: SweepConfig, results: pd.DataFrame) -> pd.DataFrame
     return out
 
 
-def _ends(noisy: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """The fits at the smallest and the largest effective sample size (one (n, sigma) each)."""
+def _points(part: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The fits of one (truth, series) at the ends of its axis, and of its noise-free control at the largest n.
+
+    The noisy fits at the (n, sigma) of smallest and of largest ``n_eff`` (all of them, usable or
+    not), then the control's.
+    """
+    control = part["control"].fillna("").astype(str)
+    noisy, free = part[control == ""], part[control == "noise_free"]
     out = []
-    for end, pick in (("smallest_n_eff", np.argmin), ("largest_n_eff", np.argmax)):
-        points = noisy.groupby(["n", "noise_std"], sort=True)["n_eff"].first()
-        n, sigma = points.index[int(pick(points.to_numpy()))]
-        out.append((end, noisy[(noisy["n"] == n) & (noisy["noise_std"] == sigma)]))
+    if len(noisy):
+        at = noisy.groupby(["n", "noise_std"], sort=True)["n_eff"].first()
+        for end, pick in (("smallest_n_eff", np.argmin), ("largest_n_eff", np.argmax)):
+            n, sigma = at.index[int(pick(at.to_numpy()))]
+            out.append((end, noisy[(noisy["n"] == n) & (noisy["noise_std"] == sigma)]))
+    if len(free):
+        out.append(("noise_free", free[free["n"] == free["n"].max()]))
     return out
 
 
@@ -112,12 +121,13 @@ def d1_sources_table(config: SweepConfig, results: pd.DataFrame) -> pd.DataFrame
     One row per (truth, series, end): ``end`` is ``smallest_n_eff`` or ``largest_n_eff`` (the
     noisy fits at the (n, sigma) of least and of largest ``n_eff = n / sigma**2``), and
     ``noise_free`` (the noise-free control at the largest n, the sigma = 0 end) when the run
-    has that control. Over the fits of that point whose ``D1`` is usable (the rates' policy,
-    :func:`hmoe_sim.sweep.report.usable`; every finite one for the control): ``D1_mean`` and
-    the shares of the summed ``D1`` from the cell masses, the atom locations and the atoms at
-    the box (``mass_share + location_share + box_share = 1``; :func:`hmoe_sim.losses.d1_sources`
-    with the series' fit box), ``n_fits_at_box`` (fits with at least one atom at the box) and
-    ``n_atoms_at_box`` (atoms at the box over those fits).
+    has that control. Over the fits of that point whose ``D1`` is usable (``n_fits``: the rates'
+    policy, :func:`hmoe_sim.sweep.report.usable`; every finite ``D1`` for the control):
+    ``D1_mean`` and the shares of the summed ``D1`` from the cell masses, the atom locations and
+    the atoms at the box (``mass_share + location_share + box_share = 1``;
+    :func:`hmoe_sim.losses.d1_sources` with the series' fit box), ``n_fits_at_box`` (fits with
+    at least one atom at the box) and ``n_atoms_at_box`` (atoms at the box over those fits). A
+    point without a usable fit has ``n_fits = 0`` and NaN shares.
 
     Raises
     ------
@@ -128,21 +138,16 @@ def d1_sources_table(config: SweepConfig, results: pd.DataFrame) -> pd.DataFrame
         raise ValueError("the configuration records no D1 (losses.kinds)")
     rows = []
     for (truth, name), part in _groups(results):
-        control = part["control"].fillna("").astype(str)
-        noisy = part[control == ""]
-        points = _ends(noisy[usable(noisy, "D1")]) if len(noisy) else []
-        free = part[control == "noise_free"]
-        if len(free):
-            free = free[free["n"] == free["n"].max()]
-            points.append(("noise_free", free[np.isfinite(free["D1"].to_numpy(dtype=float))]))
         bounds = fit_bounds(config.series_named(name).fit.bounds)
-        for end, fits in points:
-            row: dict[str, object] = {"truth": truth, "series": name, "end": end, "n_fits": len(fits)}
+        for end, at in _points(part):
+            d1 = at["D1"].to_numpy(dtype=float)
+            fits = at[np.isfinite(d1)] if end == "noise_free" else at[usable(at, "D1")]
+            row: dict[str, object] = {"truth": truth, "series": name, "end": end, "n": int(at["n"].iloc[0]),
+                                      "noise_std": float(at["noise_std"].iloc[0]),
+                                      "n_eff": float(at["n_eff"].iloc[0]), "n_fits": len(fits)}
             if fits.empty:
                 rows.append(row)
                 continue
-            row.update({"n": int(fits["n"].iloc[0]), "noise_std": float(fits["noise_std"].iloc[0]),
-                        "n_eff": float(fits["n_eff"].iloc[0])})
             setup, params = stored_params(config, fits)
             parts = d1_sources_for(setup.fit_model, params, setup.score_model, setup.score_truth, bounds)
             at_box = atoms_at_box(setup.fit_model, params, bounds).sum(-1).cpu().numpy()
