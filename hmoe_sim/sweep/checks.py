@@ -151,8 +151,8 @@ _TMP_EXTRA = len(".") + len(".0123456789ab.tmp")
 def check_file_names(config: SweepConfig, run: RunDir) -> None:
     """Raise when a cell file or the figure of ``config`` would have too long a file name.
 
-    Checked on the longest cell key of every series (largest truth seed, control, ``n`` and
-    block) with its hash and the temporary-file suffix, and on ``<name>.png``, against the
+    Checked on the longest cell key of every series (largest truth seed, control, ``n``, noise
+    level and block) with its hash and the temporary-file suffix, and on ``<name>.png``, against the
     file-name limit of the file system holding ``run`` (255 when unknown).
 
     Raises
@@ -168,9 +168,11 @@ def check_file_names(config: SweepConfig, run: RunDir) -> None:
     except (OSError, ValueError):
         limit = 255
     blocks = -(-config.replications // config.sample.chunk)
+    sigma = max(config.noise_levels, key=lambda v: len(repr(v)), default=None)  # the longest noise level in a key
     for i, s in enumerate(config.series):
         for control in ["", *config.controls, *config.control_perturbations]:
-            cell = Cell(max(s.truth_seeds), s.name, control, max(config.sizes), blocks - 1, ())
+            cell = Cell(max(s.truth_seeds), s.name, control, max(config.sizes), blocks - 1, (),
+                        None if control else sigma)
             length = len(run.cell_path(cell, "0" * 16).name.encode()) + _TMP_EXTRA
             if length > limit:
                 raise ValueError(f"config key 'series[{i}].name': {s.name!r} makes cell file names of {length} "

@@ -3,7 +3,9 @@
 A configuration names a truth (a preset of :mod:`hmoe_sim.models.presets` with its options)
 or an ensemble of truths (``truth.seeds``, declared before anything runs), the sample sizes
 and replications, the controls fitted beside every series (``sample.controls``:
-``["noise_free"]`` adds a twin fitted to the same inputs without noise), one or more *series*
+``["noise_free"]`` adds a twin fitted to the same inputs without noise), an optional noise axis
+(``sample.noise_levels``: the data's noise standard deviations, crossed with the sizes; see
+:mod:`hmoe_sim.sweep.cells` for what is paired), one or more *series*
 (a fitted structure and an estimator protocol; e.g. ``shared`` and ``nonshared``, or
 ``relu/sgd-paper``; ``fit.n_starts`` starts from ``fit.init`` plus ``fit.random_starts``
 random starts, all kept), and the losses to record.
@@ -134,6 +136,11 @@ class SweepConfig:
         return list(self.sample.controls)
 
     @property
+    def noise_levels(self) -> list[float]:
+        """The noise axis (``sample.noise_levels``, increasing); empty: each truth's own ``noise_std``."""
+        return list(self.sample.noise_levels)
+
+    @property
     def control_perturbations(self) -> dict[str, float]:
         """The control-perturbation ladder: control name (``"perturb_0.01"``) -> start perturbation.
 
@@ -210,12 +217,25 @@ def file_keys() -> list[str]:
 def _check_plan_size(truth_seeds: int, sample: SampleConfig) -> None:
     """Refuse a plan of more than :data:`MAX_FITS` fits, naming its fits and cells, before building it."""
     reps = sample.replications
-    groups = truth_seeds * ((1 + len(sample.controls)) * len(sample.sizes) + len(sample.control_perturbations))
+    levels = max(1, len(sample.noise_levels))  # the noisy fits at every noise level; each control once
+    groups = truth_seeds * ((levels + len(sample.controls)) * len(sample.sizes) + len(sample.control_perturbations))
     fits, cells = groups * reps, groups * -(-reps // sample.chunk)
     if fits > MAX_FITS:
         raise fail("sample.replications", f"{reps} replications plan {fits} fits in {cells} cells, more than the "
                                            f"{MAX_FITS} fits one sweep may hold; lower sample.replications (or the "
-                                           "number of sizes, series or truths)")
+                                           "number of sizes, noise levels, series or truths)")
+
+
+def _check_noise_axis(sample: SampleConfig, truth: TruthConfig, series: tuple[SeriesConfig, ...]) -> None:
+    """Refuse a noise axis beside an explicit ``noise_std`` truth option: which σ the data have would be ambiguous."""
+    if not sample.noise_levels:
+        return
+    for i, s in enumerate(series):
+        if "noise_std" in s.truth_options:
+            key = "truth.options.noise_std" if "noise_std" in truth.options else f"series[{i}].truth_options.noise_std"
+            raise fail(key, f"{s.truth_options['noise_std']!r} sets the data's noise while sample.noise_levels = "
+                            f"{list(sample.noise_levels)} sets it per cell; remove {key} (on a noise axis the data's "
+                            "noise levels are sample.noise_levels)")
 
 
 def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> SweepConfig:
@@ -258,6 +278,7 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
     if len(set(names)) != len(names):
         raise fail("series", f"series names must be distinct, got {names}")
     losses = parse_losses(top.get("losses", {}))
+    _check_noise_axis(sample, truth, series)
     _check_plan_size(sum(len(s.truth_seeds) for s in series), sample)
     # Build every truth now, so that a bad preset option fails before any fitting.
     for i, s in enumerate(series):

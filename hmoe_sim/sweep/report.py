@@ -343,7 +343,10 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
 
 def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                   exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
-    """One row per (truth, series, control, n): counts of fits (flagged, converged, ...) and loss statistics.
+    """One row per (truth, series, control, n, noise level): fit counts (flagged, converged, ...) and loss statistics.
+
+    With the results' ``noise_std`` column the rows carry ``noise_std`` and ``n_eff`` after ``n``
+    (one row per noise level on a noise axis).
 
     For every loss ``L``: ``L_mean``, ``L_sd`` (ddof 1), ``L_median`` over the usable fits,
     ``L_median_inside`` over the fits strictly inside the box, and ``L_max_median``, the
@@ -358,12 +361,14 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                 continue
             main, controls = _parts(results, truth, s.name)
             for control, rows_of in [("", main), *controls.items()]:
-                for n in config.sizes:
-                    part = rows_of[rows_of["n"] == n]
+                for n, part in _by_size_and_noise(rows_of, config.sizes):
                     if control in config.control_perturbations and part.empty:
                         continue  # a ladder rung is fitted at the largest n only
-                    row: dict[str, object] = {"truth": truth, "series": s.name, "control": control, "n": n,
-                                              "n_fits": len(part), "n_flagged": int(bad[part.index].sum())}
+                    row: dict[str, object] = {"truth": truth, "series": s.name, "control": control, "n": n}
+                    if "noise_std" in part:
+                        sigma = float(part["noise_std"].iloc[0]) if len(part) else np.nan
+                        row.update({"noise_std": sigma, "n_eff": n / sigma**2 if sigma > 0 else np.inf})
+                    row.update({"n_fits": len(part), "n_flagged": int(bad[part.index].sum())})
                     for col in ("diverged", "on_boundary", "converged"):
                         row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
                     row["n_boundary_excluded"] = int(excl[part.index].sum())
@@ -387,6 +392,17 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                         row[f"{loss}_max_median"] = float(np.median(worst)) if len(worst) else np.nan
                     rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _by_size_and_noise(rows: pd.DataFrame, sizes: list[int]) -> Iterator[tuple[int, pd.DataFrame]]:
+    """The rows at each size, split by noise level (``noise_std``) where the rows have several."""
+    for n in sizes:
+        part = rows[rows["n"] == n]
+        if "noise_std" not in part or part["noise_std"].nunique() < 2:
+            yield n, part
+            continue
+        for sigma in sorted(part["noise_std"].unique()):
+            yield n, part[part["noise_std"] == sigma]
 
 
 def boundary_table(results: pd.DataFrame, exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:

@@ -38,7 +38,7 @@ from hmoe_sim.sweep.cells import Cell, cell_hash
 from hmoe_sim.sweep.checks import check_before_work
 from hmoe_sim.sweep.config import SweepConfig
 from hmoe_sim.sweep.report import loss_columns
-from hmoe_sim.sweep.storage import CellInvalid, RunDir
+from hmoe_sim.sweep.storage import CellInvalid, RunDir, with_noise_columns
 from hmoe_sim.sweep.tables import write_tables
 
 __all__ = ["PLAIN_PROGRESS_SECONDS", "SweepInterrupted", "SweepOutcome", "run_sweep"]
@@ -226,9 +226,9 @@ def run_sweep(
                 f"computing {len(todo)}")
             if todo:
                 _compute(run, config, todo, frames, counts, execution, progress=progress, say=say)
-            results = pd.concat([frames[c] for c in cells], ignore_index=True)
-            results = results.sort_values(["truth", "series", "control", "n", "replication"], kind="stable"
-                                          ).reset_index(drop=True)
+            results = with_noise_columns(pd.concat([frames[c] for c in cells], ignore_index=True), config)
+            results = results.sort_values(["truth", "series", "control", "n", "noise_std", "replication"],
+                                          kind="stable").reset_index(drop=True)
             results.insert(0, "fingerprint", fp)
             rates, summary = write_tables(run, config, results)
     except SweepInterrupted:

@@ -11,6 +11,7 @@
     DIR/boundary.csv              per (series, boundary kind): fits that ended at that bound
     DIR/per_truth.csv             truth ensembles: per (truth, H, series, loss) slope and verdict
     DIR/ensemble.csv              truth ensembles: per (H, loss) shared vs non-shared over truths
+    DIR/d1_sources.csv            per (truth, series): the shares of D1 from masses, locations, the box
 
 Two fingerprints. The *run fingerprint* (:attr:`SweepConfig.fingerprint`, over the whole
 resolved configuration) names the run: it is stored in ``config.resolved.json`` (with the
@@ -51,11 +52,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hmoe_sim import __version__
-from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, plan_cells
+from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, cell_noise, effective_size, plan_cells, truth_noise_std
 from hmoe_sim.sweep.config import SweepConfig, fingerprint_of, parse_config
 from hmoe_sim.sweep.lock import LOCK_FILE, hold_lock, read_lock_info
 
-__all__ = ["CellInvalid", "RunDir", "atomic_write"]
+__all__ = ["CellInvalid", "RunDir", "atomic_write", "with_noise_columns"]
 
 CONFIG_FILE = "config.resolved.json"
 RESULTS_FILE = "results.parquet"
@@ -64,11 +65,36 @@ SUMMARY_FILE = "summary.csv"
 BOUNDARY_FILE = "boundary.csv"
 PER_TRUTH_FILE = "per_truth.csv"
 ENSEMBLE_FILE = "ensemble.csv"
+D1_SOURCES_FILE = "d1_sources.csv"
 CELLS_DIR = "cells"
 #: parquet key-value metadata key of the hmoe-sim record in cell files and results.parquet
 METADATA_KEY = b"hmoe_sim"
 #: columns every cell file must have (besides the configured loss columns)
 CELL_KEY_COLUMNS = ("truth", "series", "control", "n", "replication")
+
+
+def with_noise_columns(results: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
+    """``results`` with ``noise_std`` and ``n_eff`` filled in where they are missing.
+
+    Cells and results written before these columns existed (no noise axis) lack them; their
+    values follow from the configuration: the truth's ``noise_std`` for a noisy fit, ``0`` and
+    ``inf`` for a control (:func:`~hmoe_sim.sweep.cells.cell_noise`). Rows that carry them keep
+    them. Returns a new frame; the columns follow ``n``.
+    """
+    out = results.copy()
+    control = out["control"].fillna("").astype(str) if "control" in out else pd.Series("", index=out.index)
+    old = out["noise_std"].to_numpy(dtype=float) if "noise_std" in out else None
+    sigma = pd.Series(0.0, index=out.index)
+    for name in dict.fromkeys(out["series"]):
+        sigma[(out["series"] == name) & (control == "")] = truth_noise_std(config, str(name))
+    if old is not None:
+        sigma = sigma.where(pd.isna(old), old)
+    out = out.drop(columns=["noise_std", "n_eff"], errors="ignore")
+    at = list(out.columns).index("n") + 1 if "n" in out else len(out.columns)
+    out.insert(at, "noise_std", sigma.astype(float))
+    n_eff = [effective_size(int(n), float(v)) for n, v in zip(out["n"], out["noise_std"], strict=True)]
+    out.insert(at + 1, "n_eff", pd.Series(n_eff, index=out.index, dtype=float))
+    return out
 
 
 class CellInvalid(ValueError):
@@ -165,7 +191,7 @@ class RunDir:
         if not self.path.is_dir():
             return
         files = [self.path / n for n in (CONFIG_FILE, RESULTS_FILE, RATES_FILE, SUMMARY_FILE, BOUNDARY_FILE,
-                                         PER_TRUTH_FILE, ENSEMBLE_FILE)]
+                                         PER_TRUTH_FILE, ENSEMBLE_FILE, D1_SOURCES_FILE)]
         cell_dir = self.cell_dir()
         if cell_dir.is_symlink() and not cell_dir.exists():
             raise ValueError(f"{str(cell_dir)!r} is a dangling symbolic link (to {os.readlink(cell_dir)!r}); "
@@ -327,6 +353,8 @@ class RunDir:
         for name, value in vars(cell).items():
             if name in frame.columns and isinstance(value, str | int) and not (frame[name] == value).all():
                 raise CellInvalid(f"column {name!r} is not {value!r} in every row")
+        if cell.sigma is not None and not ("noise_std" in frame.columns and (frame["noise_std"] == cell.sigma).all()):
+            raise CellInvalid(f"column 'noise_std' is not the cell's noise level {cell.sigma!r} in every row")
         return frame
 
     # ------------------------------------------------------------------ tables
@@ -381,7 +409,7 @@ class RunDir:
             row per planned fit; with how to recover.
         """
         config = self.read_config()
-        results = self.read_results()
+        results = with_noise_columns(self.read_results(), config)
         stored = self.verified_fingerprint(notify)
         found = self.results_fingerprint()
         if found is None or found != stored:
@@ -394,21 +422,23 @@ class RunDir:
         return config, results
 
     def _check_plan(self, config: SweepConfig, results: pd.DataFrame) -> None:
-        """Raise unless ``results`` holds exactly one row per planned fit."""
-        keys = ["truth", "series", "control", "n", "replication"]
+        """Raise unless ``results`` holds exactly one row per planned fit (a noise level is part of a fit's key)."""
+        keys = ["truth", "series", "control", "n", "noise_std", "replication"]
         missing_cols = [k for k in keys if k not in results.columns]
         f = self.path / RESULTS_FILE
         if missing_cols:
             raise ValueError(f"{str(f)!r} lacks column(s) {missing_cols}; rerun `hmoe-sim sweep CONFIG --out "
                              f"{self.path}` to rewrite it")
-        planned = {(c.truth, c.series, c.control, c.n, r) for c in plan_cells(config) for r in c.reps}
+        truth_noise = {s.name: truth_noise_std(config, s.name) for s in config.series}
+        planned = {(c.truth, c.series, c.control, c.n, cell_noise(config, c, truth_noise[c.series]), r)
+                   for c in plan_cells(config) for r in c.reps}
         frame = results[keys].copy()
         frame["control"] = frame["control"].fillna("").astype(str)
         found = list(frame.itertuples(index=False, name=None))
-        have = {(int(t), str(s), c, int(n), int(r)) for t, s, c, n, r in found}
+        have = {(int(t), str(s), c, int(n), float(v), int(r)) for t, s, c, n, v, r in found}
         if len(found) != len(planned) or have != planned:
             lacking, extra = planned - have, have - planned
-            what = f"{len(lacking)} planned fit(s) missing (e.g. truth, series, control, n, replication = " \
+            what = f"{len(lacking)} planned fit(s) missing (e.g. truth, series, control, n, noise_std, replication = " \
                 f"{min(lacking)})" if lacking else f"{len(extra)} unplanned fit(s) (e.g. {min(extra)})" if extra \
                 else f"{len(found) - len(have)} duplicated fit(s)"
             raise ValueError(f"{str(f)!r} holds {len(found)} fits but the config plans {len(planned)}: {what}; "
