@@ -18,7 +18,7 @@ from hmoe_sim.rates import (
 )
 from hmoe_sim.sweep.config import parse_config
 from hmoe_sim.sweep.ensemble import ensemble_slope, ensemble_table, paired_largest_n, per_truth_table
-from hmoe_sim.sweep.report import rates_table, summary_table
+from hmoe_sim.sweep.report import format_rates, rates_table, summary_table
 
 SIZES = (1000, 10000)
 #: sigma = 0.05 * 10^(-k/2), k = 0..4: n_eff from 4e5 to 4e10, four values reached by both sizes
@@ -129,6 +129,8 @@ def test_loss_of_n_eff_alone_gives_the_slope_and_passes_equivalence():
     n_row = rates.loc["n"]
     assert n_row.noise_std == SIGMAS[0] and n_row.n_sizes == 2 and n_row.verdict == "short-range"
     assert (n_row.n_matched, n_row.equivalence_diff) == (0, pytest.approx(np.nan, nan_ok=True))
+    text = format_rates(rates.reset_index())
+    assert "axis" in text and "n_eff" in text and "equivalence_diff" in text
 
 
 def test_loss_of_sigma_alone_fails_equivalence():

@@ -546,14 +546,18 @@ def format_boundary(table: pd.DataFrame) -> str:
 def format_rates(rates: pd.DataFrame) -> str:
     """The rates table as aligned text (what ``hmoe-sim report`` prints): every slope with its verdict,
     the worst-case and upper-half slopes, the spread and the noise-free control."""
-    cols = [c for c in ["truth", "series", "loss", "slope", "ci_low", "ci_high", "verdict", "n_used", "n_flagged",
-                        "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio",
-                        "control_slope", "control_level", "loss_floor", "slope_inside", "n_used_inside"] if c in rates]
-    if "truth" in cols and rates["truth"].nunique() == 1:
-        cols.remove("truth")
+    cols = [c for c in ["truth", "series", "loss", "axis", "slope", "ci_low", "ci_high", "verdict", "n_used",
+                        "n_flagged", "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio",
+                        "control_slope", "control_level", "loss_floor", "slope_inside", "n_used_inside",
+                        "equivalence_diff"] if c in rates]
+    for single in ("truth", "axis"):
+        if single in cols and rates[single].nunique() == 1:
+            cols.remove(single)
+    if "equivalence_diff" in cols and not np.isfinite(rates["equivalence_diff"].to_numpy(dtype=float)).any():
+        cols.remove("equivalence_diff")
     shown = rates[cols].copy()
     for c in ("slope", "ci_low", "ci_high", "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst",
-              "control_slope", "slope_inside"):
+              "control_slope", "slope_inside", "equivalence_diff"):
         if c in shown:
             shown[c] = shown[c].map(lambda v: f"{v:+.3f}" if np.isfinite(v) else "nan")
     for c in ("spread_ratio", "control_level", "loss_floor"):
