@@ -48,6 +48,16 @@ __all__ = [
     "rate_verdict",
     "perturbation_exponent",
     "ladder_exponent",
+    "AXES",
+    "AXIS_RTOL",
+    "EQUIVALENCE_MARGIN",
+    "MatchedPair",
+    "merge_axis_values",
+    "upper_range",
+    "matched_pairs",
+    "worst_pair",
+    "beyond_margin",
+    "format_pairs",
 ]
 
 #: exponent of ``n^-1/2`` (parametric rate)
@@ -159,7 +169,8 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return slope, intercept, (resid * resid).sum(-1)
 
 
-def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> RateFit:
+def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+             cells: Any = None) -> RateFit:
     """Fit ``loss ~ C n^slope`` (with a bootstrap interval) and ``loss ~ C' / log(n)^tau``.
 
     Parameters
@@ -174,6 +185,11 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
         Confidence level of the percentile intervals.
     seed : int, default 0
         Seed of the bootstrap.
+    cells : array-like, optional
+        ``(m,)`` label of each fit's design cell: the bootstrap resamples the fits within each
+        cell (default: within each ``n``). On the effective-sample-size axis ``n`` is ``n/sigma^2``
+        and a cell is one ``(n, sigma)``, so that two sizes that reach the same ``n/sigma^2``
+        are resampled separately, as a repeated simulation would draw them.
 
     Returns
     -------
@@ -203,19 +219,26 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
     if not level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
 
+    if cells is None:
+        cell_arr = n_arr
+    else:
+        cell_arr = np.asarray(cells)
+        if cell_arr.shape != n_arr.shape:
+            raise ValueError(f"cells must have the shape of n {n_arr.shape}, got {cell_arr.shape}")
+
     order = np.argsort(n_arr, kind="stable")
-    n_arr, y = n_arr[order], np.log(y_raw[order])
+    n_arr, y, cell_arr = n_arr[order], np.log(y_raw[order]), cell_arr[order]
     x_pow, x_log = np.log(n_arr), np.log(np.log(n_arr))
     slope, intercept, rss_pow = _ols(x_pow, y)
     neg_tau, log_c, rss_log = _ols(x_log, y)
 
     rng = np.random.default_rng(seed)
     idx = np.empty((n_boot, n_arr.size), dtype=np.int64)
-    start = 0
-    for size in sizes:
-        count = int(np.sum(n_arr == size))
-        idx[:, start:start + count] = start + rng.integers(0, count, size=(n_boot, count))
-        start += count
+    # cells in order of first appearance along sorted n (for the default cells: ascending n, each contiguous)
+    _, first = np.unique(cell_arr, return_index=True)
+    for start in np.sort(first):
+        rows = np.flatnonzero(cell_arr == cell_arr[start])
+        idx[:, rows] = rows[rng.integers(0, rows.size, size=(n_boot, rows.size))]
     y_boot = y[idx]
     boot_slope, _, _ = _ols(x_pow, y_boot)
     boot_tau = -_ols(x_log, y_boot)[0]
@@ -232,7 +255,7 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
 
 
 #: verdicts, in the order they are tested (the first that applies is given)
-VERDICTS = ("unchecked", "optimisation-limited", "no-decay", "short-range", "pre-asymptotic",
+VERDICTS = ("unchecked", "optimisation-limited", "no-decay", "short-range", "not-equivalent", "pre-asymptotic",
             "noise-free-artefact", "set-valued", "floor", "rate")
 #: a control loss at or below this fraction of the noisy loss (same n) has fallen to round-off.
 #: Round-off of a loss is not float64 epsilon: on a second-order flat direction a fit that
@@ -252,6 +275,16 @@ MIN_SIZES = 4
 MIN_DECADES = 1.0
 #: a noisy loss within this factor of a positive class floor (at the largest n) is "near the floor"
 FLOOR_NEAR = 10.0
+#: the axes a rate is fitted on: the sample size ``n``, and the effective sample size ``n_eff = n / sigma^2``
+AXES = ("n", "n_eff")
+#: two axis values within this relative difference are the same value (``n/sigma^2`` computed from two
+#: sizes and two noise levels that reach it agree to rounding, not exactly)
+AXIS_RTOL = 1e-9
+#: two sizes at the same ``n_eff`` disagree when the difference of their median log losses is beyond
+#: ``log 2`` (a factor 2 in the loss) with its whole CI: at the parametric slope ``-1/2`` a factor 2
+#: is what a factor 4 in ``n_eff`` makes, more than half a decade of the axis, so a series that
+#: misses it is not described by ``n_eff`` alone at the resolution a slope over a few decades needs
+EQUIVALENCE_MARGIN = float(np.log(2.0))
 
 
 def _above_round_off(level: float, noisy_level: float) -> bool:
@@ -306,6 +339,14 @@ class SeriesEvidence:
         Median over fits of ``(max - min) / best`` loss over the near-optimal starts.
     worst_ci_low, worst_ci_high : float
         CI of the slope of the largest near-optimal loss.
+    protocol_start : bool
+        The series' protocol is its start (see ``truth_free_starts``).
+    axis : str
+        ``"n"`` or ``"n_eff"`` (:data:`AXES`): what ``n_sizes``, ``n_min``, ``n_max`` count and
+        the slopes are fitted against.
+    equivalence_diff, equivalence_ci_low, equivalence_ci_high : float
+        The worst matched pair in the upper range of the axis (:func:`worst_pair`): the difference
+        of the median log losses of two sizes at the same ``n_eff`` and its CI; NaN without a pair.
     """
 
     has_control: bool
@@ -329,6 +370,10 @@ class SeriesEvidence:
     worst_ci_low: float
     worst_ci_high: float
     protocol_start: bool = False
+    axis: str = "n"
+    equivalence_diff: float = float("nan")
+    equivalence_ci_low: float = float("nan")
+    equivalence_ci_high: float = float("nan")
 
 
 class Verdict(NamedTuple):
@@ -361,18 +406,26 @@ def rate_verdict(e: SeriesEvidence) -> Verdict:
     3. ``no-decay``: the slope's CI reaches 0 or above, or is not finite;
     4. ``short-range``: fewer than :data:`MIN_SIZES` sizes, or less than :data:`MIN_DECADES`
        decade of n;
-    5. ``pre-asymptotic``: the CIs of the whole-range slope and of the upper-half slope do not
+    5. ``not-equivalent``: two sizes that reach the same ``n_eff`` in the upper range of the axis
+       disagree: the worst matched pair's CI of the difference of median log losses lies
+       entirely beyond :data:`EQUIVALENCE_MARGIN` (:func:`beyond_margin`). Only rows with such
+       pairs (the ``n_eff`` axis) can get it. It comes before the tests that read the slopes'
+       shape and the controls: where the loss is not a function of ``n_eff`` alone, a slope on
+       ``n_eff`` mixes the curves of the sizes and its bending is that of the mixture;
+    6. ``pre-asymptotic``: the CIs of the whole-range slope and of the upper-half slope do not
        overlap (or the upper half has no CI): the loss is still bending over the range;
-    6. ``noise-free-artefact``: the slope lies inside the noise-free control's CI and the
+    7. ``noise-free-artefact``: the slope lies inside the noise-free control's CI and the
        control has not fallen to round-off (``control_level > 1e-5 * noisy_level``): the
        protocol makes the slope, not the noise;
-    7. ``set-valued``: the near-optimal starts (random ones included) disagree
+    8. ``set-valued``: the near-optimal starts (random ones included) disagree
        (``spread_ratio > 0.5``), or the worst near-optimal loss has a CI that reaches 0, or the
        noise-free control stays above round-off without decaying (its CI reaches 0): without
        noise the estimator lands on a set of exact representations, not on the truth;
-    8. ``floor``: the class has a positive floor (``loss_floor > 1e-10``) and the noisy loss at
+    9. ``floor``: the class has a positive floor (``loss_floor > 1e-10``) and the noisy loss at
        the largest n is within a factor :data:`FLOOR_NEAR` of it;
-    9. ``rate``: none of the above.
+    10. ``rate``: none of the above.
+
+    On the ``n_eff`` axis sizes, decades and the largest value are counted on ``n_eff``.
 
     Parameters
     ----------
@@ -395,10 +448,18 @@ def rate_verdict(e: SeriesEvidence) -> Verdict:
         return Verdict("optimisation-limited", why)
     if not (np.isfinite(e.ci_low) and np.isfinite(e.ci_high) and e.ci_high < 0.0):
         return Verdict("no-decay", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)}: the CI reaches 0")
+    check_choice("axis", e.axis, AXES)
+    on_n = e.axis == "n"
     decades = float(np.log10(e.n_max / e.n_min)) if e.n_min > 0 else 0.0
     if e.n_sizes < MIN_SIZES or decades < MIN_DECADES - 1e-9:
-        return Verdict("short-range", f"{e.n_sizes} sizes over {decades:.2f} decades of n "
+        what = "sizes" if on_n else "values of n_eff"
+        return Verdict("short-range", f"{e.n_sizes} {what} over {decades:.2f} decades of {e.axis} "
                                       f"(needs {MIN_SIZES} over {MIN_DECADES:g})")
+    if beyond_margin(e.equivalence_ci_low, e.equivalence_ci_high):
+        return Verdict("not-equivalent", f"two sizes at the same n_eff differ by {e.equivalence_diff:+.2f} "
+                                         f"{_ci(e.equivalence_ci_low, e.equivalence_ci_high)} in median log loss, "
+                                         f"beyond +-log 2 = {EQUIVALENCE_MARGIN:.2f}: the loss is not a function "
+                                         "of n/sigma^2 alone")
     upper_known = bool(np.isfinite(e.upper_ci_low) and np.isfinite(e.upper_ci_high))
     if not upper_known or e.upper_ci_high < e.ci_low or e.upper_ci_low > e.ci_high:
         return Verdict("pre-asymptotic", f"whole-range CI {_ci(e.ci_low, e.ci_high)} and upper-half CI "
@@ -420,10 +481,16 @@ def rate_verdict(e: SeriesEvidence) -> Verdict:
                                      f"{_ci(e.control_ci_low, e.control_ci_high)} reaches 0): the estimator "
                                      "lands on a set, not a point")
     if np.isfinite(e.loss_floor) and e.loss_floor > FLOOR_TOLERANCE and e.noisy_level <= FLOOR_NEAR * e.loss_floor:
-        return Verdict("floor", f"noisy loss {e.noisy_level:.2g} at n = {e.n_max:.0f} within {FLOOR_NEAR:g}x of "
+        at = f"n = {e.n_max:.0f}" if on_n else f"n_eff = {e.n_max:.3g}"
+        return Verdict("floor", f"noisy loss {e.noisy_level:.2g} at {at} within {FLOOR_NEAR:g}x of "
                                 f"the class floor {e.loss_floor:.2g}")
-    return Verdict("rate", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)} over {e.n_sizes} sizes "
-                           f"({decades:.1f} decades), upper-half CI overlaps; control "
+    counted = f"{e.n_sizes} sizes" if on_n else f"{e.n_sizes} values of n_eff"
+    return Verdict("rate", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)} over {counted} "
+                           f"({decades:.1f} decades), upper-half CI overlaps; "
+                           + ("" if on_n or not np.isfinite(e.equivalence_diff) else
+                              f"matched sizes agree (worst {e.equivalence_diff:+.2f} "
+                              f"{_ci(e.equivalence_ci_low, e.equivalence_ci_high)}); ")
+                           + "control "
                            + ("at round-off" if not above_round_off else
                               f"slope CI {_ci(e.control_ci_low, e.control_ci_high)} excludes it"))
 
@@ -493,3 +560,180 @@ def ladder_exponent(perturbations: Any, levels: Any, noisy_level: float) -> floa
     if not _above_round_off(widest, noisy_level):
         return float("nan")
     return perturbation_exponent(p, v)
+
+
+# ---------------------------------------------------------------------- the effective sample size n / sigma^2
+
+
+def merge_axis_values(values: Any, rtol: float = AXIS_RTOL) -> np.ndarray:
+    """Each value replaced by the smallest value of its run of values within relative ``rtol``.
+
+    Sorted ascending, a value within ``rtol`` (relative to itself) of the previous representative
+    joins it; otherwise it starts a new one. ``n/sigma^2`` reached by two (n, sigma) pairs then
+    is one value exactly.
+
+    Parameters
+    ----------
+    values : array-like
+        ``(m,)`` finite positive values.
+    rtol : float
+        Relative tolerance.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m,)`` float64, in the input order.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {v.shape}")
+    if v.size and (np.any(~np.isfinite(v)) or np.any(v <= 0)):
+        raise ValueError(f"values must be finite and positive, got minimum {float(np.min(v))!r}")
+    out = v.copy()
+    order = np.argsort(v, kind="stable")
+    representative = np.nan
+    for i in order:
+        if not (np.isfinite(representative) and v[i] - representative <= rtol * v[i]):
+            representative = v[i]
+        out[i] = representative
+    return out
+
+
+def upper_range(values: Any) -> np.ndarray:
+    """The upper half of an axis: of the distinct values sorted, the last ``ceil(m/2)`` (``values[m // 2:]``).
+
+    On a log-spaced grid these are the values with ``log(value)`` at or above the midpoint of the
+    log range; the rule is a count so that rounding of a grid (``3107`` for ``10^3.5``) cannot move a
+    value across the midpoint. Distinct values are counted after :func:`merge_axis_values`.
+
+    Parameters
+    ----------
+    values : array-like
+        The axis values of the design (repeats allowed).
+
+    Returns
+    -------
+    numpy.ndarray
+        The distinct values of the upper half, ascending.
+    """
+    distinct = np.unique(merge_axis_values(np.asarray(values, dtype=np.float64).ravel()))
+    return distinct[distinct.size // 2:]
+
+
+@dataclass(frozen=True)
+class MatchedPair:
+    """Two sample sizes that reach the same ``n_eff = n / sigma^2``, compared.
+
+    Attributes
+    ----------
+    n_eff : float
+        The common effective sample size.
+    n_small, n_large : float
+        The two sizes (``n_small < n_large``).
+    diff : float
+        Median log loss at ``n_large`` minus median log loss at ``n_small``.
+    ci_low, ci_high : float
+        Percentile bootstrap interval of ``diff`` (replications resampled within each of the two cells).
+    count_small, count_large : int
+        Fits in each cell.
+    """
+
+    n_eff: float
+    n_small: float
+    n_large: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    count_small: int
+    count_large: int
+
+    @property
+    def separation(self) -> float:
+        """How far the CI lies from 0 (``max(ci_low, -ci_high)``; negative when it covers 0)."""
+        return float(max(self.ci_low, -self.ci_high))
+
+
+def matched_pairs(n: Any, n_eff: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> list[MatchedPair]:
+    """Every pair of sizes that reach the same ``n_eff`` (within :data:`AXIS_RTOL`), compared.
+
+    A cell is one ``(n, n_eff)`` (equivalently one ``(n, sigma)``). For every ``n_eff`` reached by
+    two or more sizes, every pair of them gives the difference of their median log losses (larger
+    ``n`` minus smaller) and a percentile bootstrap CI that resamples the fits within each cell.
+    To first order the least-squares estimate depends on ``(n, sigma)`` through ``n / sigma^2``
+    only (paper_notes/07), so the difference is about 0 where that holds.
+
+    Parameters
+    ----------
+    n, n_eff, loss : array-like
+        ``(m,)`` per fit: sample size, ``n / sigma^2`` and loss (finite and positive).
+    n_boot, level, seed
+        Bootstrap resamples, confidence level and seed (one generator for all pairs, in
+        ascending ``n_eff`` then ``n``).
+
+    Returns
+    -------
+    list of MatchedPair
+        Ascending in ``n_eff``, then in the two sizes.
+    """
+    n_arr = np.asarray(n, dtype=np.float64)
+    y_raw = np.asarray(loss, dtype=np.float64)
+    ne = np.asarray(n_eff, dtype=np.float64)
+    if n_arr.ndim != 1 or y_raw.shape != n_arr.shape or ne.shape != n_arr.shape:
+        raise ValueError(f"n, n_eff and loss must be 1-D of equal length, got shapes {n_arr.shape}, {ne.shape} "
+                         f"and {y_raw.shape}")
+    bad = np.flatnonzero(~np.isfinite(y_raw) | (y_raw <= 0))
+    if bad.size:
+        raise ValueError(f"loss must be finite and positive; entry {bad[0]} is {float(y_raw[bad[0]])!r}")
+    n_boot = check_positive_int("n_boot", n_boot)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if n_arr.size == 0:
+        return []
+    ne = merge_axis_values(ne)
+    y = np.log(y_raw)
+    rng = np.random.default_rng(seed)
+    q = [(1 - level) / 2, (1 + level) / 2]
+    pairs = []
+    for value in np.unique(ne):
+        sizes = np.unique(n_arr[ne == value])
+        cells = {size: y[(ne == value) & (n_arr == size)] for size in sizes}
+        boot = {size: np.median(v[rng.integers(0, v.size, size=(n_boot, v.size))], axis=1)
+                for size, v in cells.items()}
+        for i, small in enumerate(sizes):
+            for large in sizes[i + 1:]:
+                draws = boot[large] - boot[small]
+                lo, hi = np.quantile(draws, q)
+                pairs.append(MatchedPair(
+                    n_eff=float(value), n_small=float(small), n_large=float(large),
+                    diff=float(np.median(cells[large]) - np.median(cells[small])), ci_low=float(lo),
+                    ci_high=float(hi), count_small=int(cells[small].size), count_large=int(cells[large].size)))
+    return pairs
+
+
+def worst_pair(pairs: list[MatchedPair]) -> MatchedPair | None:
+    """The pair whose CI lies furthest from 0 (largest :attr:`MatchedPair.separation`; ties: larger ``|diff|``).
+
+    It decides :func:`beyond_margin` for the whole list: if any pair's CI lies beyond the margin,
+    this one's does. ``None`` for no pair.
+    """
+    if not pairs:
+        return None
+    return max(pairs, key=lambda p: (p.separation, abs(p.diff)))
+
+
+def beyond_margin(ci_low: float, ci_high: float, margin: float = EQUIVALENCE_MARGIN) -> bool:
+    """Whether a CI of a difference of log losses lies entirely outside ``[-margin, +margin]`` (False for NaN)."""
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
+        return False
+    return bool(ci_low > margin or ci_high < -margin)
+
+
+def format_pairs(pairs: list[MatchedPair]) -> str:
+    """Matched pairs as ``"n_eff 4e+08, n 1000|10000: +0.12 [-0.30, +0.51]"`` joined by ``"; "`` (``""`` for none).
+
+    A pair whose CI lies beyond :data:`EQUIVALENCE_MARGIN` ends with ``" !"``.
+    """
+    return "; ".join(f"n_eff {p.n_eff:.3g}, n {p.n_small:.0f}|{p.n_large:.0f}: {p.diff:+.2f} "
+                     f"{_ci(p.ci_low, p.ci_high)}" + (" !" if beyond_margin(p.ci_low, p.ci_high) else "")
+                     for p in pairs)
