@@ -27,7 +27,6 @@ from hmoe_sim.rates import (
     ladder_exponent,
     rate_verdict,
 )
-from hmoe_sim.sweep.cells import effective_size
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 from hmoe_sim.sweep.setup import SeriesSetup, series_setup
 
@@ -368,7 +367,7 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                     row: dict[str, object] = {"truth": truth, "series": s.name, "control": control, "n": n}
                     if "noise_std" in part:
                         sigma = float(part["noise_std"].iloc[0]) if len(part) else np.nan
-                        row.update({"noise_std": sigma, "n_eff": effective_size(n, sigma) if len(part) else np.nan})
+                        row.update({"noise_std": sigma, "n_eff": n / sigma**2 if sigma > 0 else np.inf})
                     row.update({"n_fits": len(part), "n_flagged": int(bad[part.index].sum())})
                     for col in ("diverged", "on_boundary", "converged"):
                         row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
