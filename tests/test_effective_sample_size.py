@@ -63,8 +63,10 @@ def test_axis_values_that_agree_to_rounding_are_one_value():
     merged = merge_axis_values([b, a, 4e6, 4e6 * (1 + 1e-6)])
     assert merged[0] == merged[1] == min(a, b)
     assert merged[2] == 4e6 and merged[3] != merged[2]  # 1e-6 apart: two values
-    with pytest.raises(ValueError, match="-1.0"):
+    with pytest.raises(ValueError, match="entry 1 is -1.0"):
         merge_axis_values([1.0, -1.0])
+    with pytest.raises(ValueError, match="entry 0 is inf"):
+        merge_axis_values([np.inf, 4e6])
 
 
 def test_upper_range_is_the_upper_half_of_the_distinct_values():
