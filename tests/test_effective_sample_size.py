@@ -220,6 +220,7 @@ def test_ensemble_tables_have_an_n_eff_view():
     # paired at the largest n_eff (n = 1e4, smallest sigma): shared - non-shared = -0.25 log(4e10), noise aside
     assert e.largest_n_diff_median == pytest.approx(-0.25 * np.log(4e10), abs=0.3)
     assert ensemble.loc["n", "largest_n"] == 10000
+    assert (e.n_truths, e.n_shared_upper_ci_below) == (2, 2)
     # the pooled n_eff slope: one slope over both truths, resampled within (truth, n, sigma)
     fit = ensemble_slope(results, "shared", "D1", axis="n_eff", n_boot=200)
     assert fit["slope"] == pytest.approx(-0.5, abs=0.02) and fit["n_fits"] == 2 * len(SIZES) * len(SIGMAS) * 6
