@@ -408,7 +408,7 @@ def plot_neff_axes(ax: plt.Axes, summary, rates, loss: str, *, structures: dict[
             grid = np.geomspace(float(part["n_eff"].min()), float(part["n_eff"].max()), 50)
             label += f": slope {r['slope']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
             if np.isfinite(float(r.get("slope_upper", np.nan))):
-                label += f"; upper half {r['slope_upper']:+.2f} [{r['ci_low_upper']:+.2f}, {r['ci_high_upper']:+.2f}]"
+                label += f"\n  upper half {r['slope_upper']:+.2f} [{r['ci_low_upper']:+.2f}, {r['ci_high_upper']:+.2f}]"
             if "verdict" in r:
                 label += f" ({r['verdict']})"
             ax.plot(grid, np.exp(float(r["intercept"])) * grid ** float(r["slope"]), "-", color=color, lw=1.6,
@@ -416,18 +416,20 @@ def plot_neff_axes(ax: plt.Axes, summary, rates, loss: str, *, structures: dict[
         else:
             ax.plot([], [], "-", color=color, label=f"{label}: no slope on n/σ²")
         mine = controls[controls["series"] == name]
+        below = []
         for n in sizes:
             level = mine.loc[mine["n"] == n, column].to_numpy(dtype=float)
             level = level[np.isfinite(level)]
             if not level.size:
                 continue
             value = float(np.median(level))
-            shown = max(value, floor)
-            ax.plot([edge], [shown], marker="v" if value < floor else marker[n], mfc="white", color=color, ms=6,
-                    ls="none")
+            ax.plot([edge], [max(value, floor)], marker="v" if value < floor else marker[n], mfc="white",
+                    color=color, ms=6, ls="none")
             if value < floor:
-                ax.annotate(f"{value:.0e}", (edge, shown), xytext=(6, 0 + 8 * i), textcoords="offset points",
-                            fontsize=6, color=color, va="center")
+                below.append(f"{value:.0e}")
+        if below:  # one note per series: the round-off levels of its sizes, smallest n first
+            ax.annotate(" | ".join(below), (edge, floor), xytext=(-4, 9 + 8 * i), textcoords="offset points",
+                        fontsize=6, color=color, ha="right", va="center")
     if anchor is not None:
         grid = np.geomspace(float(finite["n_eff"].min()), x_max, 50)
         ax.plot(grid, anchor[1] * (grid / anchor[0]) ** RATE_PARAMETRIC, "--", color="0.45", lw=1,
@@ -435,7 +437,8 @@ def plot_neff_axes(ax: plt.Axes, summary, rates, loss: str, *, structures: dict[
     if len(controls):
         ax.axvline(x_max * 10 ** 0.4, color="0.75", lw=0.8, ls=":")
         ax.plot([], [], "s", mfc="white", color="0.4", ls="none",
-                label="hollow, right edge: noise-free control (σ = 0), median per size")
+                label="hollow, right edge: noise-free control (σ = 0), median per size;\n"
+                      "  triangle: below the panel (round-off), its values written beside it")
     for n in sizes:
         ax.plot([], [], marker=marker[n], color="0.3", ls="-", lw=0.6, label=f"n = {n:g}")
     ax.set_xscale("log")
@@ -463,7 +466,7 @@ def plot_neff_panels(summary, rates, losses: list[str], *, structures: dict[str,
         raise ValueError("summary has no n_eff column: draw a run without a noise ladder with plot_rate_panels")
     truths = sorted(summary["truth"].unique()) if "truth" in summary else [None]
     many = len(truths) > 1
-    fig, axes = plt.subplots(len(truths), len(losses), figsize=((5.0 + 4.2 * many) * len(losses),
+    fig, axes = plt.subplots(len(truths), len(losses), figsize=((5.4 + 3.4 * many) * len(losses),
                                                                  6.4 if not many else 3.6 * len(truths)),
                              layout="constrained", squeeze=False)
     for row, truth in enumerate(truths):
