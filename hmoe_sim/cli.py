@@ -68,7 +68,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
-    from hmoe_sim.plotting import plot_forest, plot_rate_panels
+    """Draw a run's figure (``DIR/<name>.png`` unless ``target``) and return its path.
+
+    A run with a noise ladder (``summary.csv`` has ``n_eff``) is drawn on n/sigma^2: a single truth
+    as loss against n/sigma^2, a truth ensemble as the forest of upper-half slopes on n/sigma^2,
+    with the loss against n/sigma^2 per truth beside it in ``<stem>_losses.png``.
+    """
+    from hmoe_sim.plotting import plot_forest, plot_neff_panels, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
     from hmoe_sim.sweep.storage import ENSEMBLE_FILE, PER_TRUTH_FILE, SUMMARY_FILE
@@ -79,6 +85,9 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     rates = run.read_rates(fingerprint, _note)
     run.check_table(SUMMARY_FILE, fingerprint, _note)
     target = run_dir / f"{config.name}.png" if target is None else target
+    summary = summary_table(results, config)
+    ladder = "n_eff" in summary
+    structures = {s.name: s.structure for s in config.series if s.structure}
     per_truth = run.path / PER_TRUTH_FILE
     if len(config.truth_seeds) > 1 and per_truth.is_file():
         run.check_table(PER_TRUTH_FILE, fingerprint, _note)
@@ -90,11 +99,19 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
             run.check_table(ENSEMBLE_FILE, fingerprint, _note)
             ensemble = pd.read_csv(run.path / ENSEMBLE_FILE)
         fig = plot_forest(table, [c for c in ("D1", "L2") if c in loss_columns(config)], title=title,
-                          ensemble=ensemble)
+                          ensemble=ensemble, upper=ladder, axis="n_eff" if ladder else "n")
+        if ladder:
+            losses = plot_neff_panels(summary, rates, [c for c in ("D1", "L2") if c in loss_columns(config)],
+                                      structures=structures, title=title)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            losses.savefig(target.with_name(f"{target.stem}_losses{target.suffix}"), dpi=110)
+    elif ladder:
+        title = (f"{config.name}: {config.truth.preset}, {config.replications} replications per (n, σ); "
+                 "loss against n/σ²")
+        fig = plot_neff_panels(summary, rates, loss_columns(config), structures=structures, title=title)
     else:
-        summary = summary_table(results, config)
         title = f"{config.name}: {config.truth.preset}, {config.replications} replications per n"
-        fig = plot_rate_panels(summary, rates, loss_columns(config), title=title)
+        fig = plot_rate_panels(summary, rates, loss_columns(config), title=title, structures=structures)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)
     return target

@@ -18,6 +18,10 @@ from hmoe_sim.rates import RATE_OVERSPECIFIED, RATE_PARAMETRIC  # noqa: E402
 
 __all__ = [
     "REFERENCE_SLOPES",
+    "STRUCTURE_LABELS",
+    "series_labels",
+    "plot_neff_axes",
+    "plot_neff_panels",
     "plot_finetune_pretrained",
     "plot_finetune_sample_efficiency",
     "plot_forest",
@@ -32,11 +36,31 @@ __all__ = [
 
 #: theorem reference slopes drawn dashed: parametric n^-1/2 and over-specified atoms n^-1/4
 REFERENCE_SLOPES: dict[str, float] = {"n^-1/2": RATE_PARAMETRIC, "n^-1/4": RATE_OVERSPECIFIED}
+#: what a reader calls each structure: the joint hypernetwork (HoRA) and per-head adapters (MH-LoRA)
+STRUCTURE_LABELS: dict[str, str] = {"shared": "HoRA (shared)", "nonshared": "MH-LoRA (non-shared)"}
+#: one colour per structure in every figure
+_STRUCTURE_COLORS: dict[str, str] = {"shared": "C0", "nonshared": "C3"}
+
+
+def series_labels(names: list[str], structures: dict[str, str] | None = None) -> dict[str, str]:
+    """Legend label per series: :data:`STRUCTURE_LABELS` of its structure, with the series name when
+    several series share a structure (e.g. H = 2 and H = 4); the name itself for other series."""
+    structures = structures or {}
+    kinds = [structures.get(n, "") for n in names]
+    out = {}
+    for name, kind in zip(names, kinds, strict=True):
+        label = STRUCTURE_LABELS.get(kind)
+        out[name] = name if label is None else (label if kinds.count(kind) == 1 else f"{label}, {name}")
+    return out
+
+
+def _series_color(kind: str, index: int) -> str:
+    return _STRUCTURE_COLORS.get(kind, f"C{index}")
 
 
 def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str] | None = None,
                    references: dict[str, float] | None = None, control_ax: plt.Axes | None = None,
-                   legend: bool = True) -> None:
+                   legend: bool = True, structures: dict[str, str] | None = None) -> None:
     """Draw one loss's convergence plot on ``ax`` (log-log).
 
     Parameters
@@ -59,6 +83,8 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
         squeeze the data into the top of the panel); default ``ax``.
     legend : bool, default True
         Draw a legend on ``ax`` (``False`` when the caller puts one legend outside the axes).
+    structures : dict of str to str, optional
+        Structure of each series: labels :data:`STRUCTURE_LABELS` (:func:`series_labels`).
 
     Notes
     -----
@@ -73,6 +99,7 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
     else:
         controls = summary.iloc[0:0]
     names = list(dict.fromkeys(summary["series"])) if series is None else list(series)
+    labels = series_labels(names, structures)
     refs = REFERENCE_SLOPES if references is None else references
     anchor: tuple[float, float] | None = None
     for i, name in enumerate(names):
@@ -93,7 +120,7 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
         if len(row) and np.isfinite(float(row["slope"].iloc[0])):
             r = row.iloc[0]
             grid = np.geomspace(n.min(), n.max(), 50)
-            label = f"{name}: slope {r['slope']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            label = f"{labels[name]}: slope {r['slope']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
             if "verdict" in r:
                 label += f" ({r['verdict']})"
             inside = float(r.get("slope_inside", np.nan))
@@ -101,9 +128,9 @@ def plot_rate_axes(ax: plt.Axes, summary, rates, loss: str, *, series: list[str]
                 label += f"\n  (fits inside the box only: {inside:+.3f}, {int(r['n_used_inside'])} fits)"
             ax.plot(grid, np.exp(float(r["intercept"])) * grid ** float(r["slope"]), "-", color=color, label=label)
         else:
-            ax.plot([], [], "o", color=color, label=f"{name}: no slope")
+            ax.plot([], [], "o", color=color, label=f"{labels[name]}: no slope")
         _draw_control(ax if control_ax is None else control_ax, controls[controls["series"] == name].sort_values("n"),
-                      loss, color, name, faint=control_ax is None)
+                      loss, color, labels[name], faint=control_ax is None)
     if anchor is not None:
         grid = np.geomspace(summary["n"].min(), summary["n"].max(), 50)
         for j, (text, slope) in enumerate(refs.items()):
@@ -136,7 +163,23 @@ def _draw_control(ax: plt.Axes, part, loss: str, color: str, name: str, *, faint
                 label=f"{name}, noise-free control (median)")
 
 
-def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensemble=None) -> plt.Figure:
+def _one_axis(table, axis: str | None):
+    """The rows of ``table`` on ``axis`` (default: ``"n_eff"`` when present, else ``"n"``) and the axis."""
+    if table is None or "axis" not in table:
+        return table, "n" if axis is None else axis
+    present = list(dict.fromkeys(table["axis"]))
+    chosen = ("n_eff" if "n_eff" in present else "n") if axis is None else axis
+    if chosen not in present:
+        raise ValueError(f"axis {chosen!r} is not in the table (it has {present})")
+    return table[table["axis"] == chosen], chosen
+
+
+#: axis label of each rate axis
+_AXIS_TEXT = {"n": "n", "n_eff": "n/σ²"}
+
+
+def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensemble=None, upper: bool = False,
+                axis: str | None = None) -> plt.Figure:
     """Forest plot of a truth ensemble: per truth, each series' slope with its CI.
 
     Parameters
@@ -155,11 +198,22 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
     the first loss, the paired difference of log loss (shared minus non-shared) at the largest
     n per truth, and its median over truths from ``ensemble``.
 
+    upper : bool, default False
+        Draw the slopes over the upper half of the axis (``slope_upper, ci_low_upper,
+        ci_high_upper``; the pooled row from ``{shared,nonshared}_ensemble_slope_upper``).
+    axis : str, optional
+        ``"n"`` or ``"n_eff"``: the rows of that axis when the tables have an ``axis`` column
+        (default ``"n_eff"`` when present, else ``"n"``).
+
     Notes
     -----
     Filled markers: verdict ``rate``; open markers: any other verdict (named in the legend).
-    The dashed line is the parametric reference ``-1/2``.
+    The dashed line is the parametric reference ``-1/2``. Series are labelled by structure
+    (:data:`STRUCTURE_LABELS`).
     """
+    per_truth, axis = _one_axis(per_truth, axis)
+    ensemble, _ = _one_axis(ensemble, axis)
+    suffix = "_upper" if upper else ""
     heads = sorted(per_truth["H"].unique())
     paired = "paired_diff" in per_truth and bool(np.isfinite(per_truth["paired_diff"].to_numpy(dtype=float)).any())
     n_cols = len(losses) + int(paired)
@@ -170,6 +224,7 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
         for row, h in enumerate(heads):
             _draw_paired(axes[row][-1], per_truth[per_truth["H"] == h], losses[0], h, ensemble)
     names = list(dict.fromkeys(per_truth["series"]))
+    kinds = dict(zip(per_truth["series"], per_truth["structure"], strict=True)) if "structure" in per_truth else {}
     for row, h in enumerate(heads):
         for col, loss in enumerate(losses):
             ax = axes[row][col]
@@ -178,34 +233,37 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
             present = [nm for nm in names if (part["series"] == nm).any()]
             for j, name in enumerate(present):
                 sub = part[part["series"] == name].set_index("truth")
-                kind = str(sub["structure"].iloc[0]) if "structure" in sub and len(sub) else ""
-                color = {"shared": "C0", "nonshared": "C3"}.get(kind, f"C{j}")
+                kind = str(kinds.get(name, ""))
+                color = _series_color(kind, j)
+                label = series_labels(present, kinds)[name]
                 for k, t in enumerate(truths):
                     if t not in sub.index:
                         continue
                     r = sub.loc[t]
                     y = k + (j - (len(present) - 1) / 2) * 0.22
                     filled = r["verdict"] == "rate"
-                    ax.errorbar([r["slope"]], [y], xerr=[[r["slope"] - r["ci_low"]], [r["ci_high"] - r["slope"]]],
+                    slope, lo, hi = (float(r[f"{c}{suffix}"]) for c in ("slope", "ci_low", "ci_high"))
+                    ax.errorbar([slope], [y], xerr=[[slope - lo], [hi - slope]],
                                 fmt="o", color=color, mfc=color if filled else "white", capsize=2, ms=5,
-                                label=name if k == 0 else None)
-            ens = None if ensemble is None or "shared_ensemble_slope" not in ensemble else \
+                                label=label if k == 0 else None)
+            ens = None if ensemble is None or f"shared_ensemble_slope{suffix}" not in ensemble else \
                 ensemble[(ensemble["H"] == h) & (ensemble["loss"] == loss)]
             if ens is not None and len(ens):
                 e = ens.iloc[0]
                 for j, kind in enumerate(("shared", "nonshared")):
-                    slope, lo, hi = (float(e[f"{kind}_ensemble_{c}"]) for c in ("slope", "ci_low", "ci_high"))
+                    slope, lo, hi = (float(e[f"{kind}_ensemble_{c}{suffix}"]) for c in ("slope", "ci_low", "ci_high"))
                     if np.isfinite(slope):
                         y = len(truths) + 0.4 + (j - 0.5) * 0.22
                         ax.errorbar([slope], [y], xerr=[[slope - lo], [hi - slope]], fmt="D",
-                                    color={"shared": "C0", "nonshared": "C3"}[kind], capsize=2, ms=5)
+                                    color=_STRUCTURE_COLORS[kind], capsize=2, ms=5)
                 truths = [*truths, "all"]
             ax.axvline(-0.5, ls="--", color="0.5", lw=1)
             ax.axvline(0.0, ls="-", color="0.8", lw=1)
             ax.set_yticks([k + (0.4 if t == "all" else 0.0) for k, t in enumerate(truths)])
             ax.set_yticklabels([("all truths (ensemble slope)" if t == "all" else f"truth {t}") for t in truths])
             ax.invert_yaxis()
-            ax.set_xlabel(f"slope of log {loss} on log n (95% CI)")
+            ax.set_xlabel(f"slope of log {loss} on log {_AXIS_TEXT.get(axis, axis)}"
+                          + (", upper half of the axis" if upper else "") + " (95% CI)")
             ax.set_title(f"{loss}, H = {h}")
             ax.grid(True, axis="x", alpha=0.25)
             if row == 0 and col == 0:
@@ -220,6 +278,7 @@ def plot_forest(per_truth, losses: list[str], *, title: str | None = None, ensem
 def _draw_paired(ax: plt.Axes, part, loss: str, h: int, ensemble) -> None:
     """Per truth: log loss of shared minus non-shared at the largest n (paired), with its CI."""
     rows = part[(part["loss"] == loss) & (part["structure"] == "shared")].sort_values("truth")
+    at = _AXIS_TEXT.get(str(part["axis"].iloc[0]), "n") if "axis" in part and len(part) else "n"
     truths = rows["truth"].tolist()
     for k, r in enumerate(rows.itertuples()):
         if np.isfinite(r.paired_diff):
@@ -239,12 +298,13 @@ def _draw_paired(ax: plt.Axes, part, loss: str, h: int, ensemble) -> None:
     ax.invert_yaxis()
     ax.axvline(0.0, ls="-", color="0.6", lw=1)
     ax.set_xlabel(f"log {loss}, shared - non-shared (95% CI)")
-    ax.set_title(f"{loss} at the largest n, H = {h}, paired")
+    ax.set_title(f"{loss}, H = {h}: paired at the largest {at}")
     ax.grid(True, axis="x", alpha=0.25)
 
 
 def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | None = None,
-                     references: dict[str, float] | None = None, title: str | None = None) -> plt.Figure:
+                     references: dict[str, float] | None = None, title: str | None = None,
+                     structures: dict[str, str] | None = None) -> plt.Figure:
     """One log-log column per loss, all series overlaid (e.g. shared vs non-shared).
 
     The top row holds the noisy data, the bottom row (when ``summary`` has noise-free
@@ -261,7 +321,7 @@ def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | N
     for col, loss in enumerate(losses):
         ax = axes[0][col]
         plot_rate_axes(ax, summary, rates, loss, series=series, references=references,
-                       control_ax=axes[1][col] if has_controls else None, legend=False)
+                       control_ax=axes[1][col] if has_controls else None, legend=False, structures=structures)
         ax.set_title(loss)
         if has_controls:
             ax.set_xlabel("")
@@ -271,6 +331,155 @@ def plot_rate_panels(summary, rates, losses: list[str], *, series: list[str] | N
             handles, labels = handles + more[0], labels + more[1]
         axes[-1][col].legend(handles, labels, fontsize=6.5, loc="upper left", bbox_to_anchor=(0.0, -0.22),
                              borderaxespad=0.0)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+#: markers of the sample sizes in the n_eff figure, smallest n first
+_SIZE_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def plot_neff_axes(ax: plt.Axes, summary, rates, loss: str, *, structures: dict[str, str] | None = None,
+                   series: list[str] | None = None) -> None:
+    """Draw one loss against the effective sample size ``n/sigma^2`` on ``ax`` (log-log).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    summary : pandas.DataFrame
+        ``summary.csv`` of a run with a noise ladder: per (series, control, n, noise level) with
+        ``n_eff`` and ``<loss>_median`` (:func:`hmoe_sim.sweep.report.summary_table`).
+    rates : pandas.DataFrame
+        ``rates.csv`` with its ``axis = "n_eff"`` rows (``slope, ci_low, ci_high, intercept,
+        slope_upper, ci_low_upper, ci_high_upper, verdict``).
+    loss : str
+        Loss column to draw.
+    structures : dict of str to str, optional
+        Structure (``"shared"``/``"nonshared"``) of each series, for the labels and colours.
+    series : list of str, optional
+        Series to draw (default: every series of ``summary``).
+
+    Notes
+    -----
+    One colour per series, one marker per sample size (a thin line joins the noise levels of
+    a size), so that two sizes at the same ``n/sigma^2`` sit on top of each other when the loss
+    depends on ``n/sigma^2`` alone. The solid line is the fitted power law on ``n_eff``, labelled
+    with its slope, the upper-half slope and the verdict; the dashed line the reference ``-1/2``
+    through the first series' leftmost point. The noise-free control (sigma = 0, ``n_eff`` =
+    infinity) is drawn at the right edge, one hollow marker per size; a control below the data's
+    range by more than a factor 100 (round-off) sits on the bottom edge as a downward triangle
+    with its value written beside it.
+    """
+    control = summary["control"].fillna("").astype(str) if "control" in summary else \
+        np.full(len(summary), "")
+    noisy = summary[control == ""]
+    controls = summary[control == "noise_free"]
+    names = list(dict.fromkeys(noisy["series"])) if series is None else list(series)
+    structures = structures or {}
+    labels = series_labels(names, structures)
+    sizes = sorted(noisy["n"].unique())
+    marker = {n: _SIZE_MARKERS[i % len(_SIZE_MARKERS)] for i, n in enumerate(sizes)}
+    column = f"{loss}_median"
+    finite = noisy[np.isfinite(noisy[column].to_numpy(dtype=float)) & (noisy[column] > 0)]
+    if finite.empty:
+        ax.text(0.5, 0.5, f"no finite {loss}", transform=ax.transAxes, ha="center")
+        return
+    x_max = float(finite["n_eff"].max())
+    edge = x_max * 10 ** 0.8
+    floor = float(finite[column].min()) / 100.0
+    anchor: tuple[float, float] | None = None
+    for i, name in enumerate(names):
+        color = _series_color(structures.get(name, ""), i)
+        part = finite[finite["series"] == name]
+        for n in sizes:
+            cur = part[part["n"] == n].sort_values("n_eff")
+            if cur.empty:
+                continue
+            ax.plot(cur["n_eff"], cur[column], marker=marker[n], ls="-", lw=0.6, color=color, ms=5, alpha=0.9)
+            if anchor is None:
+                anchor = (float(cur["n_eff"].iloc[0]), float(cur[column].iloc[0]))
+        row = rates[(rates["series"] == name) & (rates["loss"] == loss)]
+        if "axis" in row:
+            row = row[row["axis"] == "n_eff"]
+        label = labels[name]
+        if len(row) and np.isfinite(float(row["slope"].iloc[0])):
+            r = row.iloc[0]
+            grid = np.geomspace(float(part["n_eff"].min()), float(part["n_eff"].max()), 50)
+            label += f": slope {r['slope']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+            if np.isfinite(float(r.get("slope_upper", np.nan))):
+                label += f"\n  upper half {r['slope_upper']:+.2f} [{r['ci_low_upper']:+.2f}, {r['ci_high_upper']:+.2f}]"
+            if "verdict" in r:
+                label += f" ({r['verdict']})"
+            ax.plot(grid, np.exp(float(r["intercept"])) * grid ** float(r["slope"]), "-", color=color, lw=1.6,
+                    label=label)
+        else:
+            ax.plot([], [], "-", color=color, label=f"{label}: no slope on n/σ²")
+        mine = controls[controls["series"] == name]
+        below = []
+        for n in sizes:
+            level = mine.loc[mine["n"] == n, column].to_numpy(dtype=float)
+            level = level[np.isfinite(level)]
+            if not level.size:
+                continue
+            value = float(np.median(level))
+            ax.plot([edge], [max(value, floor)], marker="v" if value < floor else marker[n], mfc="white",
+                    color=color, ms=6, ls="none")
+            if value < floor:
+                below.append(f"{value:.0e}")
+        if below:  # one note per series: the round-off levels of its sizes, smallest n first
+            ax.annotate(" | ".join(below), (edge, floor), xytext=(-4, 9 + 8 * i), textcoords="offset points",
+                        fontsize=6, color=color, ha="right", va="center")
+    if anchor is not None:
+        grid = np.geomspace(float(finite["n_eff"].min()), x_max, 50)
+        ax.plot(grid, anchor[1] * (grid / anchor[0]) ** RATE_PARAMETRIC, "--", color="0.45", lw=1,
+                label="reference (n/σ²)^-1/2")
+    if len(controls):
+        ax.axvline(x_max * 10 ** 0.4, color="0.75", lw=0.8, ls=":")
+        ax.plot([], [], "s", mfc="white", color="0.4", ls="none",
+                label="hollow, right edge: noise-free control (σ = 0), median per size;\n"
+                      "  triangle: below the panel (round-off), its values written beside it")
+    for n in sizes:
+        ax.plot([], [], marker=marker[n], color="0.3", ls="-", lw=0.6, label=f"n = {n:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = [t for t in ax.get_xticks() if float(finite["n_eff"].min()) / 3 <= t <= x_max * 10 ** 0.2]
+    if len(controls):
+        ax.set_xticks([*ticks, edge], [*(f"$10^{{{np.log10(t):.0f}}}$" for t in ticks), "σ = 0"])
+        ax.set_xlim(float(finite["n_eff"].min()) / 3, edge * 3)
+    ax.set_xlabel("effective sample size n/σ²")
+    ax.set_ylabel(f"{loss} (median over replications)")
+    ax.grid(True, which="major", alpha=0.25)
+
+
+def plot_neff_panels(summary, rates, losses: list[str], *, structures: dict[str, str] | None = None,
+                     series: list[str] | None = None, title: str | None = None) -> plt.Figure:
+    """One log-log column per loss against ``n/sigma^2`` (:func:`plot_neff_axes`), one row per truth.
+
+    ``summary`` and ``rates`` may hold several truths (column ``truth``): each gets its row of
+    panels. Legends sit outside the axes: under the panel for one truth, to its right for several.
+    Returns the ``Figure``.
+    """
+    if not losses:
+        raise ValueError("losses must name at least one loss column")
+    if "n_eff" not in summary:
+        raise ValueError("summary has no n_eff column: draw a run without a noise ladder with plot_rate_panels")
+    truths = sorted(summary["truth"].unique()) if "truth" in summary else [None]
+    many = len(truths) > 1
+    fig, axes = plt.subplots(len(truths), len(losses), figsize=((5.4 + 3.4 * many) * len(losses),
+                                                                 6.4 if not many else 3.6 * len(truths)),
+                             layout="constrained", squeeze=False)
+    for row, truth in enumerate(truths):
+        part = summary if truth is None else summary[summary["truth"] == truth]
+        fitted = rates if truth is None or "truth" not in rates else rates[rates["truth"] == truth]
+        for col, loss in enumerate(losses):
+            ax = axes[row][col]
+            plot_neff_axes(ax, part, fitted, loss, structures=structures, series=series)
+            ax.set_title(loss if truth is None else f"{loss}, truth {truth}")
+            if many:
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+            else:
+                ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(0.0, -0.14), borderaxespad=0.0)
     if title:
         fig.suptitle(title)
     return fig

@@ -587,8 +587,10 @@ def merge_axis_values(values: Any, rtol: float = AXIS_RTOL) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1:
         raise ValueError(f"values must be 1-D, got shape {v.shape}")
-    if v.size and (np.any(~np.isfinite(v)) or np.any(v <= 0)):
-        raise ValueError(f"values must be finite and positive, got minimum {float(np.min(v))!r}")
+    bad = np.flatnonzero(~np.isfinite(v) | (v <= 0))
+    if bad.size:
+        raise ValueError(f"axis values must be finite and positive; entry {bad[0]} is {float(v[bad[0]])!r} "
+                         "(a noise-free fit has n/sigma^2 = inf: keep controls off the n_eff axis)")
     out = v.copy()
     order = np.argsort(v, kind="stable")
     representative = np.nan

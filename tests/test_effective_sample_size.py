@@ -63,8 +63,10 @@ def test_axis_values_that_agree_to_rounding_are_one_value():
     merged = merge_axis_values([b, a, 4e6, 4e6 * (1 + 1e-6)])
     assert merged[0] == merged[1] == min(a, b)
     assert merged[2] == 4e6 and merged[3] != merged[2]  # 1e-6 apart: two values
-    with pytest.raises(ValueError, match="-1.0"):
+    with pytest.raises(ValueError, match="entry 1 is -1.0"):
         merge_axis_values([1.0, -1.0])
+    with pytest.raises(ValueError, match="entry 0 is inf"):
+        merge_axis_values([np.inf, 4e6])
 
 
 def test_upper_range_is_the_upper_half_of_the_distinct_values():
@@ -218,8 +220,73 @@ def test_ensemble_tables_have_an_n_eff_view():
     # paired at the largest n_eff (n = 1e4, smallest sigma): shared - non-shared = -0.25 log(4e10), noise aside
     assert e.largest_n_diff_median == pytest.approx(-0.25 * np.log(4e10), abs=0.3)
     assert ensemble.loc["n", "largest_n"] == 10000
+    assert (e.n_truths, e.n_shared_upper_ci_below) == (2, 2)
     # the pooled n_eff slope: one slope over both truths, resampled within (truth, n, sigma)
     fit = ensemble_slope(results, "shared", "D1", axis="n_eff", n_boot=200)
     assert fit["slope"] == pytest.approx(-0.5, abs=0.02) and fit["n_fits"] == 2 * len(SIZES) * len(SIGMAS) * 6
     per, _ = paired_largest_n(results, "shared", "nonshared", "D1", axis="n_eff", n_boot=100)
     assert (per["n_pairs"] == 6).all()
+
+
+def _pair_ladder() -> pd.DataFrame:
+    return pd.concat([
+        ladder(lambda n, s: 2.0 * (n / s**2) ** -0.5, series="shared", truth=t, seed=t, sd=0.3) for t in (1, 2)] + [
+        ladder(lambda n, s: 2.0 * (n / s**2) ** -0.25, series="nonshared", truth=t, seed=10 + t, sd=0.3)
+        for t in (1, 2)], ignore_index=True)
+
+
+def test_neff_figures_draw_every_size_the_control_and_the_labels(tmp_path):
+    from hmoe_sim.plotting import plot_neff_panels, plot_rate_panels
+
+    results = _pair_ladder()
+    rates = rates_table(results, PAIR_CFG, n_boot=100, floors={}, flats={})
+    summary = summary_table(results, PAIR_CFG)
+    structures = {"shared": "shared", "nonshared": "nonshared"}
+    one = plot_neff_panels(summary[summary["truth"] == 1], rates[rates["truth"] == 1], ["D1"], structures=structures)
+    ax = one.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert any(t.startswith("HoRA (shared): slope -0.5") for t in labels)
+    assert any(t.startswith("MH-LoRA (non-shared): slope -0.2") for t in labels)
+    assert {"n = 1000", "n = 10000", "reference (n/σ²)^-1/2"} <= set(labels)
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "σ = 0"
+    # the legend sits outside the data: below the axes
+    assert ax.get_legend().get_bbox_to_anchor().y0 < ax.get_window_extent().y0
+    # every (series, n, sigma) median is drawn: 2 series x 2 sizes, 5 noise levels each
+    drawn = [line for line in ax.lines if len(line.get_xdata()) == len(SIGMAS)]
+    assert len(drawn) == 4
+    path = tmp_path / "neff.png"
+    one.savefig(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    both = plot_neff_panels(summary, rates, ["D1"], structures=structures)
+    assert [a.get_title() for a in both.axes] == ["D1, truth 1", "D1, truth 2"]
+    with pytest.raises(ValueError, match="n_eff"):
+        plot_neff_panels(summary.drop(columns="n_eff"), rates, ["D1"])
+    # the n-axis figure keeps working and takes the same labels
+    n_summary = summary_table(ladder(lambda n, s: n**-0.5, sigmas=(0.05,)), CFG)
+    n_rates = rates_table(ladder(lambda n, s: n**-0.5, sigmas=(0.05,)), CFG, n_boot=50, floors={}, flats={})
+    fig = plot_rate_panels(n_summary, n_rates, ["D1"], structures={"s": "shared"})
+    assert any(t.startswith("HoRA (shared)") for t in fig.axes[0].get_legend_handles_labels()[1])
+    fig.savefig(tmp_path / "n.png")
+    assert (tmp_path / "n.png").stat().st_size > 0
+
+
+def test_forest_of_upper_half_slopes_on_n_eff(tmp_path):
+    from hmoe_sim.plotting import plot_forest
+
+    results = _pair_ladder()
+    rates = rates_table(results, PAIR_CFG, n_boot=100, floors={}, flats={})
+    per_truth = per_truth_table(rates, PAIR_CFG, results)
+    ensemble = ensemble_table(per_truth, PAIR_CFG, results, n_boot=100)
+    fig = plot_forest(per_truth, ["D1"], ensemble=ensemble, upper=True)
+    ax = fig.axes[0]
+    xs = {round(float(line.get_xdata()[0]), 12) for line in ax.lines if len(line.get_xdata()) == 1}
+    upper = per_truth[(per_truth["axis"] == "n_eff") & (per_truth["loss"] == "D1")]["slope_upper"]
+    pooled = ensemble[ensemble["axis"] == "n_eff"][["shared_ensemble_slope_upper", "nonshared_ensemble_slope_upper"]]
+    assert {round(float(v), 12) for v in upper} | {round(float(v), 12) for v in pooled.to_numpy().ravel()} <= xs
+    assert "n/σ², upper half" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["truth 1", "truth 2", "all truths (ensemble slope)"]
+    assert {"HoRA (shared)", "MH-LoRA (non-shared)"} <= set(fig.legends[0].get_texts()[i].get_text() for i in range(2))
+    with pytest.raises(ValueError, match="'n_eff' is not in the table"):
+        plot_forest(per_truth[per_truth["axis"] == "n"], ["D1"], axis="n_eff")
+    fig.savefig(tmp_path / "forest.png")
+    assert (tmp_path / "forest.png").stat().st_size > 0

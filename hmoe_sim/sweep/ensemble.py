@@ -115,7 +115,8 @@ def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, results: pd.Dat
     ``diff_median, diff_ci_low, diff_ci_high`` (median over truths of slope(shared) -
     slope(non-shared), with a percentile-bootstrap CI over truths, over the truths where both
     verdicts are ``rate``), ``n_shared_ci_below`` (truths on which the shared CI lies entirely
-    below the non-shared CI), ``n_shared_rate`` and ``n_nonshared_rate`` (truths whose verdict is
+    below the non-shared CI), ``n_shared_upper_ci_below`` (the same for the upper-half slopes),
+    ``n_shared_rate`` and ``n_nonshared_rate`` (truths whose verdict is
     ``rate``), ``n_both_decay, decay_diff_median, decay_diff_ci_low, decay_diff_ci_high`` (the
     paired slope difference over the truths where both slopes' CIs lie below 0, whatever the
     verdicts). With ``results`` (the per-fit table) also ``largest_n, largest_n_diff_median,
@@ -150,6 +151,8 @@ def ensemble_table(per_truth: pd.DataFrame, config: SweepConfig, results: pd.Dat
                 "verdict_pairs": "; ".join(f"{k}: {int(v)}" for k, v in sorted(pairs.items())),
                 "n_both_rate": int(both.sum()), "diff_median": med, "diff_ci_low": lo, "diff_ci_high": hi,
                 "n_shared_ci_below": int((a["ci_high"] < b["ci_low"]).sum()),
+                "n_shared_upper_ci_below": int((a["ci_high_upper"] < b["ci_low_upper"]).sum())
+                if "ci_high_upper" in a else 0,
                 "n_shared_rate": int((a["verdict"] == "rate").sum()),
                 "n_nonshared_rate": int((b["verdict"] == "rate").sum()),
                 "n_both_decay": int(decay.sum()), "decay_diff_median": dmed, "decay_diff_ci_low": dlo,
