@@ -92,7 +92,7 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     if len(config.truth_seeds) > 1 and per_truth.is_file():
         run.check_table(PER_TRUTH_FILE, fingerprint, _note)
         title = (f"{config.name}: {len(config.truth_seeds)} truths of {config.truth.preset}, "
-                 f"{config.replications} replications per n")
+                 f"{config.replications} replications per " + ("(n, σ)" if ladder else "n"))
         table = pd.read_csv(per_truth).drop(columns=["fingerprint"], errors="ignore")
         ensemble = None
         if (run.path / ENSEMBLE_FILE).is_file():

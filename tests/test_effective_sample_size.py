@@ -290,3 +290,44 @@ def test_forest_of_upper_half_slopes_on_n_eff(tmp_path):
         plot_forest(per_truth[per_truth["axis"] == "n"], ["D1"], axis="n_eff")
     fig.savefig(tmp_path / "forest.png")
     assert (tmp_path / "forest.png").stat().st_size > 0
+
+
+def test_the_sweep_figure_of_a_noise_ladder_is_drawn_on_n_eff(tmp_path):
+    from hmoe_sim.cli import main
+
+    config = tmp_path / "ladder.toml"
+    config.write_text('''name = "ladder"
+root_seed = 1
+[truth]
+preset = "hmoe-shared"
+seeds = [1, 2]
+options = { expert_std = 1.0, gate_slope_std = 1.0 }
+[sample]
+sizes = [60, 120]
+noise_levels = [0.1, 0.01]
+replications = 2
+chunk = 2
+controls = ["noise_free"]
+[fit]
+method = "lm"
+max_iter = 3
+random_starts = 1
+[[series]]
+name = "shared"
+structure = "shared"
+[[series]]
+name = "nonshared"
+structure = "nonshared"
+[losses]
+kinds = ["D1"]
+l2_n_eval = 200
+''')
+    out = tmp_path / "run"
+    assert main(["sweep", str(config), "--out", str(out), "--no-progress"]) == 0
+    rates = pd.read_csv(out / "rates.csv")
+    assert set(rates["axis"]) == {"n", "n_eff"}
+    # n = 60 at sigma = 0.01 and n = 120 at sigma = 0.01 / sqrt(2) would match; these two sizes match nowhere
+    assert (rates["n_matched"] == 0).all()
+    assert set(pd.read_csv(out / "per_truth.csv")["axis"]) == {"n", "n_eff"}
+    for name in ("ladder.png", "ladder_losses.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
