@@ -137,8 +137,11 @@ def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFr
         summary = summary.assign(n_at_max_iter=0)
     counts = summary.groupby("series", sort=False)[["n_fits", "n_flagged", "n_on_boundary", "n_worse_than_truth",
                                                     "n_at_max_iter"]].sum()
+    on_neff = "axis" in rates and bool((rates["axis"] == "n_eff").any())
     lines = ["rates (slope of log loss on log n, bootstrap CI; flagged fits excluded from the main slope; "
-             "sensitivity: slope_all over every fit of finite loss, *_inside over fits strictly inside the box):",
+             "sensitivity: slope_all over every fit of finite loss, *_inside over fits strictly inside the box"
+             + ("; axis n_eff: on log n/sigma^2 over every (n, sigma), the n rows at the largest sigma, "
+                "equivalence_diff: the worst matched pair of sizes at equal n/sigma^2" if on_neff else "") + "):",
              format_rates(rates), "",
              "fits per series: " + ", ".join(
                  f"{s}: {int(r.n_fits)} ({int(r.n_flagged)} flagged: diverged or on the boundary at an excluded "

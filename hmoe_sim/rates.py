@@ -12,6 +12,12 @@ of the slope (and of ``tau``) is a percentile bootstrap that resamples the repli
 *within* each sample size, keeping the design (the set of ``n`` and the count per ``n``)
 fixed, as a repeated simulation would.
 
+The same fit serves the effective sample size ``n_eff = n / sigma^2`` of a noise ladder
+(:data:`AXES`): there the bootstrap resamples within each (n, sigma) cell (``cells``), two sizes
+that reach the same ``n_eff`` are compared by :func:`matched_pairs` (the difference of their median
+log losses), and :func:`rate_verdict` gives ``not-equivalent`` when a pair in the upper range
+(:func:`upper_range`) disagrees beyond :data:`EQUIVALENCE_MARGIN` (paper_notes/07).
+
 Theorem reference rates (theory.md section 4) are named constants:
 :data:`RATE_PARAMETRIC` (``n^-1/2``, singleton-cell parameters, fast case),
 :data:`RATE_OVERSPECIFIED` (``n^-1/4``, atoms of multi-atom cells) and
