@@ -23,10 +23,10 @@ from itertools import product
 import numpy as np
 import pandas as pd
 
+from hmoe_sim.equivalence import upper_range
 from hmoe_sim.models.hmoe import HMoE
-from hmoe_sim.rates import upper_range
+from hmoe_sim.sweep.axes import AXIS_COLUMN, axis_values, fixed_noise
 from hmoe_sim.sweep.config import SweepConfig
-from hmoe_sim.sweep.report import AXIS_COLUMN, axis_values, fixed_noise
 from hmoe_sim.sweep.setup import series_setup
 
 __all__ = ["PER_TRUTH_COLUMNS", "series_heads", "per_truth_table", "ensemble_table", "structure_pairs",
@@ -182,9 +182,9 @@ def _noisy_losses(results: pd.DataFrame, series: str, loss: str, axis: str = "n"
     """Noisy fits of one series with a finite positive loss: ``truth, n, sigma, replication, x, upper, log``.
 
     ``x`` is the value of ``axis`` (on ``"n"`` with a noise ladder, the fits at its largest sigma:
-    :func:`hmoe_sim.sweep.report.fixed_noise`); ``sigma`` the noise level (0 when not recorded);
+    :func:`hmoe_sim.sweep.axes.fixed_noise`); ``sigma`` the noise level (0 when not recorded);
     ``upper`` whether ``x`` lies in the upper half of the truth's axis values
-    (:func:`hmoe_sim.rates.upper_range` of every noisy fit of the truth, usable or not).
+    (:func:`hmoe_sim.equivalence.upper_range` of every noisy fit of the truth, usable or not).
     """
     part = results[(results["series"] == series) & (results["control"].fillna("").astype(str) == "")]
     part = axis_values(fixed_noise(part) if axis == "n" else part, axis)
@@ -252,7 +252,7 @@ def ensemble_slope(results: pd.DataFrame, series: str, loss: str, *, n_boot: int
     The OLS slope after centring the log axis and ``log loss`` within each truth. The CI is a
     percentile bootstrap that resamples the replications within each (truth, n, sigma) cell,
     keeping the design, as :func:`hmoe_sim.rates.fit_rate` does for one truth. With ``upper``
-    only the fits in the upper half of each truth's axis values (:func:`hmoe_sim.rates.upper_range`).
+    only the fits in the upper half of each truth's axis values (:func:`hmoe_sim.equivalence.upper_range`).
 
     Returns
     -------

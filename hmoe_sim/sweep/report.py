@@ -19,32 +19,29 @@ from itertools import product
 import numpy as np
 import pandas as pd
 
+from hmoe_sim.equivalence import upper_range
 from hmoe_sim.estimators.result import count_at_iteration_cap
 from hmoe_sim.identifiability import flat_directions, loss_floor
-from hmoe_sim.rates import (
-    FLOOR_TOLERANCE,
-    SeriesEvidence,
-    fit_rate,
-    format_pairs,
-    ladder_exponent,
-    matched_pairs,
-    merge_axis_values,
-    rate_verdict,
-    upper_range,
-    worst_pair,
+from hmoe_sim.rates import fit_rate, ladder_exponent
+from hmoe_sim.sweep.axes import (
+    AXIS_COLUMN,
+    axis_values,
+    bootstrap_cells,
+    equivalence_columns,
+    fixed_noise,
+    has_noise_axis,
+    noise_cells,
 )
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 from hmoe_sim.sweep.setup import SeriesSetup, series_setup
+from hmoe_sim.verdicts import FLOOR_TOLERANCE, SeriesEvidence, rate_verdict
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
            "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
-           "loss_floors", "flat_counts", "upper_half", "protocol_is_start", "has_noise_axis", "axis_values",
-           "fixed_noise", "AXIS_COLUMN"]
+           "loss_floors", "flat_counts", "upper_half", "protocol_is_start"]
 
 #: leading columns of ``rates.csv``
 RATE_COLUMNS = ["truth", "series", "loss", "axis", "slope", "ci_low", "ci_high", "n_min", "n_max"]
-#: the column of a series' rows that holds the value of the axis a rate is fitted on (added by :func:`axis_values`)
-AXIS_COLUMN = "axis_value"
 #: columns of a rate fit that are NaN when no slope can be fitted
 _FIT_COLUMNS = RATE_COLUMNS[4:]
 
@@ -134,51 +131,12 @@ def usable(results: pd.DataFrame, loss: str, *, fits: str = "policy",
     return ~flagged(results, exclude) & good
 
 
-def has_noise_axis(part: pd.DataFrame) -> bool:
-    """Whether the fits have several noise levels ``noise_std`` at some sample size (a noise ladder)."""
-    if "noise_std" not in part or part.empty:
-        return False
-    return bool((part.groupby("n")["noise_std"].nunique() > 1).any())
-
-
-def fixed_noise(part: pd.DataFrame) -> pd.DataFrame:
-    """The fits of a series at one noise level: all of them, or on a noise ladder those at the largest ``noise_std``.
-
-    The ``n`` axis of a run with a noise ladder is the fixed-noise sweep at the ladder's largest
-    sigma (the level an n-sweep alone would use); pooling several sigma on ``n`` would mix two axes.
-    """
-    if not has_noise_axis(part):
-        return part
-    return part[part["noise_std"] == part["noise_std"].max()]
-
-
-def axis_values(part: pd.DataFrame, axis: str) -> pd.DataFrame:
-    """``part`` with :data:`AXIS_COLUMN`: ``n``, or ``n_eff = n / sigma^2`` merged within :data:`AXIS_RTOL`.
-
-    ``n_eff`` is read from the column ``n_eff`` when present, else computed from ``noise_std``.
-    """
-    if axis == "n":
-        return part.assign(**{AXIS_COLUMN: part["n"].to_numpy(dtype=float)})
-    if axis != "n_eff":
-        raise ValueError(f"axis must be 'n' or 'n_eff', got {axis!r}")
-    if "n_eff" in part:
-        values = part["n_eff"].to_numpy(dtype=float)
-    else:
-        values = part["n"].to_numpy(dtype=float) / part["noise_std"].to_numpy(dtype=float) ** 2
-    return part.assign(**{AXIS_COLUMN: merge_axis_values(values)})
-
-
-def _cells(part: pd.DataFrame) -> np.ndarray:
-    """Bootstrap cells of a rate fit: one per ``(n, axis value)``: per n on the n axis, per (n, sigma) on n_eff."""
-    return pd.MultiIndex.from_arrays([part["n"], part[AXIS_COLUMN]]).factorize()[0]
-
-
 def _rate(part: pd.DataFrame, ok: pd.Series, loss: str, n_boot: int, level: float) -> dict[str, object]:
     if part.loc[ok, AXIS_COLUMN].nunique() < 2:
         return {k: np.nan for k in _FIT_COLUMNS}
     chosen = part[ok]
     return fit_rate(chosen[AXIS_COLUMN].to_numpy(), chosen[loss].to_numpy(dtype=float),
-                    n_boot=n_boot, level=level, seed=0, cells=_cells(chosen)).as_dict()
+                    n_boot=n_boot, level=level, seed=0, cells=bootstrap_cells(chosen)).as_dict()
 
 
 def _slope_columns(suffix: str, fit: dict[str, object]) -> dict[str, object]:
@@ -280,28 +238,6 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
     return row
 
 
-def _equivalence(main: pd.DataFrame, ok: pd.Series, loss: str, n_boot: int, level: float) -> dict[str, object]:
-    """Matched sizes of one row: every pair of sizes at the same n_eff, and the worst in the upper range.
-
-    Columns ``equivalence`` (:func:`hmoe_sim.rates.format_pairs` of every pair), ``n_matched``,
-    ``n_matched_upper`` (pairs whose n_eff is in :func:`hmoe_sim.rates.upper_range` of the
-    series' n_eff values) and ``equivalence_n_eff, equivalence_diff, equivalence_ci_low,
-    equivalence_ci_high`` (:func:`hmoe_sim.rates.worst_pair` of the upper range). On the n axis
-    no two sizes share a value: empty and NaN.
-    """
-    kept = main[ok]
-    pairs = matched_pairs(kept["n"].to_numpy(dtype=float), kept[AXIS_COLUMN].to_numpy(dtype=float),
-                          kept[loss].to_numpy(dtype=float), n_boot=n_boot, level=level, seed=0)
-    upper_values = set(upper_range(main[AXIS_COLUMN])) if len(main) else set()
-    upper = [p for p in pairs if p.n_eff in upper_values]
-    worst = worst_pair(upper)
-    row: dict[str, object] = {"equivalence": format_pairs(pairs), "n_matched": len(pairs),
-                              "n_matched_upper": len(upper)}
-    for name in ("n_eff", "diff", "ci_low", "ci_high"):
-        row[f"equivalence_{name}"] = getattr(worst, name) if worst is not None else np.nan
-    return row
-
-
 def protocol_is_start(series: SeriesConfig) -> bool:
     """The series' start and iteration budget are the protocol under test (the papers' SGD)."""
     return series.fit.method == "sgd-paper"
@@ -358,12 +294,12 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
 
     ``axis`` is ``"n"`` (the sample size) for every series; a series whose noisy fits have several
     noise levels at some n (a noise ladder, :func:`has_noise_axis`) has its ``"n"`` rows fitted
-    at its largest sigma (:func:`fixed_noise`) and also gets ``"n_eff"`` rows, fitted against
+    at its largest sigma (:func:`hmoe_sim.sweep.axes.fixed_noise`) and also gets ``"n_eff"`` rows, fitted against
     ``n / sigma^2`` over every (n, sigma) with the bootstrap resampling within each (n, sigma).
     On an ``n_eff`` row ``n_min, n_max, n_sizes`` and the ``upper`` slope (the upper half of the
     distinct n_eff values, :func:`hmoe_sim.rates.upper_range`) are on n_eff, and ``noisy_level``
     is the median at the largest n_eff. Every row has ``noise_std`` (the sigma of its fits; NaN
-    when several or none recorded) and the matched-size columns of :func:`_equivalence`
+    when several or none recorded) and the matched-size columns of :func:`hmoe_sim.sweep.axes.equivalence_columns`
     (``equivalence, n_matched, n_matched_upper, equivalence_n_eff, equivalence_diff,
     equivalence_ci_low, equivalence_ci_high``; empty and NaN on the n axis).
 
@@ -429,7 +365,7 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                     row.update(_slope_columns(which, sens))
                     row.update({f"preferred_{which}": sens.get("preferred", ""), f"n_used_{which}": int(chosen.sum())})
                 row.update(_diagnostics(main, ok, controls, loss, config, n_boot, level, axis))
-                row.update(_equivalence(main, ok, loss, n_boot, level))
+                row.update(equivalence_columns(main, ok, loss, n_boot, level))
                 row["loss_floor"] = floors.get((truth, s.name, loss), np.nan)
                 row.update(_protocol_columns(main, ok, s, loss))
                 floor = float(row["loss_floor"])
@@ -454,7 +390,7 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
     median of the largest near-optimal loss. Control rows (``control = "noise_free"``) use
     every fit of finite loss (a control may reach round-off).
 
-    When some series has a noise ladder (:func:`has_noise_axis`), rows are per (truth, series,
+    When some series has a noise ladder (:func:`hmoe_sim.sweep.axes.has_noise_axis`), rows are per (truth, series,
     control, n, noise level) and carry ``noise_std`` and ``n_eff`` (``n / sigma^2``; ``inf`` for a
     control, ``sigma = 0``), after ``n``; otherwise the table is as without a ladder.
     """
@@ -468,7 +404,7 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                 continue
             main, controls = _parts(results, truth, s.name)
             for control, rows_of in [("", main), *controls.items()]:
-                for n, sigma, part in _noise_cells(rows_of, config.sizes, ladder):
+                for n, sigma, part in noise_cells(rows_of, config.sizes, ladder):
                     if control in config.control_perturbations and part.empty:
                         continue  # a ladder rung is fitted at the largest n only
                     row: dict[str, object] = {"truth": truth, "series": s.name, "control": control, "n": n}
@@ -498,21 +434,6 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                         row[f"{loss}_max_median"] = float(np.median(worst)) if len(worst) else np.nan
                     rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _noise_cells(rows: pd.DataFrame, sizes: list[int], ladder: bool) -> Iterator[tuple[int, float, pd.DataFrame]]:
-    """``(n, sigma, fits)`` per size, and on a noise ladder per noise level of the size (descending sigma).
-
-    Without a ladder ``sigma`` is NaN and every fit at ``n`` is one cell; a size without fits
-    gives one empty cell (so that a missing size shows in the table).
-    """
-    for n in sizes:
-        part = rows[rows["n"] == n]
-        levels = sorted(part["noise_std"].unique(), reverse=True) if ladder and len(part) else []
-        if not levels:
-            yield n, (0.0 if ladder else np.nan), part
-        for sigma in levels:
-            yield n, float(sigma), part[part["noise_std"] == sigma]
 
 
 def boundary_table(results: pd.DataFrame, exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
