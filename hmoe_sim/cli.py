@@ -68,6 +68,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
+    """Draw the run's figure and write it to ``target`` (default ``DIR/<name>.png``) through a temporary file
+    (:func:`hmoe_sim.files.atomic_write`: never through a symbolic link); the format follows the suffix."""
+    from hmoe_sim.files import atomic_write
     from hmoe_sim.plotting import plot_forest, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
@@ -78,7 +81,8 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     fingerprint = run.stored_fingerprint()
     rates = run.read_rates(fingerprint, _note)
     run.check_table(SUMMARY_FILE, fingerprint, _note)
-    target = run_dir / f"{config.name}.png" if target is None else target
+    target = run.figure_path(config.name) if target is None else target
+    image_format = target.suffix.lstrip(".").lower() or "png"
     per_truth = run.path / PER_TRUTH_FILE
     if len(config.truth_seeds) > 1 and per_truth.is_file():
         run.check_table(PER_TRUTH_FILE, fingerprint, _note)
@@ -95,8 +99,10 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
         summary = summary_table(results, config)
         title = f"{config.name}: {config.truth.preset}, {config.replications} replications per n"
         fig = plot_rate_panels(summary, rates, loss_columns(config), title=title)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
+    if image_format not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"figure {str(target)!r}: unknown image format {image_format!r}; use one of "
+                         f"{sorted(fig.canvas.get_supported_filetypes())}")
+    atomic_write(target, lambda f: fig.savefig(f, format=image_format, dpi=110))
     return target
 
 

@@ -18,6 +18,7 @@ import torch
 
 from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators import fit_batch, jacobian_bytes
+from hmoe_sim.files import TEMPORARY_NAME_EXTRA
 from hmoe_sim.identifiability import nonidentifiable_reason
 from hmoe_sim.sweep.cells import Cell, cell_hash, plan_cells
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
@@ -48,7 +49,7 @@ def check_before_work(config: SweepConfig, out: str | Path, *, dask: bool = Fals
     run.check_writable()
     check_file_names(config, run)
     cells = plan_cells(config)
-    run.check_layout([(c, cell_hash(config, c)) for c in cells])
+    run.check_layout([(c, cell_hash(config, c)) for c in cells], run.figure_path(config.name).name)
     if dask:
         check_dask(scheduler)
     return run, cells
@@ -144,8 +145,6 @@ def _device_memory(device: torch.device) -> int:
     return cpu_available_memory()
 
 
-#: what a temporary name adds to a file name (``.NAME.<12 hex>.tmp``)
-_TMP_EXTRA = len(".") + len(".0123456789ab.tmp")
 
 
 def check_file_names(config: SweepConfig, run: RunDir) -> None:
@@ -171,12 +170,12 @@ def check_file_names(config: SweepConfig, run: RunDir) -> None:
     for i, s in enumerate(config.series):
         for control in ["", *config.controls, *config.control_perturbations]:
             cell = Cell(max(s.truth_seeds), s.name, control, max(config.sizes), blocks - 1, ())
-            length = len(run.cell_path(cell, "0" * 16).name.encode()) + _TMP_EXTRA
+            length = len(run.cell_path(cell, "0" * 16).name.encode()) + TEMPORARY_NAME_EXTRA
             if length > limit:
                 raise ValueError(f"config key 'series[{i}].name': {s.name!r} makes cell file names of {length} "
                                  f"characters, more than the {limit} a file name may have; shorten it")
     for part in f"{config.name}.png".split("/"):
-        if len(part.encode()) + _TMP_EXTRA > limit:
+        if len(part.encode()) + TEMPORARY_NAME_EXTRA > limit:
             raise ValueError(f"config key 'name': {config.name!r} makes a figure file name of "
                              f"{len(part.encode())} characters, too long for a file name (limit {limit}); shorten it")
 
