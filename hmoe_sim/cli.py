@@ -30,8 +30,9 @@ loss (Voronoi losses D1, D2 and the L2 error) as the slope of log loss on log n;
 EPILOG = """\
 Configuration reference (every key with its type, default and meaning):
 experiments/configs/README.md. Exit status: 0 success, 2 bad input or a failed check (one line
-on stderr; --debug adds the traceback), 1 an unexpected error, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM); an interrupted sweep keeps its finished cells and resumes when rerun."""
+on stderr; --debug adds the traceback), 1 lost workers or dask scheduler (one line) or an
+unexpected error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted or
+stopped sweep keeps its finished cells and resumes when rerun."""
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and failed checks (``ValueError``, ``OSError``), 1 for anything unexpected; ``--debug``
     adds the traceback. Ctrl-C ends with 130, SIGTERM during a sweep with 143.
     """
-    from hmoe_sim.sweep.runner import SweepInterrupted
+    from hmoe_sim.sweep.runner import SweepAborted, SweepInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -254,6 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepInterrupted as err:
         print(f"hmoe-sim: {err}", file=sys.stderr)
         return 128 + int(err.signal_number)
+    except SweepAborted as err:  # lost workers or scheduler: what happened, not an internal error
+        if debug:
+            traceback.print_exc()
+        print(f"hmoe-sim: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hmoe-sim: interrupted", file=sys.stderr)
         return 128 + int(signal.SIGINT)

@@ -9,18 +9,25 @@ estimator contract of the estimators.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_reliability import SMALL, config_of, no_fits, quiet, write_toml
+from test_reliability import ROOT, SMALL, config_of, no_fits, quiet, write_toml
 
+import hmoe_sim.sweep.backends as backends
+import hmoe_sim.sweep.checks as checks
 from hmoe_sim.cli import main
 from hmoe_sim.sweep import RunDir, plan_cells, run_sweep
 from hmoe_sim.sweep.cells import cell_hash
@@ -235,3 +242,158 @@ def test_rates_table_is_readable_after_the_change(finished: Path):
     """The tables written through file objects read back as before."""
     rates = pd.read_csv(finished / "rates.csv")
     assert {"series", "loss", "fingerprint"} <= set(rates.columns)
+
+
+# -------------------------------------------------------------------------- class 2: schedulers
+class _Deadline(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail a test that would hang (no pytest-timeout here): SIGALRM after ``seconds``."""
+    def expire(signum, frame):
+        raise _Deadline(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def local_service(greeting: bytes | None) -> Iterator[str]:
+    """A TCP service on 127.0.0.1 that accepts connections and then says ``greeting`` (or nothing, ever)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                held.append(conn)
+                if greeting is not None:
+                    conn.sendall(greeting)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+def _dask_sweep(tmp_path: Path, out: Path, scheduler: str) -> list[str]:
+    return ["sweep", str(write_toml(tmp_path, SMALL)), "--out", str(out), "--no-progress", "--backend", "dask",
+            "--scheduler", scheduler]
+
+
+@pytest.mark.parametrize("greeting", [None, b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_a_service_that_is_no_dask_scheduler_fails_fast_before_any_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], greeting):
+    pytest.importorskip("dask.distributed")
+    no_fits(monkeypatch)
+    monkeypatch.setattr(checks, "SCHEDULER_CHECK_SECONDS", 1.0, raising=False)
+    out = tmp_path / "run"
+    with local_service(greeting) as address, deadline(30):
+        started = time.monotonic()
+        code = main(_dask_sweep(tmp_path, out, address))
+        took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and took < 10, (code, took, err)
+    assert err.startswith("hmoe-sim: error:") and err.count("\n") == 1 and address in err, err
+    assert "dask" in err and "MemoryError" not in err and "internal" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("address", ["foo://127.0.0.1:8786", "tcp://127.0.0.1", "inproc://nowhere"])
+def test_a_bad_scheduler_address_leaves_a_finished_run_untouched(finished: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str], address: str):
+    pytest.importorskip("dask.distributed")
+    out = copy_run(finished, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = SMALL.replace("max_iter = 4", "max_iter = 5")  # another config: it would rewrite config.resolved.json
+    no_fits(monkeypatch)
+    with deadline(30):
+        code = main(["sweep", str(write_toml(tmp_path, other)), "--out", str(out), "--no-progress", "--backend",
+                     "dask", "--scheduler", address])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and address in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(["report", str(out)]) == 0
+
+
+def test_a_dask_scheduler_passes_the_check_and_a_worker_does_not():
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, deadline(60):
+        checks.check_dask(cluster.scheduler_address, timeout=5.0)
+        worker = next(iter(cluster.scheduler.workers))
+        with pytest.raises(ValueError, match=r"is not a dask scheduler \(it says it is 'Worker'\)"):
+            checks.check_dask(worker, timeout=5.0)
+
+
+_STALLING_CLUSTER = """
+import sys, time
+import hmoe_sim.sweep.backends as backends
+from distributed import LocalCluster
+real, calls = backends.run_cell, []
+def first_only(config_dict, cell):
+    calls.append(cell)
+    if len(calls) > 1:
+        time.sleep(600)
+    return real(config_dict, cell)
+backends.run_cell = first_only
+cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, scheduler_port=int(sys.argv[1]),
+                       dashboard_address=None)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_scheduler_lost_mid_run_ends_in_one_line_and_the_rerun_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """One worker thread on the cluster computes the first cell there and stalls on the next; the scheduler
+    is then killed: the sweep keeps the cell, says so in one line, and a local rerun computes the rest."""
+    pytest.importorskip("dask.distributed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = subprocess.Popen([sys.executable, "-c", _STALLING_CLUSTER, str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = tmp_path / "run"
+    killed: list[float] = []
+
+    def kill_after_the_first_cell() -> None:
+        while not (out / "cells").is_dir() or not any((out / "cells").glob("*.parquet")):
+            if cluster.poll() is not None:
+                return
+            time.sleep(0.05)
+        cluster.kill()
+        cluster.wait()
+        killed.append(time.monotonic())
+
+    try:
+        assert cluster.stdout.readline().strip() == "ready"
+        monkeypatch.setattr(backends, "SCHEDULER_LOST_SECONDS", 2.0, raising=False)
+        threading.Thread(target=kill_after_the_first_cell, daemon=True).start()
+        with deadline(120):
+            code = main(_dask_sweep(tmp_path, out, f"tcp://127.0.0.1:{port}"))
+    finally:
+        cluster.kill()
+        cluster.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert killed and time.monotonic() - killed[0] < 60, (code, err)
+    assert code == 1 and err[-1].startswith("hmoe-sim: error: lost the dask scheduler at "), err
+    assert f"127.0.0.1:{port}" in err[-1] and "1 of 2 cells done" in err[-1] and "rerun" in err[-1], err
+    assert [line for line in err if not line.startswith("sweep 'rel'")] == [err[-1]], err  # nothing else
+    assert main(["sweep", str(write_toml(tmp_path, SMALL)), "--out", str(out), "--no-progress"]) == 0
+    assert "2 cells (1 reused, 1 computed)" in capsys.readouterr().out
+

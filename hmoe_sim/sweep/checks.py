@@ -9,9 +9,10 @@ one-line ``ValueError`` naming the bad key or value before anything is written.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
 from hmoe_sim.sweep.storage import RunDir
 
 __all__ = ["check_before_work", "check_dask", "check_estimator_options", "check_file_names", "check_memory",
-           "cpu_available_memory"]
+           "cpu_available_memory", "SCHEDULER_CHECK_SECONDS"]
 
 
 def check_before_work(config: SweepConfig, out: str | Path, *, dask: bool = False,
@@ -224,13 +225,24 @@ def check_memory(config: SweepConfig, series: SeriesConfig, setup: SeriesSetup) 
                          f"{need_l2 / gib:.1f} GiB for one cell, more than the {where}")
 
 
-def check_dask(scheduler: str | None) -> None:
-    """Fail early when dask.distributed is missing or the scheduler address cannot be reached.
+#: seconds the dask scheduler check waits for a connection and for each reply
+SCHEDULER_CHECK_SECONDS = 5.0
+
+
+def check_dask(scheduler: str | None, timeout: float | None = None) -> None:
+    """Fail early unless dask.distributed is installed and ``scheduler`` is a dask scheduler that answers.
+
+    Connects with distributed's own comm layer (``distributed.comm.connect``, which performs
+    the protocol's handshake) and asks the peer who it is (the ``identity`` call), all within
+    ``timeout`` seconds (default :data:`SCHEDULER_CHECK_SECONDS`): a port that accepts and never
+    answers, a service that speaks another protocol, a dask worker, an unknown address scheme
+    or an unreachable address each fail in one line naming the address. Nothing is written.
 
     Raises
     ------
     ValueError
-        dask is not installed, or ``scheduler`` is malformed or unreachable (named).
+        dask is not installed, or ``scheduler`` is malformed, unreachable, silent, or not a
+        dask scheduler (named).
     """
     try:
         import dask.distributed  # noqa: F401
@@ -238,14 +250,45 @@ def check_dask(scheduler: str | None) -> None:
         raise ValueError("backend 'dask' needs dask.distributed: pip install 'hmoe-sim[dist]'") from err
     if scheduler is None:
         return
-    protocol, _, rest = scheduler.rpartition("://")
-    if protocol not in ("", "tcp", "tls"):
-        return
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"dask scheduler address {scheduler!r} is not of the form tcp://host:port")
+    seconds = SCHEDULER_CHECK_SECONDS if timeout is None else timeout
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hmoe-sim-dask-check") as pool:
+        # a thread of its own: asyncio.run needs a thread without a running event loop
+        problem = pool.submit(asyncio.run, _ask_identity(scheduler, seconds)).result()
+    if problem is not None:
+        raise ValueError(f"{problem}; check --scheduler (e.g. tcp://host:8786) and that a dask scheduler runs there")
+
+
+async def _ask_identity(address: str, seconds: float) -> str | None:
+    """What is wrong with the dask scheduler at ``address``, in words naming it (``None``: nothing)."""
+    from distributed.comm import connect
+    from distributed.core import send_recv
+
+    comm = None
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
-            pass
-    except OSError as err:
-        raise ValueError(f"cannot reach the dask scheduler at {scheduler!r}: {err.strerror or err}") from err
+        try:
+            # connect retries refused connections for ``seconds``, then reads the handshake without a limit
+            comm = await asyncio.wait_for(connect(address, timeout=seconds), 2 * seconds)
+        except (ValueError, TypeError) as err:
+            return f"dask scheduler address {address!r} is not a dask address ({_first_line(err)})"
+        except TimeoutError:  # an OSError: the handshake got no answer
+            raise
+        except OSError as err:
+            return f"cannot reach the dask scheduler at {address!r} ({_first_line(err)})"
+        identity = await asyncio.wait_for(send_recv(comm, op="identity"), seconds)
+    except TimeoutError:
+        return (f"the service at {address!r} accepts connections but gave no dask answer within "
+                f"{2 * seconds:g} s")
+    except Exception:  # noqa: BLE001 - another protocol's bytes fail anywhere in dask's decoder (MemoryError too)
+        return f"the service at {address!r} does not speak the dask protocol (its first bytes are no dask message)"
+    finally:
+        if comm is not None:
+            comm.abort()
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if kind != "Scheduler":
+        return f"the service at {address!r} is not a dask scheduler (it says it is {kind!r})"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())[:200]
