@@ -24,11 +24,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_reliability import ROOT, SMALL, config_of, no_fits, quiet, write_toml
+from test_reliability import ROOT, SMALL, _descendants, _start_cli_sweep, config_of, no_fits, quiet, write_toml
 
 import hmoe_sim.sweep.backends as backends
 import hmoe_sim.sweep.checks as checks
+from hmoe_sim import make_preset
 from hmoe_sim.cli import main
+from hmoe_sim.models.presets import PRESETS
 from hmoe_sim.sweep import RunDir, plan_cells, run_sweep
 from hmoe_sim.sweep.cells import cell_hash
 from hmoe_sim.sweep.lock import LOCK_FILE
@@ -397,3 +399,72 @@ def test_a_scheduler_lost_mid_run_ends_in_one_line_and_the_rerun_resumes(
     assert main(["sweep", str(write_toml(tmp_path, SMALL)), "--out", str(out), "--no-progress"]) == 0
     assert "2 cells (1 reused, 1 computed)" in capsys.readouterr().out
 
+
+# ----------------------------------------------------------------------- class 4: value checks
+def _bad_value(key: str, default: object) -> object:
+    """A value of option ``key`` that no preset may accept."""
+    if key in ("zero_gate_slopes", "noise_std", "min_separation", "gate_bias_std", "gate_slope_std"):
+        return -1
+    if isinstance(default, str):
+        return "bogus"
+    return 0
+
+
+def test_every_preset_option_has_a_rule():
+    from hmoe_sim.models.presets import OPTION_RULES
+
+    assert {k for _, defaults, _ in PRESETS.values() for k in defaults} == set(OPTION_RULES)
+
+
+@pytest.mark.parametrize(("preset", "key"), [(p, k) for p, (_, defaults, _) in sorted(PRESETS.items())
+                                             for k in sorted(defaults)])
+def test_every_preset_option_is_checked_by_the_same_rule(preset: str, key: str):
+    bad = _bad_value(key, PRESETS[preset][1][key])
+    with pytest.raises((ValueError, TypeError), match=rf"\b{key}\b"):
+        make_preset(preset, **{key: bad})
+
+
+@pytest.mark.parametrize("preset", ["hmoe-shared", "hmoe-nonshared", "sigmoid-regime1", "softmax-linear"])
+def test_n_true_zero_is_refused_before_work_for_every_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str], preset: str):
+    no_fits(monkeypatch)
+    text = SMALL.replace('preset = "hmoe-shared"', f'preset = "{preset}"').replace(
+        "options = { expert_std = 1.0, gate_slope_std = 1.0 }", "options = { n_true = 0 }")
+    if preset != "hmoe-shared":
+        text = text.replace('structure = "shared"\n', "")
+    out = tmp_path / "run"
+    assert main(["sweep", str(write_toml(tmp_path, text)), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "n_true must be a positive integer, got 0" in err, err
+    assert not out.exists()
+
+
+def test_duplicate_loss_kinds_are_refused():
+    with pytest.raises(ValueError, match=r"losses.kinds.*distinct.*\['D1', 'D1'\]"):
+        config_of(SMALL.replace("[losses]", '[losses]\nkinds = ["D1", "D1"]'))
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """The spawned pool workers among ``parent``'s descendants (not the resource tracker)."""
+    out = []
+    for pid in _descendants(parent):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_worker_is_reported_as_such_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    proc, cfg, out = _start_cli_sweep(tmp_path)
+    workers = _worker_pids(proc.pid)
+    assert workers
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1, err
+    assert lines[-1].startswith("hmoe-sim: error: a worker process died while computing a cell"), err
+    assert "cells done" in lines[-1] and "kept, rerun the same command to resume" in lines[-1], err
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 0  # the rerun resumes
+    assert "reused" in capsys.readouterr().out
