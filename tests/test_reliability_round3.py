@@ -468,3 +468,59 @@ def test_a_killed_worker_is_reported_as_such_in_one_line(tmp_path: Path, capsys:
     assert "internal error" not in err and "Traceback" not in err, err
     assert main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 0  # the rerun resumes
     assert "reused" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- class 3: plans beyond the machine
+@pytest.mark.parametrize(("edit", "key", "value"), [
+    (lambda t: t.replace('method = "lm"', 'method = "lm"\nrandom_starts = 1000000000'), "fit.random_starts",
+     "1000000000"),
+    (lambda t: t.replace('method = "lm"', 'method = "lm"\nn_starts = 400000'), "fit.n_starts", "400000"),
+    (lambda t: t.replace('structure = "shared"', 'structure = "shared"\nfit = { random_starts = 300000 }'),
+     "series[0].fit.random_starts", "300000"),
+    (lambda t: t.replace("options = { expert_std = 1.0, gate_slope_std = 1.0 }",
+                         "options = { expert_std = 1.0, gate_slope_std = 1.0, key_dim = 10000000 }"),
+     "truth.options.key_dim", "10000000"),
+    (lambda t: t.replace("options = { expert_std = 1.0, gate_slope_std = 1.0 }",
+                         "options = { expert_std = 1.0, gate_slope_std = 1.0, value_dim = 100000000000 }"),
+     "truth.options.value_dim", "100000000000"),
+])
+def test_plans_beyond_the_machine_are_refused_before_work_naming_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], edit, key, value):
+    no_fits(monkeypatch)
+    out = tmp_path / "run"
+    started = time.monotonic()
+    with deadline(60):
+        code = main(["sweep", str(write_toml(tmp_path, edit(SMALL))), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - started < 30, err
+    assert err.startswith("hmoe-sim: error:") and err.count("\n") == 1, err
+    assert f"'{key}'" in err and value in err, err
+    assert not out.exists()
+
+
+def test_starts_per_fit_enter_the_memory_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A plan within the fit cap whose starts of one cell do not fit in memory is refused naming the starts."""
+    config = config_of(SMALL.replace('method = "lm"', 'method = "lm"\nrandom_starts = 20000'))
+    one_start = config_of(SMALL)
+    monkeypatch.setattr(checks, "cpu_available_memory", lambda: 16 * 1024**2)
+    checks.check_before_work(one_start, tmp_path / "a")  # one start per fit fits in 16 MiB
+    with pytest.raises(ValueError, match=r"'fit.random_starts'.*20001 starts per fit"):
+        checks.check_before_work(config, tmp_path / "b")
+
+
+def test_threads_beyond_the_cores_are_capped_with_a_notice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    import hmoe_sim.sweep.cell as cell_module
+
+    asked: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (asked.append(n), real(min(n, 2)))[1])
+    cores = cell_module.usable_cores() if hasattr(cell_module, "usable_cores") else os.cpu_count()
+    lines: list[str] = []
+    outcome = run_sweep(config_of(SMALL.replace('root_seed = 11', 'root_seed = 11\nthreads = 100000')),
+                        tmp_path / "run", progress=False, log=lines.append)
+    assert outcome.computed == 2
+    notice = [m for m in lines if "100000" in m]
+    assert len(notice) == 1 and f"{cores} usable cores" in notice[0], lines
+    assert asked and max(asked) <= cores, asked

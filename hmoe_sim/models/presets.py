@@ -58,7 +58,7 @@ from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.flat import FlatMoE
 from hmoe_sim.models.hmoe import CODE_ACTIVATIONS, FIRST_LEVEL_GATES, FrozenAttention, HMoE
 
-__all__ = ["OPTION_RULES", "Setup", "PRESETS", "make_preset", "preset_defaults"]
+__all__ = ["OPTION_RULES", "Setup", "PRESETS", "make_preset", "preset_defaults", "tensor_elements"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,50 @@ PRESETS: dict[str, tuple[Callable[..., Setup], dict[str, Any], str]] = {
     "hmoe-shared": (_hmoe("shared"), dict(_HMOE_DEFAULTS),
                     "HMoE as hmoe-nonshared, atoms from a joint tanh hypernetwork with q=2"),
 }
+
+
+#: the options whose product sizes the frozen attention of the HMoE presets
+_ATTENTION_SIZES = ("n_heads", "n_tokens", "token_dim", "key_dim", "value_dim")
+
+
+def tensor_elements(name: str, **overrides: Any) -> tuple[int, int, str | None]:
+    """The largest tensors a preset's options imply, computed before anything is built.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`PRESETS`.
+    **overrides
+        Option values (checked by :data:`OPTION_RULES` first).
+
+    Returns
+    -------
+    fixed : int
+        Numbers built with the truth: the frozen attention's weights (query, key and value
+        of every head), for the HMoE presets; 0 for the flat presets.
+    per_sample : int
+        Numbers one evaluation of the model holds per data point beyond its inputs: the
+        attention's keys (every head and token, ``key_dim`` wide) or values, whichever is wider;
+        0 for the flat presets (their evaluation is as small as their Jacobian).
+    key : str or None
+        The option with the largest value among those the two multiply (the one to lower), or
+        ``None`` for the flat presets.
+
+    Raises
+    ------
+    ValueError, TypeError
+        A bad option value (named), as :func:`make_preset` raises.
+    """
+    check_choice("preset", name, PRESETS)
+    o = dict(PRESETS[name][1], **overrides)
+    for key, value in o.items():
+        rule = OPTION_RULES.get(key)
+        if rule is not None:
+            rule(key, value)
+    if not all(k in o for k in _ATTENTION_SIZES):
+        return 0, 0, None
+    h, n_tokens, d, dk, dv = (int(o[k]) for k in _ATTENTION_SIZES)
+    return h * d * (2 * dk + dv), h * n_tokens * max(dk, dv), max(_ATTENTION_SIZES, key=lambda k: int(o[k]))
 
 
 def preset_defaults(name: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from hmoe_sim.sweep.cell import run_cell
+from hmoe_sim.sweep.cell import run_cell, usable_cores
 from hmoe_sim.sweep.cells import Cell
 
 __all__ = ["BACKENDS", "DASK_WORKERS_SECONDS", "ORPHAN_POLL_SECONDS", "SCHEDULER_LOST_SECONDS", "Execution",
@@ -52,14 +52,6 @@ class WorkLost(RuntimeError):
     """Workers or the dask scheduler were lost mid-run (the message says which); finished cells are kept."""
 #: how often a worker process checks that the sweep that started it is still alive
 ORPHAN_POLL_SECONDS = 0.5
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

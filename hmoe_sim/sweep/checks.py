@@ -21,6 +21,7 @@ from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators import fit_batch, jacobian_bytes
 from hmoe_sim.files import TEMPORARY_NAME_EXTRA
 from hmoe_sim.identifiability import nonidentifiable_reason
+from hmoe_sim.models.presets import preset_defaults, tensor_elements
 from hmoe_sim.sweep.cells import Cell, cell_hash, plan_cells
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
@@ -188,7 +189,10 @@ def check_memory(config: SweepConfig, series: SeriesConfig, setup: SeriesSetup) 
     replications)`` data sets of ``n * (D + 1)`` float64 numbers, drawn at once) plus the
     Jacobian work of a single fit (:func:`~hmoe_sim.estimators.jacobian_bytes`, what
     :func:`~hmoe_sim.estimators.auto_chunk_size` budgets); separately, the L2 evaluation sample of the
-    cell (the points and the fitted values there). Each is compared with the device's total
+    cell (the points and the fitted values there); the widest tensor of one evaluation (the
+    attention's keys of the HMoE presets, :func:`~hmoe_sim.models.presets.tensor_elements`);
+    and the state of every start of a cell, fitted at once (``fit.n_starts + fit.random_starts``
+    per data set: four copies of the parameters at least). Each is compared with the device's total
     memory (for the CPU: the memory available to this process, :func:`cpu_available_memory`),
     so only a configuration that cannot run on this machine now is refused. A
     ``fit.options.max_memory`` below what one fit's Jacobian needs at the largest ``n`` is
@@ -197,27 +201,51 @@ def check_memory(config: SweepConfig, series: SeriesConfig, setup: SeriesSetup) 
     Raises
     ------
     ValueError
-        Naming ``sample.sizes`` (or ``losses.l2_n_eval``), the value and the memory needed.
+        Naming ``sample.sizes`` (or ``losses.l2_n_eval``, the preset option that sets the attention's
+        width, ``fit.random_starts`` / ``fit.n_starts``), the value and the memory needed.
     """
     device = resolve_device(config.device)
     available = _device_memory(device)
     batch = min(config.sample.chunk, config.replications)
     dim = setup.fit_model.input_dim
     n = max(config.sizes)
-    per_fit = jacobian_bytes(n, setup.fit_model.n_params, resolve_dtype(config.dtype),
-                             analytic=hasattr(setup.fit_model, "value_and_jacobian"))
+    dtype = resolve_dtype(config.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n_params = setup.fit_model.n_params
+    per_fit = jacobian_bytes(n, n_params, dtype, analytic=hasattr(setup.fit_model, "value_and_jacobian"))
     need = 8 * batch * n * (dim + 1) + per_fit
     gib = 1024**3
     where = f"{device.type} memory ({available / gib:.1f} GiB{' available' if device.type == 'cpu' else ''})"
+    i = next(j for j, s in enumerate(config.series) if s.name == series.name)
     budget = series.fit.options.get("max_memory")
     if budget is not None and budget < per_fit:
-        i = next(j for j, s in enumerate(config.series) if s.name == series.name)
         raise ValueError(f"config key 'series[{i}].fit.options.max_memory': {budget} bytes is below the {per_fit} "
-                         f"bytes one fit needs at n = {n} ({setup.fit_model.n_params} parameters)")
-    if need > available:
-        raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {need / gib:.1f} GiB for one cell of "
-                         f"series {series.name!r} ({batch} data sets and one fit's Jacobian), more than the "
-                         f"{where}")
+                         f"bytes one fit needs at n = {n} ({n_params} parameters)")
+    # the attention's keys of one evaluation at the largest n (the HMoE presets' widest tensor)
+    _, per_sample, option = tensor_elements(series.preset, **series.truth_options)
+    forward = itemsize * n * per_sample
+    if option is not None and forward > need and need + forward > available:  # the attention, not n, is too wide
+        value = {**preset_defaults(series.preset), **series.truth_options}[option]
+        shared = config.truth.preset == series.preset and config.truth.options.get(option) == value
+        key = f"truth.options.{option}" if shared else f"series[{i}].truth_options.{option}"
+        raise ValueError(f"config key '{key}': {option} = {value} makes one evaluation of series {series.name!r} "
+                         f"at n = {n} hold {n * per_sample} numbers ({forward / gib:.1f} GiB), more than the {where}")
+    # every start of a cell is fitted at once: at least its start, estimate, trial step and kept result
+    starts = series.fit.n_starts + series.fit.random_starts
+    state = itemsize * batch * starts * 4 * n_params
+    total = need + forward + state
+    if state > need + forward and total > available:  # the starts, not n, are too many
+        name = "random_starts" if series.fit.random_starts >= series.fit.n_starts else "n_starts"
+        value = getattr(series.fit, name)
+        key = f"fit.{name}" if all(getattr(s.fit, name) == value for s in config.series) else \
+            f"series[{i}].fit.{name}"
+        raise ValueError(f"config key '{key}': {value} makes {starts} starts per fit, {batch * starts} fitted at once "
+                         f"in one cell of series {series.name!r}, which need at least {total / gib:.1f} GiB, more "
+                         f"than the {where}")
+    if total > available:
+        raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {total / gib:.1f} GiB for one cell of "
+                         f"series {series.name!r} ({batch} data sets, one fit's Jacobian and evaluation, the starts), "
+                         f"more than the {where}")
     n_eval = config.losses.l2_n_eval if config.losses.l2 else 0
     need_l2 = 8 * n_eval * (dim + batch)  # the evaluation sample and the cell's fitted values on it
     if need_l2 > available:

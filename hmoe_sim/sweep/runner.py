@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from hmoe_sim.sweep.backends import Execution, WorkLost, cell_results
+from hmoe_sim.sweep.backends import Execution, WorkLost, cell_results, usable_cores
 from hmoe_sim.sweep.cells import Cell, cell_hash
 from hmoe_sim.sweep.checks import check_before_work
 from hmoe_sim.sweep.config import SweepConfig
@@ -236,7 +236,12 @@ def run_sweep(
     if device is not None:
         config = config.with_overrides(device=device)
     run, cells = check_before_work(config, out, dask=backend == "dask", scheduler=scheduler)
-    execution = execution.capped(config.threads, say)
+    threads = config.threads
+    if execution.scheduler is None and threads > usable_cores():  # a remote cluster's workers cap their own
+        threads = usable_cores()
+        say(f"threads = {config.threads} is more than the {threads} usable cores; each cell runs {threads} torch "
+            "thread(s)")
+    execution = execution.capped(threads, say)
 
     fp = config.fingerprint
     counts = {"done": 0, "computed": 0}
