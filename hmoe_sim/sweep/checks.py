@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hmoe_sim.devices import resolve_device, resolve_dtype
+from hmoe_sim.devices import cpu_available_memory, resolve_device, resolve_dtype
 from hmoe_sim.estimators import fit_batch, jacobian_bytes
 from hmoe_sim.files import TEMPORARY_NAME_EXTRA
 from hmoe_sim.identifiability import nonidentifiable_reason
@@ -95,49 +95,6 @@ def check_estimator_options(config: SweepConfig) -> None:
                 raise ValueError(f"series[{i}] ({s.name!r}, preset {s.preset!r}) is not identifiable at its "
                                  f"true size: {reason}; a rate measured on it is not a rate of its parameters. "
                                  "Set allow_nonidentifiable = true to run it anyway")
-
-
-def _read_int(path: str) -> int | None:
-    """The integer a one-value file holds (``None`` when missing, unreadable or e.g. ``max``)."""
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def cpu_available_memory() -> int:
-    """Memory this process can still use, in bytes: the least of what applies.
-
-    ``MemAvailable`` of ``/proc/meminfo``, the address-space limit (``RLIMIT_AS``, when set)
-    and the cgroup's limit less its usage (cgroup v2 ``memory.max`` / ``memory.current``, or
-    v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``); physical RAM when none is known.
-
-    Returns
-    -------
-    int
-    """
-    import resource
-
-    candidates = [int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY and soft > 0:
-        candidates.append(int(soft))
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit = _read_int(limit_file)
-        if limit is not None and limit < 1 << 60:
-            candidates.append(max(0, limit - (_read_int(usage_file) or 0)))
-            break
-    return min(candidates)
 
 
 def _device_memory(device: torch.device) -> int:

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from hmoe_sim import __version__
+from hmoe_sim.devices import cpu_available_memory
 from hmoe_sim.models.presets import make_preset, preset_defaults, tensor_elements
 from hmoe_sim.sweep.keys import as_bool, as_int, as_name, as_str, check_keys, fail
 from hmoe_sim.sweep.schema import (
@@ -242,8 +243,6 @@ def _truth_option_key(i: int, raw_series: object, option: str) -> str:
 
 def _check_truth_size(i: int, series: SeriesConfig, raw_series: object) -> None:
     """Refuse a truth whose tensors (the frozen attention's weights) cannot be built in this machine's memory."""
-    from hmoe_sim.sweep.checks import cpu_available_memory  # checks imports this module
-
     try:
         fixed, _, option = tensor_elements(series.preset, **series.truth_options)
     except (ValueError, TypeError):  # a bad value: refused, named, when the truth is built
