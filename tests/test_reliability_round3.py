@@ -524,3 +524,14 @@ def test_threads_beyond_the_cores_are_capped_with_a_notice(tmp_path: Path, monke
     notice = [m for m in lines if "100000" in m]
     assert len(notice) == 1 and f"{cores} usable cores" in notice[0], lines
     assert asked and max(asked) <= cores, asked
+
+
+def test_a_scheduler_without_workers_ends_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]):
+    distributed = pytest.importorskip("dask.distributed")
+    monkeypatch.setattr(backends, "DASK_WORKERS_SECONDS", 1.0, raising=False)
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, deadline(60):
+        code = main(_dask_sweep(tmp_path, tmp_path / "run", cluster.scheduler_address))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("hmoe-sim: error: the dask scheduler at "), err
+    assert "has no worker after 1 s" in err[-1] and "0 of 2 cells done" in err[-1], err

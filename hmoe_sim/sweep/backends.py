@@ -277,8 +277,8 @@ def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, sche
         try:
             client.wait_for_workers(1, timeout=DASK_WORKERS_SECONDS)
         except TimeoutError as err:
-            raise WorkLost(f"{where} has no worker after {DASK_WORKERS_SECONDS:g} s; start workers "
-                           f"(dask worker {scheduler or ''}) and rerun") from err
+            raise WorkLost(f"{where} has no worker after {DASK_WORKERS_SECONDS:g} s (start some: dask worker "
+                           f"{scheduler or 'ADDRESS'})") from err
         order = largest_first(todo)
         futures = {client.submit(_run_pair, config_dict, cell, pure=False, priority=len(order) - i): cell
                    for i, cell in enumerate(order)}
