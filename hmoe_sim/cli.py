@@ -30,8 +30,9 @@ loss (Voronoi losses D1, D2 and the L2 error) as the slope of log loss on log n;
 EPILOG = """\
 Configuration reference (every key with its type, default and meaning):
 experiments/configs/README.md. Exit status: 0 success, 2 bad input or a failed check (one line
-on stderr; --debug adds the traceback), 1 an unexpected error, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM); an interrupted sweep keeps its finished cells and resumes when rerun."""
+on stderr; --debug adds the traceback), 1 lost workers or dask scheduler (one line) or an
+unexpected error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted or
+stopped sweep keeps its finished cells and resumes when rerun."""
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -68,12 +69,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
-    """Draw a run's figure (``DIR/<name>.png`` unless ``target``) and return its path.
+    """Draw the run's figure and write it to ``target`` (default ``DIR/<name>.png``) through a temporary file
+    (:func:`hmoe_sim.files.atomic_write`: never through a symbolic link); the format follows the suffix.
 
     A run with a noise ladder (``summary.csv`` has ``n_eff``) is drawn on n/sigma^2: a single truth
     as loss against n/sigma^2, a truth ensemble as the forest of upper-half slopes on n/sigma^2,
-    with the loss against n/sigma^2 per truth beside it in ``<stem>_losses.png``.
+    with the loss against n/sigma^2 per truth beside it in ``<stem>_losses.<suffix>``.
     """
+    from hmoe_sim.files import atomic_write
     from hmoe_sim.plotting import plot_forest, plot_neff_panels, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
@@ -84,7 +87,8 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     fingerprint = run.stored_fingerprint()
     rates = run.read_rates(fingerprint, _note)
     run.check_table(SUMMARY_FILE, fingerprint, _note)
-    target = run_dir / f"{config.name}.png" if target is None else target
+    target = run.figure_path(config.name) if target is None else target
+    image_format = target.suffix.lstrip(".").lower() or "png"
     summary = summary_table(results, config)
     ladder = "n_eff" in summary
     structures = {s.name: s.structure for s in config.series if s.structure}
@@ -103,8 +107,8 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
         if ladder:
             losses = plot_neff_panels(summary, rates, [c for c in ("D1", "L2") if c in loss_columns(config)],
                                       structures=structures, title=title)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            losses.savefig(target.with_name(f"{target.stem}_losses{target.suffix}"), dpi=110)
+            atomic_write(target.with_name(f"{target.stem}_losses{target.suffix}"),
+                         lambda f: losses.savefig(f, format=image_format, dpi=110))
     elif ladder:
         title = (f"{config.name}: {config.truth.preset}, {config.replications} replications per (n, σ); "
                  "loss against n/σ²")
@@ -112,8 +116,10 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     else:
         title = f"{config.name}: {config.truth.preset}, {config.replications} replications per n"
         fig = plot_rate_panels(summary, rates, loss_columns(config), title=title, structures=structures)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
+    if image_format not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"figure {str(target)!r}: unknown image format {image_format!r}; use one of "
+                         f"{sorted(fig.canvas.get_supported_filetypes())}")
+    atomic_write(target, lambda f: fig.savefig(f, format=image_format, dpi=110))
     return target
 
 
@@ -258,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and failed checks (``ValueError``, ``OSError``), 1 for anything unexpected; ``--debug``
     adds the traceback. Ctrl-C ends with 130, SIGTERM during a sweep with 143.
     """
-    from hmoe_sim.sweep.runner import SweepInterrupted
+    from hmoe_sim.sweep.runner import SweepAborted, SweepInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -268,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepInterrupted as err:
         print(f"hmoe-sim: {err}", file=sys.stderr)
         return 128 + int(err.signal_number)
+    except SweepAborted as err:  # lost workers or scheduler: what happened, not an internal error
+        if debug:
+            traceback.print_exc()
+        print(f"hmoe-sim: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hmoe-sim: interrupted", file=sys.stderr)
         return 128 + int(signal.SIGINT)

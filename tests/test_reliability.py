@@ -137,7 +137,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path: Path
     out.mkdir()
     (out / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                              "started": "2020-01-01T00:00:00+00:00"}))
-    leftover = out / ".results.parquet.0123456789ab.tmp"
+    leftover = out / f".results.parquet.hmoe-sim-{dead.pid}-0123456789ab.tmp"
     leftover.write_bytes(b"half a file")
     messages: list[str] = []
     outcome = run_sweep(config_of(SMALL), out, progress=False, log=messages.append)
@@ -671,7 +671,7 @@ def test_written_files_respect_the_umask(tmp_path: Path, umask: int):
     before = os.umask(umask)
     try:
         run_sweep(config_of(SMALL), tmp_path / "run", progress=False, log=quiet)
-        atomic_write(tmp_path / "one.txt", lambda p: p.write_text("x"))
+        atomic_write(tmp_path / "one.txt", lambda f: f.write(b"x"))
     finally:
         os.umask(before)
     modes = _modes(tmp_path / "run")
@@ -878,6 +878,6 @@ def test_atomic_write_names_the_target_not_the_temporary_file(tmp_path: Path):
     target = tmp_path / "x.csv"
     target.mkdir()
     with pytest.raises(OSError) as info:
-        atomic_write(target, lambda p: p.write_text("1"))
+        atomic_write(target, lambda f: f.write(b"1"))
     assert info.value.filename == str(target)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

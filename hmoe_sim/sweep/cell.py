@@ -4,8 +4,9 @@ Inside a cell the replications are fitted as one batch on the configured device
 (``fit_batch`` over ``(R, n, D)`` data), every start of every replication at once; the
 estimate of a replication is its start of least empirical risk, and the spread of the losses
 over its near-optimal starts (:func:`near_optimal`) is recorded beside it. A cell sets the
-number of torch threads to ``config.threads`` while it runs, so its numbers do not depend on
-where it runs (in-process, a worker process or a dask worker; identical bit for bit on the CPU).
+number of torch threads to ``config.threads`` while it runs (at most the cores it may use,
+:func:`usable_cores`), so its numbers do not depend on where it runs (in-process, a worker
+process or a dask worker; identical bit for bit on the CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -30,7 +32,7 @@ from hmoe_sim.sweep.cells import Cell, cell_noise, data_seeds, effective_size, l
 from hmoe_sim.sweep.config import FitConfig, SeriesConfig, SweepConfig, parse_config
 from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
 
-__all__ = ["fit_losses", "near_optimal", "run_cell"]
+__all__ = ["fit_losses", "near_optimal", "run_cell", "usable_cores"]
 
 
 @lru_cache(maxsize=8)
@@ -45,6 +47,14 @@ def _cached_setup(config_key: str, series_name: str, truth_seed: int
     config = _cached_config(config_key)
     series = config.series_named(series_name)
     return config, series, series_setup(config, series, truth_seed)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager
@@ -167,7 +177,7 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     dtype = resolve_dtype(config.dtype)
     b, m = len(cell.reps), fit.n_starts + fit.random_starts
     noise = cell_noise(config, cell, setup.noise_std)  # every control is noise-free
-    with _torch_threads(config.threads):
+    with _torch_threads(min(config.threads, usable_cores())):  # more threads than cores: capped
         seeds = data_seeds(root, cell.truth, cell.n, cell.reps)
         X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, noise, seeds,
                             x_dist=config.sample.x_dist, device=device, dtype=dtype)

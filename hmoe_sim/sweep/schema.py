@@ -270,6 +270,8 @@ def parse_losses(table: object) -> LossConfig:
     out = LossConfig(kinds=tuple(as_str(f"losses.kinds[{i}]", k, LOSS_KINDS) for i, k in enumerate(kinds)),
                      r=as_int("losses.r", losses["r"], 1), l2=as_bool("losses.l2", losses["l2"]),
                      l2_n_eval=as_int("losses.l2_n_eval", losses["l2_n_eval"], 1))
+    if len(set(out.kinds)) != len(out.kinds):
+        raise fail("losses.kinds", f"kinds must be distinct, got {list(out.kinds)}")
     if not out.kinds and not out.l2:
         raise fail("losses", "record at least one loss (losses.kinds or losses.l2)")
     return out

@@ -28,10 +28,12 @@ verified before reuse (:meth:`RunDir.load_cell`): readable, the key and hash it 
 key columns and every loss column, and one row per replication of the cell with the cell's
 coordinates.
 
-Every file is written to a temporary name in the same directory (created with mode ``0666``
-less the umask, like any other file) and moved in place with ``os.replace``; a sweep killed at
-any moment leaves only whole files behind, plus at most some ``.*.tmp`` files that the next
-sweep into the directory removes.
+Every file is written by :func:`hmoe_sim.files.atomic_write`: to a temporary name in the same
+directory (created exclusively, never through a symbolic link, with mode ``0666`` less the
+umask like any other file) and moved in place with ``os.replace``; a sweep killed at any moment
+leaves only whole files behind, plus at most some temporary files of the package's own pattern
+(``.<name>.hmoe-sim-<pid>-<hex>.tmp``) that the next sweep into the directory removes (no other
+file). A symbolic link at any path the package writes is refused before work, naming it.
 
 The lock is an ``flock`` on ``DIR/.hmoe-sim.lock``, which also records the holder
 (:mod:`~hmoe_sim.sweep.lock`); a lock file left by a killed sweep is taken over with a notice.
@@ -42,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hmoe_sim import __version__
+from hmoe_sim.files import atomic_write, refuse_symlink, remove_own_temporaries
 from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, cell_noise, effective_size, plan_cells, truth_noise_std
 from hmoe_sim.sweep.config import SweepConfig, fingerprint_of, parse_config
 from hmoe_sim.sweep.lock import LOCK_FILE, hold_lock, read_lock_info
@@ -101,38 +103,13 @@ class CellInvalid(ValueError):
     """A stored cell file failed verification (the message says why)."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` and move it in place atomically.
-
-    The temporary file is created with mode ``0666`` less the process umask (the mode any
-    newly created file gets), never ``0600``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
-        os.close(fd)
-        break
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError as err:  # name the file that could not be replaced, not the temporary one
-            raise OSError(err.errno, err.strerror, str(path)) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_parquet(path: Path, frame: pd.DataFrame, record: dict[str, Any]) -> None:
-    """Write ``frame`` (no index) to parquet with ``record`` as JSON in the schema metadata."""
+def _write_parquet(sink: Any, frame: pd.DataFrame, record: dict[str, Any]) -> None:
+    """Write ``frame`` (no index) to parquet (``sink``: a path or an open binary file) with ``record`` as JSON in
+    the schema metadata."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True).encode()
-    pq.write_table(table.replace_schema_metadata(metadata), path)
+    pq.write_table(table.replace_schema_metadata(metadata), sink)
 
 
 def _parquet_record(path: Path) -> dict[str, Any] | None:
@@ -181,28 +158,28 @@ class RunDir:
             what = "the run directory" if probe == p else "its parent directory"
             raise ValueError(f"--out {str(p)!r} is not writable: no write permission on {what} {str(probe)!r}")
 
-    def check_layout(self, cells: Sequence[tuple[Cell, str]]) -> None:
+    def check_layout(self, cells: Sequence[tuple[Cell, str]], figure: str | None = None) -> None:
         """Raise ``ValueError`` naming the first path of the run directory that has the wrong kind.
 
-        ``cells/`` must be a directory; ``config.resolved.json``, ``results.parquet``, the
-        tables and the file of every planned ``(cell, cell hash)`` must be regular files when
-        they exist (a directory or a dangling symbolic link there would fail only when written).
+        ``cells/`` must be a directory; the lock file, ``config.resolved.json``,
+        ``results.parquet``, the tables, the figure ``figure`` (a file name) and the file of
+        every planned ``(cell, cell hash)`` must be regular files when they exist (a directory
+        there would fail only when written). None of them may be a symbolic link: the package
+        writes only its own files, never through a link (:func:`hmoe_sim.files.refuse_symlink`).
         """
         if not self.path.is_dir():
             return
-        files = [self.path / n for n in (CONFIG_FILE, RESULTS_FILE, RATES_FILE, SUMMARY_FILE, BOUNDARY_FILE,
-                                         PER_TRUTH_FILE, ENSEMBLE_FILE, D1_SOURCES_FILE)]
+        names = [LOCK_FILE, CONFIG_FILE, RESULTS_FILE, RATES_FILE, SUMMARY_FILE, BOUNDARY_FILE, PER_TRUTH_FILE,
+                 ENSEMBLE_FILE, D1_SOURCES_FILE, *([figure] if figure is not None else [])]
+        files = [self.path / n for n in names]
         cell_dir = self.cell_dir()
-        if cell_dir.is_symlink() and not cell_dir.exists():
-            raise ValueError(f"{str(cell_dir)!r} is a dangling symbolic link (to {os.readlink(cell_dir)!r}); "
-                             "remove it")
+        refuse_symlink(cell_dir)
         if cell_dir.exists() and not cell_dir.is_dir():
             raise ValueError(f"{str(cell_dir)!r} is a file, not the directory of cell files; remove it")
         if cell_dir.is_dir():
             files += [self.cell_path(c, h) for c, h in cells]
         for f in files:
-            if f.is_symlink() and not f.exists():
-                raise ValueError(f"{str(f)!r} is a dangling symbolic link (to {os.readlink(f)!r}); remove it")
+            refuse_symlink(f)
             if f.exists() and not f.is_file():
                 raise ValueError(f"{str(f)!r} is a directory (or another non-file) where a file belongs; remove it")
 
@@ -225,7 +202,8 @@ class RunDir:
         -----
         A lock file left by a sweep that was killed (its ``flock`` is gone with it) is taken
         over with a notice through ``notify``, and the temporary files such a sweep may have
-        left (``.*.tmp``) are removed (:func:`hmoe_sim.sweep.lock.hold_lock`).
+        left are removed (only names of the package's own pattern whose writer is gone,
+        :func:`hmoe_sim.files.remove_own_temporaries`; :func:`hmoe_sim.sweep.lock.hold_lock`).
         """
         with hold_lock(self.path, notify, on_takeover=self._remove_temporary_files):
             yield
@@ -235,18 +213,16 @@ class RunDir:
         return read_lock_info(self.path / LOCK_FILE)
 
     def _remove_temporary_files(self, say: Callable[[str], None]) -> None:
-        leftovers = [p for d in (self.path, self.path / CELLS_DIR) if d.is_dir() for p in d.glob(".*.tmp")]
-        for p in leftovers:
-            p.unlink(missing_ok=True)
-        if leftovers:
-            say(f"removed {len(leftovers)} partial file(s) the killed sweep left behind")
+        removed = sum(remove_own_temporaries(d) for d in (self.path, self.path / CELLS_DIR))
+        if removed:
+            say(f"removed {removed} partial file(s) the killed sweep left behind")
 
     # ------------------------------------------------------------------ configuration
     def write_config(self, config: SweepConfig) -> None:
         """Store the resolved configuration, its fingerprint and the package version that hashed it."""
         body = {"fingerprint": config.fingerprint, "config": config.to_dict(), "version": __version__}
         text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-        atomic_write(self.path / CONFIG_FILE, lambda p: p.write_text(text))
+        atomic_write(self.path / CONFIG_FILE, lambda f: f.write(text.encode()))
 
     def _config_body(self) -> dict[str, Any]:
         f = self.path / CONFIG_FILE
@@ -300,6 +276,10 @@ class RunDir:
                          f"{self.path}` (finished cells are reused)")
 
     # ------------------------------------------------------------------ cells
+    def figure_path(self, name: str) -> Path:
+        """The figure of the run of configuration ``name``: ``DIR/<name>.png``."""
+        return self.path / f"{name}.png"
+
     def cell_dir(self) -> Path:
         return self.path / CELLS_DIR
 
@@ -315,7 +295,7 @@ class RunDir:
         """Store one finished cell atomically, with its key, hash and run fingerprint as metadata."""
         record = {"cell_key": cell.key, "cell_hash": cell_hash, "fingerprint": fingerprint,
                   "schema": CELL_SCHEMA_VERSION, "rows": len(frame)}
-        atomic_write(self.cell_path(cell, cell_hash), lambda p: _write_parquet(p, frame, record))
+        atomic_write(self.cell_path(cell, cell_hash), lambda f: _write_parquet(f, frame, record))
 
     def load_cell(self, cell: Cell, cell_hash: str, loss_columns: Sequence[str]) -> pd.DataFrame:
         """Read one stored cell and verify it.
@@ -368,15 +348,15 @@ class RunDir:
         if fingerprint is not None:
             frame = frame.assign(fingerprint=fingerprint)
         if name.endswith(".parquet"):
-            atomic_write(target, lambda p: frame.to_parquet(p, index=False))
+            atomic_write(target, lambda f: frame.to_parquet(f, index=False))
         else:
-            atomic_write(target, lambda p: frame.to_csv(p, index=False, float_format="%.6g"))
+            atomic_write(target, lambda f: frame.to_csv(f, index=False, float_format="%.6g"))
         return target
 
     def write_results(self, frame: pd.DataFrame, fingerprint: str) -> Path:
         """Write ``results.parquet`` with the run fingerprint in its metadata."""
         target = self.path / RESULTS_FILE
-        atomic_write(target, lambda p: _write_parquet(p, frame, {"fingerprint": fingerprint}))
+        atomic_write(target, lambda f: _write_parquet(f, frame, {"fingerprint": fingerprint}))
         return target
 
     def results_fingerprint(self) -> str | None:
