@@ -148,7 +148,8 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         smallest and largest loss over the near-optimal starts (``L_min``, ``L_max``,
         :func:`near_optimal`), ``n_starts`` and ``n_near_optimal``, and the estimator's
         certificate fields (with ``boundary_params``: the bounds the fit ends at, e.g.
-        ``"a:hi,beta0:lo"``; ``start``: the index of the kept start).
+        ``"a:hi,beta0:lo"``; ``start``: the index of the kept start; ``stop_reason``: the test that
+        stopped the kept fit, e.g. ``"ftol"``, ``"resolution"``, ``"max_iter"``).
     """
     config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series, cell.truth)
     fit = series.fit
