@@ -162,7 +162,8 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         smallest and largest loss over the near-optimal starts (``L_min``, ``L_max``,
         :func:`near_optimal`), ``n_starts`` and ``n_near_optimal``, and the estimator's
         certificate fields (with ``boundary_params``: the bounds the fit ends at, e.g.
-        ``"a:hi,beta0:lo"``; ``start``: the index of the kept start). ``params`` holds the kept
+        ``"a:hi,beta0:lo"``; ``start``: the index of the kept start; ``stop_reason``: the test that
+        stopped the kept fit, e.g. ``"ftol"``, ``"resolution"``, ``"max_iter"``). ``params`` holds the kept
         start's parameter vector (float64, in ``fit_model.flatten`` order: the series' fitted
         model, :func:`hmoe_sim.sweep.stored.stored_params` turns it back into parameters), so that
         losses can be recomputed and decomposed without refitting.
