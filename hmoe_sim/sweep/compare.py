@@ -5,7 +5,9 @@ the root seed and the cell's coordinates), so their rows match on ``truth, serie
 replication``. A kept fit's empirical risk (column ``risk``: the start of least risk) that moved by
 less than a small fraction of the near-optimal margin ``(2 * loglik_margin / n) * risk`` is the same
 estimate to the data (:func:`hmoe_sim.sweep.cell.near_optimal`); what moved beyond it is counted per
-series and control, by direction.
+series and control, by direction. Noise-free controls are counted on their own rows: their risks are at
+round-off (``1e-20`` and below), where the margin, proportional to the risk, is round-off too, so their
+moves measure rounding, not statistics.
 """
 
 from __future__ import annotations
