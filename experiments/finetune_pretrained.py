@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from hmoe_sim.devices import resolve_device, resolve_dtype
-from hmoe_sim.hora.finetune_pretrained import (
+from hmoe_sim.finetune.pretrained_experiment import (
     COLUMNS,
     FitKey,
     PretrainedExperiment,
@@ -52,7 +52,7 @@ from hmoe_sim.hora.finetune_pretrained import (
     plan_pilot,
     select_learning_rates,
 )
-from hmoe_sim.hora.pretrained_report import PAIRED_COLUMNS, paired_differences, summary_table
+from hmoe_sim.finetune.pretrained_report import PAIRED_COLUMNS, paired_differences, summary_table
 from hmoe_sim.plotting import plot_finetune_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent

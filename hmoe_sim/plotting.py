@@ -402,7 +402,7 @@ def plot_finetune_sample_efficiency(table, *, metric: str = "test_mse") -> plt.F
     ----------
     table : pandas.DataFrame
         One row per fit with columns ``teacher, label, n_params, n, <metric>`` (the output of
-        :func:`hmoe_sim.hora.finetune.run_sample_efficiency`).
+        :func:`hmoe_sim.finetune.sample_efficiency.run_sample_efficiency`).
     metric : str
         Column to plot (``"test_mse"`` or ``"relative_test_error"``).
 
@@ -444,10 +444,10 @@ def plot_finetune_pretrained(summary, paired) -> plt.Figure:
     summary : pandas.DataFrame
         Per (teacher, student, n) with columns ``teacher, label, n_params, n, n_seeds, test_mse,
         test_mse_ci_low, test_mse_ci_high, base_test_mse, converged``
-        (:func:`hmoe_sim.hora.pretrained_report.summary_table`).
+        (:func:`hmoe_sim.finetune.pretrained_report.summary_table`).
     paired : pandas.DataFrame
         Per (teacher, n, comparison) with ``mean_diff, ci_low, ci_high``
-        (:func:`hmoe_sim.hora.pretrained_report.paired_differences`).
+        (:func:`hmoe_sim.finetune.pretrained_report.paired_differences`).
 
     Returns
     -------

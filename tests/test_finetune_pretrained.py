@@ -16,14 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from hmoe_sim.hora.embedding_fit import (
+from hmoe_sim.finetune.embedding_fit import (
     early_stopping_done,
     fit_embeddings,
     fit_embeddings_adam,
     gradient_converged,
 )
-from hmoe_sim.hora.finetune import StudentSpec
-from hmoe_sim.hora.finetune_pretrained import (
+from hmoe_sim.finetune.pretrained_experiment import (
     COLUMNS,
     FitKey,
     PretrainedFinetuneConfig,
@@ -36,8 +35,9 @@ from hmoe_sim.hora.finetune_pretrained import (
     plan_pilot,
     select_learning_rates,
 )
+from hmoe_sim.finetune.pretrained_report import bootstrap_mean_ci, paired_differences
+from hmoe_sim.finetune.sample_efficiency import StudentSpec
 from hmoe_sim.hora.lora import AdapterLinear
-from hmoe_sim.hora.pretrained_report import bootstrap_mean_ci, paired_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from hmoe_sim.finetune.sample_efficiency import StudentSpec
 from hmoe_sim.hora import (
     HoRALinear,
     MultiHeadAttention,
@@ -24,7 +25,6 @@ from hmoe_sim.hora import (
     trainable_parameters,
     unmerge_adapters,
 )
-from hmoe_sim.hora.finetune import StudentSpec
 from hmoe_sim.hora.lora import AdapterLinear
 
 F64 = torch.float64
@@ -211,7 +211,7 @@ def test_top_layers_from_hidden_states_equal_the_full_model(minilm):
 
 
 def test_tiny_pretrained_experiment_runs_and_learns(minilm):
-    from hmoe_sim.hora.finetune_pretrained import (
+    from hmoe_sim.finetune.pretrained_experiment import (
         PILOT_SEED,
         FitKey,
         PretrainedExperiment,
@@ -427,7 +427,7 @@ def test_module_docstring_corpus_is_a_disjoint_training_set():
 
 
 def test_embedding_shift_hand_case():
-    from hmoe_sim.hora.finetune_pretrained import embedding_shift
+    from hmoe_sim.finetune.pretrained_experiment import embedding_shift
 
     base = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # spread around the mean: RMS 1
     moved = base + torch.tensor([[0.0, 0.5], [0.0, -0.5]])  # each moves by 0.5

@@ -465,7 +465,8 @@ def copy_adapter_factors(source: nn.Module, target: nn.Module, adapter_name: str
         if isinstance(layer, LoRALinear):
             if adapter_name not in getattr(other, "lora_A", {}):
                 raise ValueError(f"{name!r}: the target has no peft LoRA adapter {adapter_name!r}")
-            pairs = [(layer.lora_A, other.lora_A[adapter_name].weight), (layer.lora_B, other.lora_B[adapter_name].weight)]
+            pairs = [(layer.lora_A, other.lora_A[adapter_name].weight),
+                     (layer.lora_B, other.lora_B[adapter_name].weight)]
             scaling = other.scaling[adapter_name]
         elif isinstance(layer, HoraLinear | HoraLayer):
             raise ValueError(f"{name!r} of the source is already a peft layer")

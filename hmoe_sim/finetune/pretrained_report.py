@@ -1,6 +1,6 @@
 """Paired differences with bootstrap intervals for the pretrained-model experiment (issue 21).
 
-Pure functions of the table of :mod:`hmoe_sim.hora.finetune_pretrained` (one row per fit):
+Pure functions of the table of :mod:`hmoe_sim.finetune.pretrained_experiment` (one row per fit):
 for each teacher and training size, the per-seed difference of a metric between a reference
 student and each other student (the same seed shares the training pool, target noise and
 initialisation seed, so the difference is paired), its mean over seeds and a percentile

@@ -1,6 +1,6 @@
 """Sample efficiency of LoRA, MH-LoRA and HoRA students on a real pretrained transformer (issues 14, 21).
 
-The toy experiment of :mod:`hmoe_sim.hora.finetune`, repeated on all-MiniLM-L6-v2 with real
+The toy experiment of :mod:`hmoe_sim.finetune.sample_efficiency`, repeated on all-MiniLM-L6-v2 with real
 English sentences (the ``pydoc_data`` corpus of :func:`hmoe_sim.hora.pretrained.load_sentences`):
 
 * **Base**: MiniLM, frozen. Adapters go on the query and value projections of the last
@@ -20,7 +20,7 @@ English sentences (the ``pydoc_data`` corpus of :func:`hmoe_sim.hora.pretrained.
 * **Students**: the base with freshly injected ``lora`` / ``mh-lora`` / ``hora`` adapters (zero
   ``B``), fitted by mini-batch Adam with early stopping on a fixed validation set of
   ``n_validation`` training sentences (never in a pool; noisy targets too), restoring the best
-  validation point (:func:`~hmoe_sim.hora.embedding_fit.fit_embeddings_adam`), on the first
+  validation point (:func:`~hmoe_sim.finetune.embedding_fit.fit_embeddings_adam`), on the first
   ``n`` sentences of one shuffled pool per seed (nested sizes). The learning rate of each
   (teacher, student) is chosen from ``lr_grid`` by the validation MSE of pilot fits at
   ``n = pilot_n`` on a seed of their own (:func:`plan_pilot`, :func:`select_learning_rates`).
@@ -47,12 +47,8 @@ from torch import nn
 
 from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
 from hmoe_sim.data import cell_seed
-from hmoe_sim.hora.embedding_fit import fit_embeddings_adam
-from hmoe_sim.hora.finetune import StudentSpec
-from hmoe_sim.hora.inject import inject_adapters, trainable_parameters
-from hmoe_sim.hora.lora import HoRALinear, LoRALinear, MultiHeadLoRALinear
-from hmoe_sim.hora.pretrained import TopLayers, hidden_states_before, load_minilm, load_sentences, tokenize
-from hmoe_sim.hora.pretrained_plan import (
+from hmoe_sim.finetune.embedding_fit import fit_embeddings_adam
+from hmoe_sim.finetune.pretrained_plan import (
     PILOT_SEED,
     TEACHERS,
     FitKey,
@@ -62,6 +58,10 @@ from hmoe_sim.hora.pretrained_plan import (
     plan_pilot,
     select_learning_rates,
 )
+from hmoe_sim.finetune.sample_efficiency import StudentSpec
+from hmoe_sim.hora.inject import inject_adapters, trainable_parameters
+from hmoe_sim.hora.lora import HoRALinear, LoRALinear, MultiHeadLoRALinear
+from hmoe_sim.hora.pretrained import TopLayers, hidden_states_before, load_minilm, load_sentences, tokenize
 
 __all__ = ["COLUMNS", "PILOT_SEED", "TEACHERS", "EncodedSentences", "FitKey", "PretrainedExperiment",
            "PretrainedFinetuneConfig", "add_noise", "config_summary", "embedding_shift", "encode_sentences",
@@ -110,7 +110,7 @@ class PretrainedFinetuneConfig:
     pilot_n : int
         Training-set size of the pilot fits.
     batch_size, max_steps, eval_every, patience, min_rel_improvement
-        Of :func:`~hmoe_sim.hora.embedding_fit.fit_embeddings_adam` (a fit has converged when
+        Of :func:`~hmoe_sim.finetune.embedding_fit.fit_embeddings_adam` (a fit has converged when
         early stopping ended it before ``max_steps``).
     chunk_size : int
         Sentences per forward pass (length-sorted chunks, to cut padding).
