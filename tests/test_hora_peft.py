@@ -17,7 +17,8 @@ from torch import nn
 
 peft = pytest.importorskip("peft", reason="needs the 'real' extra (peft)")
 transformers = pytest.importorskip("transformers", reason="needs the 'real' extra (transformers)")
-hora_peft = pytest.importorskip("hmoe_sim.hora.peft", reason="needs a peft that supports registered tuners")
+hora_peft = pytest.importorskip("hmoe_sim.hora.peft", reason="needs peft>=0.18 (the 'real' extra)",
+                                exc_type=ImportError)
 
 from hmoe_sim.hora import inject_adapters  # noqa: E402
 from hmoe_sim.hora.peft import HoraConfig, HoraLinear, copy_adapter_factors  # noqa: E402
