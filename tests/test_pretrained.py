@@ -242,6 +242,38 @@ def test_tiny_pretrained_experiment_runs_and_learns(minilm):
     assert again["test_mse"] == fresh["test_mse"] and again["val_mse"] == fresh["val_mse"]
 
 
+def test_peft_students_give_the_fits_of_the_injected_students(minilm):
+    """The experiment's students are peft models now; on a small case they give the fits that students built by
+    inject_adapters (the committed run's path) give from the same seeded start, to float32 round-off."""
+    pytest.importorskip("peft", reason="needs the 'real' extra")
+    from hmoe_sim.finetune.pretrained_experiment import (
+        PILOT_SEED,
+        FitKey,
+        PretrainedExperiment,
+        PretrainedFinetuneConfig,
+    )
+
+    model, tokenizer, *_ = minilm
+    students = (StudentSpec("lora", 6), StudentSpec("mh-lora", 1), StudentSpec("hora", 2, 5))
+    config = PretrainedFinetuneConfig(n_grid=(8,), n_seeds=1, n_test=8, n_calibration=8, n_validation=8, pilot_n=8,
+                                      lr_grid=(1e-2,), max_steps=20, eval_every=2, teacher_shift=0.3,
+                                      students=students)
+    experiment = PretrainedExperiment(config, model=model, tokenizer=tokenizer)
+    for spec in students:
+        key = FitKey("shared", spec.adapter, 8, PILOT_SEED)
+        row = experiment.fit(key, 1e-2)
+        setup = experiment.setup(key)
+        injected = copy.deepcopy(experiment.base)
+        inject_adapters(injected, spec.adapter, spec.rank, seed=experiment.init_seed(setup), **(
+            {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}))
+        assert row["n_params"] == trainable_parameters(injected)["total"]
+        result = experiment.adam(injected, setup, 1e-2)
+        assert result["iterations"] == row["iterations"] and result["best_step"] == row["best_step"] > 0
+        for name in ("train_mse", "val_mse"):
+            assert row[name] == pytest.approx(result[name], rel=1e-5), (spec.label, name)
+        assert row["test_mse"] == pytest.approx(experiment.test_scores(injected, setup.info)[0], rel=1e-5)
+
+
 # ---------------------------------------------------------------------- nn.MultiheadAttention (no extra needed)
 
 
