@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[256], help="training-set sizes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="replicate seeds (of the committed run)")
+    parser.add_argument("--cells", nargs="+", metavar="TEACHER:ADAPTER",
+                        help="run only these (teacher, student) cells, in this order (default: all)")
     parser.add_argument("--polish-max-iter", type=int, default=500, help="L-BFGS iteration cap of a polish")
     parser.add_argument("--workers", type=int, default=1, help="processes of one torch thread each")
     parser.add_argument("--out", type=Path, default=RESULTS / "optimiser_check.csv")
@@ -98,8 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     done = pd.read_csv(args.out) if args.out.exists() else pd.DataFrame(columns=list(CHECK_COLUMNS))
     finished = {FitKey(t, a, int(n), int(s)) for t, a, n, s in
                 done[["teacher", "adapter", "n", "seed"]].drop_duplicates().itertuples(index=False)}
-    keys = [FitKey(t, s.adapter, n, seed) for seed in args.seeds for n in args.n for t in TEACHERS
-            for s in config.students]
+    cells = [(t, s.adapter) for t in TEACHERS for s in config.students]
+    if args.cells:
+        chosen = [tuple(cell.split(":", 1)) for cell in args.cells]
+        unknown = [cell for cell in chosen if cell not in cells]
+        if unknown:
+            parser.error(f"unknown cells {unknown}; expected TEACHER:ADAPTER among {cells}")
+        cells = chosen
+    keys = [FitKey(t, a, n, seed) for seed in args.seeds for n in args.n for t, a in cells]
     tasks = [(key, rates[key.teacher, key.adapter]) for key in keys if key not in finished]
     print(f"{len(tasks)} of {len(keys)} fit keys to run with {args.workers} worker(s) into {args.out}", flush=True)
     torch.set_num_threads(1)
