@@ -22,7 +22,8 @@ hora_peft = pytest.importorskip("hmoe_sim.hora.peft", reason="needs peft>=0.18 (
                                 exc_type=ImportError)
 
 from hmoe_sim.hora import inject_adapters  # noqa: E402
-from hmoe_sim.hora.peft import HoraConfig, HoraLinear, copy_adapter_factors  # noqa: E402
+from hmoe_sim.hora.peft import HoraConfig, HoraLinear  # noqa: E402
+from hmoe_sim.hora.peft_factors import copy_adapter_factors  # noqa: E402
 
 F64 = torch.float64
 HIDDEN, HEADS, LAYERS = 16, 4, 2
@@ -153,6 +154,15 @@ def test_head_embeddings_are_shared_within_an_attention_module_only():
         assert attention.query.hora_embedding["default"] is attention.value.hora_embedding["default"]
         tables.append(attention.query.hora_embedding["default"])
     assert tables[0] is not tables[1]
+
+
+def test_bfloat16_model_gets_float32_adapters_with_the_tables_still_shared():
+    model = peft.get_peft_model(_tiny_bert(torch.bfloat16), _peft_config("hora"))
+    attention = model.base_model.model.encoder.layer[0].attention.self
+    table = attention.query.hora_embedding["default"]
+    assert table.dtype == torch.float32 and attention.query.hora_A["default"].dtype == torch.float32
+    assert attention.value.hora_embedding["default"] is table
+    assert model(_ids()).last_hidden_state.dtype == torch.bfloat16
 
 
 def test_structure_nonshared_is_mh_lora_and_delta_matches_a_loop_reference():

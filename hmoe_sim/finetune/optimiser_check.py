@@ -11,7 +11,7 @@ For one fit key of :class:`~hmoe_sim.finetune.pretrained_experiment.PretrainedEx
   (``grad_max / grad_start``; ``stop == "gradient"`` when it is below ``grad_rtol``);
 * **oracle / start, adam, polish** -- only where the student's structure contains the teacher's
   (:func:`represents`: HoRA r=2, m=5 on the HoRA teacher, MH-LoRA r=1 on the MH-LoRA teacher): the
-  student set to the teacher's factors (:func:`hmoe_sim.hora.peft.copy_adapter_factors`), then the
+  student set to the teacher's factors (:func:`hmoe_sim.hora.peft_factors.copy_adapter_factors`), then the
   same Adam protocol, and the same polish.
 
 Every row reports training MSE (noisy targets), best validation MSE where Adam ran and test MSE
@@ -79,7 +79,7 @@ def check_fit(experiment: PretrainedExperiment, key: FitKey, lr: float, *, polis
     """
     check_positive_int("polish_max_iter", polish_max_iter)
     check_positive_float("grad_rtol", grad_rtol)
-    from hmoe_sim.hora.peft import copy_adapter_factors
+    from hmoe_sim.hora.peft_factors import copy_adapter_factors
 
     setup = experiment.setup(key)
     everything = torch.arange(key.n, device=setup.targets.device)

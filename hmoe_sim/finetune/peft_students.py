@@ -5,7 +5,7 @@ LoRA is peft's own (``peft.LoraConfig``), MH-LoRA and HoRA are :class:`hmoe_sim.
 scaling 1 (``lora_alpha = r``). peft initialises LoRA's ``A`` from torch's global random
 state, so a student's initial factors are instead the package's seeded ones
 (:func:`hmoe_sim.hora.inject_adapters` with the fit's seed), copied in by
-:func:`hmoe_sim.hora.peft.copy_adapter_factors`: the fit depends on its key only, and a student
+:func:`hmoe_sim.hora.peft_factors.copy_adapter_factors`: the fit depends on its key only, and a student
 starts where the committed (pre-peft) fits started.
 """
 
@@ -56,7 +56,7 @@ def peft_student(base: nn.Module, spec: StudentSpec, seed: int) -> nn.Module:
     """
     import peft
 
-    from hmoe_sim.hora.peft import copy_adapter_factors
+    from hmoe_sim.hora.peft_factors import copy_adapter_factors
 
     reference = copy.deepcopy(base)
     options = {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}
