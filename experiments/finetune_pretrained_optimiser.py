@@ -66,8 +66,24 @@ def wide_table(summary: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def per_seed(rows: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """One line per checked fit key: test and training MSE of every stage, and the committed table's test MSE."""
+    rows = rows.assign(column=rows["start"] + "_" + rows["stage"])
+    key = ["teacher", "adapter", "n", "seed"]
+    wide = rows.pivot_table(index=key, columns="column", values=["test_mse", "train_mse"], aggfunc="first",
+                            sort=False)
+    wide.columns = [f"{column} {metric.removesuffix('_mse')}" for metric, column in wide.columns]
+    committed = table.set_index(key)["test_mse"].rename("table test")
+    ratio = (rows[rows["stage"] == "polish"].set_index([*key, "start"])
+             .eval("grad_max / grad_start").unstack("start").add_prefix("grad ratio "))
+    return wide.join(committed).join(ratio).reset_index()
+
+
 def report(path: Path) -> None:
     rows = pd.read_csv(path)
+    table = pd.read_csv(RESULTS / "finetune_pretrained.csv")
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(per_seed(rows, table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     summary = check_summary(rows)
     out = path.with_name("optimiser_summary.csv")
     summary.to_csv(out, index=False)
