@@ -49,7 +49,7 @@ def _init_worker(config: PretrainedFinetuneConfig) -> None:
 
 def _check(key: FitKey, lr: float, polish_max_iter: int) -> list[dict[str, object]]:
     assert _WORKER is not None
-    return check_fit(_WORKER, key, lr, polish_max_iter=polish_max_iter)
+    return check_fit(_WORKER, key, lr, polish_max_iter=polish_max_iter, progress=lambda line: print(line, flush=True))
 
 
 def wide_table(summary: pd.DataFrame) -> pd.DataFrame:

@@ -23,6 +23,7 @@ measured the optimiser rather than the adapter.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -57,7 +58,7 @@ def _scores(experiment: PretrainedExperiment, module: torch.nn.Module, setup: Fi
 
 
 def check_fit(experiment: PretrainedExperiment, key: FitKey, lr: float, *, polish_max_iter: int = 500,
-              grad_rtol: float = 1e-3) -> list[dict[str, object]]:
+              grad_rtol: float = 1e-3, progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
     """The stages of :data:`STAGES` for one fit key (oracle stages only where :func:`represents`).
 
     Parameters
@@ -71,6 +72,8 @@ def check_fit(experiment: PretrainedExperiment, key: FitKey, lr: float, *, polis
     grad_rtol : float
         The polish's certificate: max-abs gradient at most ``grad_rtol`` times its value at the
         polish's start.
+    progress : callable, optional
+        Receives one line per finished stage.
 
     Returns
     -------
@@ -90,25 +93,31 @@ def check_fit(experiment: PretrainedExperiment, key: FitKey, lr: float, *, polis
     starts = ["default"]
     if represents(setup.spec, experiment.config.teacher_spec(key.teacher)):
         starts.append("oracle")
-    rows = []
+    rows: list[dict[str, object]] = []
+
+    def record(row: dict[str, object], clock: float) -> float:
+        rows.append({**base, **empty, **row, "seconds": time.perf_counter() - clock})
+        if progress is not None:
+            last = rows[-1]
+            progress(f"{tuple(key)} {last['start']}/{last['stage']}: train {last['train_mse']:.4g} test "
+                     f"{last['test_mse']:.4g} iterations {last['iterations']} stop {last['stop']!r} "
+                     f"{last['seconds']:.0f} s")
+        return time.perf_counter()
+
     for start in starts:
         clock = time.perf_counter()
         student = experiment.student(setup)
         module = student.base_model.model
         if start == "oracle":
             copy_adapter_factors(setup.teacher_module, student)
-            rows.append({**base, "start": start, "stage": "start", **empty, **_scores(experiment, module, setup),
-                         "seconds": time.perf_counter() - clock})
-            clock = time.perf_counter()
+            clock = record({"start": start, "stage": "start", **_scores(experiment, module, setup)}, clock)
         adam = experiment.adam(module, setup, lr)
-        rows.append({**base, "start": start, "stage": "adam", **empty, **adam,
-                     "grad_start": float("nan"), "grad_max": float("nan"),
-                     "test_mse": experiment.test_scores(module, setup.info)[0], "seconds": time.perf_counter() - clock})
-        clock = time.perf_counter()
+        clock = record({"start": start, "stage": "adam", **adam,
+                        "test_mse": experiment.test_scores(module, setup.info)[0]}, clock)
         polish = fit_embeddings(module, experiment.train_chunks(setup)(everything), setup.targets,
                                 max_iter=polish_max_iter, grad_rtol=grad_rtol)
-        rows.append({**base, "start": start, "stage": "polish", **empty, **polish, "val_mse": float("nan"),
-                     "test_mse": experiment.test_scores(module, setup.info)[0], "seconds": time.perf_counter() - clock})
+        record({"start": start, "stage": "polish", **polish,
+                "test_mse": experiment.test_scores(module, setup.info)[0]}, clock)
     return [{name: row[name] for name in CHECK_COLUMNS} for row in rows]
 
 
