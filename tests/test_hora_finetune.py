@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmoe_sim.hora import HoRALinear, MultiHeadLoRALinear, adapter_parameter_count, layer_regression_function
-from hmoe_sim.hora.finetune import (
+from hmoe_sim.finetune.sample_efficiency import (
     FinetuneConfig,
     StudentSpec,
     fit_student,
@@ -17,6 +16,7 @@ from hmoe_sim.hora.finetune import (
     make_teacher,
     run_sample_efficiency,
 )
+from hmoe_sim.hora import HoRALinear, MultiHeadLoRALinear, adapter_parameter_count, layer_regression_function
 
 TINY = dict(embed_dim=4, n_heads=2, n_tokens=2, n_grid=(20, 60), n_seeds=2, n_test=200, max_iter=40)
 

@@ -2,7 +2,10 @@
 
 Every library module stays under :data:`MAX_LINES` lines; the modules import each other in
 floors with no circle (function-local imports included, imports of a package's ``__init__``
-facade left out); and no module imports another module's private (``_``-prefixed) name.
+facade left out); no module imports another module's private (``_``-prefixed) name; and the
+subpackages keep their floors (:data:`FLOORS`): the HoRA layers (``hmoe_sim.hora``) never import
+the fine-tuning experiments built on them (``hmoe_sim.finetune``), and nothing but the
+experiments and the plotting module imports the experiments.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+#: subpackage -> the subpackages and modules it must not import (at any depth, function-local imports included)
+FLOORS = {"hmoe_sim.hora": ("hmoe_sim.finetune",)}
+#: the only modules outside ``hmoe_sim.finetune`` that may import it
+FINETUNE_IMPORTERS = ("hmoe_sim.plotting",)
 PACKAGES = {name for name, path in MODULES.items() if path.name == "__init__.py"}
 
 
@@ -109,3 +116,19 @@ def test_no_private_name_imported_across_modules():
 def test_no_library_file_over_the_limit():
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def _inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_subpackages_keep_their_floors():
+    broken = [f"{name} imports {module}" for name in MODULES for package, banned in FLOORS.items()
+              if _inside(name, package) for module, _ in _imports(name) for ban in banned if _inside(module, ban)]
+    assert broken == []
+
+
+def test_only_the_experiments_and_plotting_import_the_finetune_package():
+    importers = sorted({name for name in MODULES if not _inside(name, "hmoe_sim.finetune")
+                        for module, _ in _imports(name) if _inside(module, "hmoe_sim.finetune")})
+    assert set(importers) <= set(FINETUNE_IMPORTERS), importers

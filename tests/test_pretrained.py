@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+from hmoe_sim.finetune.sample_efficiency import StudentSpec
 from hmoe_sim.hora import (
     HoRALinear,
     MultiHeadAttention,
@@ -24,7 +26,6 @@ from hmoe_sim.hora import (
     trainable_parameters,
     unmerge_adapters,
 )
-from hmoe_sim.hora.finetune import StudentSpec
 from hmoe_sim.hora.lora import AdapterLinear
 
 F64 = torch.float64
@@ -211,7 +212,7 @@ def test_top_layers_from_hidden_states_equal_the_full_model(minilm):
 
 
 def test_tiny_pretrained_experiment_runs_and_learns(minilm):
-    from hmoe_sim.hora.finetune_pretrained import (
+    from hmoe_sim.finetune.pretrained_experiment import (
         PILOT_SEED,
         FitKey,
         PretrainedExperiment,
@@ -240,6 +241,73 @@ def test_tiny_pretrained_experiment_runs_and_learns(minilm):
     fresh = PretrainedExperiment(config, model=model, tokenizer=tokenizer).fit(FitKey("shared", "hora", 4, PILOT_SEED),
                                                                                1e-2)
     assert again["test_mse"] == fresh["test_mse"] and again["val_mse"] == fresh["val_mse"]
+
+
+def test_peft_students_give_the_fits_of_the_injected_students(minilm):
+    """The experiment's students are peft models now; on a small case they give the fits that students built by
+    inject_adapters (the committed run's path) give from the same seeded start, to float32 round-off."""
+    pytest.importorskip("peft", reason="needs the 'real' extra")
+    from hmoe_sim.finetune.pretrained_experiment import (
+        PILOT_SEED,
+        FitKey,
+        PretrainedExperiment,
+        PretrainedFinetuneConfig,
+    )
+
+    model, tokenizer, *_ = minilm
+    students = (StudentSpec("lora", 6), StudentSpec("mh-lora", 1), StudentSpec("hora", 2, 5))
+    config = PretrainedFinetuneConfig(n_grid=(8,), n_seeds=1, n_test=8, n_calibration=8, n_validation=8, pilot_n=8,
+                                      lr_grid=(1e-2,), max_steps=20, eval_every=2, teacher_shift=0.3,
+                                      students=students)
+    experiment = PretrainedExperiment(config, model=model, tokenizer=tokenizer)
+    for spec in students:
+        key = FitKey("shared", spec.adapter, 8, PILOT_SEED)
+        row = experiment.fit(key, 1e-2)
+        setup = experiment.setup(key)
+        injected = copy.deepcopy(experiment.base)
+        inject_adapters(injected, spec.adapter, spec.rank, seed=experiment.init_seed(setup), **(
+            {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}))
+        assert row["n_params"] == trainable_parameters(injected)["total"]
+        result = experiment.adam(injected, setup, 1e-2)
+        assert result["iterations"] == row["iterations"] and result["best_step"] == row["best_step"] > 0
+        for name in ("train_mse", "val_mse"):
+            assert row[name] == pytest.approx(result[name], rel=1e-5), (spec.label, name)
+        assert row["test_mse"] == pytest.approx(experiment.test_scores(injected, setup.info)[0], rel=1e-5)
+
+
+def test_optimiser_check_oracle_start_is_the_teacher_and_polish_lowers_the_training_loss(minilm):
+    pytest.importorskip("peft", reason="needs the 'real' extra")
+    from hmoe_sim.finetune.optimiser_check import check_fit, check_summary, represents
+    from hmoe_sim.finetune.pretrained_experiment import FitKey, PretrainedExperiment, PretrainedFinetuneConfig
+
+    assert represents(StudentSpec("hora", 2, 5), StudentSpec("hora", 2, 5))
+    assert not represents(StudentSpec("hora", 2, 4), StudentSpec("hora", 2, 5))
+    assert not represents(StudentSpec("mh-lora", 1), StudentSpec("hora", 2, 5))
+    assert not represents(StudentSpec("lora", 6), StudentSpec("mh-lora", 1))
+    model, tokenizer, *_ = minilm
+    students = (StudentSpec("lora", 2), StudentSpec("hora", 2, 5))
+    config = PretrainedFinetuneConfig(n_grid=(8,), n_seeds=1, n_test=8, n_calibration=8, n_validation=8, pilot_n=8,
+                                      lr_grid=(1e-2,), max_steps=10, eval_every=2, teacher_shift=0.3,
+                                      students=students)
+    experiment = PretrainedExperiment(config, model=model, tokenizer=tokenizer)
+    key = FitKey("shared", "hora", 8, 0)
+    rows = check_fit(experiment, key, 1e-2, polish_max_iter=30)
+    stages = [(r["start"], r["stage"]) for r in rows]
+    assert stages == [("default", "adam"), ("default", "polish"), ("oracle", "start"), ("oracle", "adam"),
+                      ("oracle", "polish")]
+    by_stage = {stage: row for stage, row in zip(stages, rows, strict=True)}
+    table_row = experiment.fit(key, 1e-2)
+    assert by_stage["default", "adam"]["test_mse"] == table_row["test_mse"]  # the experiment's own fit
+    assert by_stage["oracle", "start"]["test_mse"] < 1e-10 * table_row["base_test_mse"]  # the teacher exactly
+    for start in ("default", "oracle"):
+        polish = by_stage[start, "polish"]
+        assert polish["train_mse"] <= by_stage[start, "adam"]["train_mse"]
+        assert polish["grad_max"] < polish["grad_start"] or polish["stop"] != "gradient"
+        assert polish["converged"] == (polish["grad_max"] <= 1e-3 * polish["grad_start"])
+    lora_rows = check_fit(experiment, FitKey("shared", "lora", 8, 0), 1e-2, polish_max_iter=5)
+    assert [(r["start"], r["stage"]) for r in lora_rows] == [("default", "adam"), ("default", "polish")]
+    summary = check_summary(pd.DataFrame(rows + lora_rows), n_boot=100)
+    assert len(summary) == 7 and set(summary["n_seeds"]) == {1}
 
 
 # ---------------------------------------------------------------------- nn.MultiheadAttention (no extra needed)
@@ -427,7 +495,7 @@ def test_module_docstring_corpus_is_a_disjoint_training_set():
 
 
 def test_embedding_shift_hand_case():
-    from hmoe_sim.hora.finetune_pretrained import embedding_shift
+    from hmoe_sim.finetune.pretrained_experiment import embedding_shift
 
     base = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # spread around the mean: RMS 1
     moved = base + torch.tensor([[0.0, 0.5], [0.0, -0.5]])  # each moves by 0.5

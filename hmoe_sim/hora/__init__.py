@@ -4,11 +4,14 @@
 * :mod:`hmoe_sim.hora.attention` -- :class:`MultiHeadAttention` with adapters on Q and V.
 * :mod:`hmoe_sim.hora.theory_link` -- the layer-exact regression function and the exact maps
   to :class:`hmoe_sim.models.hmoe.HMoE`.
-* :mod:`hmoe_sim.hora.finetune` -- the sample-efficiency fine-tuning experiment.
 * :mod:`hmoe_sim.hora.inject` -- adapters put on an existing model's attention, in place
   (Hugging Face BERT-family self-attention and ``nn.MultiheadAttention``).
+* :mod:`hmoe_sim.hora.peft` -- HoRA and MH-LoRA as a peft method (``HoraConfig``; optional
+  extra ``real``; imported on its own, not by this package, so that peft stays optional).
 * :mod:`hmoe_sim.hora.pretrained` -- all-MiniLM-L6-v2 and the ``pydoc_data`` sentences, offline
-  (optional extra ``real``); :mod:`hmoe_sim.hora.finetune_pretrained` -- the experiment on it.
+  (optional extra ``real``).
+
+The fine-tuning experiments built on these layers are in :mod:`hmoe_sim.finetune`.
 """
 
 from hmoe_sim.hora.attention import ADAPTER_KINDS, PROJECTIONS, MultiHeadAttention, adapter_parameter_count

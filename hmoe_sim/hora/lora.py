@@ -37,7 +37,8 @@ from torch import nn
 
 from hmoe_sim._validation import check_finite_tensor, check_positive_float, check_positive_int
 
-__all__ = ["AdapterLinear", "LoRALinear", "MultiHeadLoRALinear", "HoRALinear", "set_merged"]
+__all__ = ["AdapterLinear", "LoRALinear", "MultiHeadLoRALinear", "HoRALinear", "generated_head_factors",
+           "per_head_delta_weight", "per_head_output", "set_merged"]
 
 
 def _check_base(base: object) -> nn.Linear:
@@ -290,6 +291,43 @@ def set_merged(layers: dict[str, AdapterLinear], merged: bool, *, owner: str, un
             layer.unmerge()
 
 
+def per_head_delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``delta_W (out, in)`` of per-head factors ``A (H, r, in)``, ``B (H, out/H, r)``: head ``h`` fills
+    rows ``h*dh:(h+1)*dh`` with ``scaling * B_h A_h``."""
+    heads, head_dim, in_features = b.shape[0], b.shape[1], a.shape[-1]
+    return scaling * torch.einsum("hdr,hri->hdi", b, a).reshape(heads * head_dim, in_features)
+
+
+def per_head_output(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``x delta_W^T`` of :func:`per_head_delta_weight` computed through the factors: ``(*, in)`` -> ``(*, out)``."""
+    low = torch.einsum("...i,hri->...hr", x, a)
+    out = torch.einsum("...hr,hdr->...hd", low, b)
+    return scaling * out.reshape(*x.shape[:-1], b.shape[0] * b.shape[1])
+
+
+def generated_head_factors(embeddings: torch.Tensor, shared_A: torch.Tensor, generator_A: torch.Tensor,
+                           shared_B: torch.Tensor, generator_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HoRA's joint linear hypernetwork: ``A_h = A_0 + sum_k e_hk G^A_k``, ``B_h = B_0 + sum_k e_hk G^B_k``.
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        Head embeddings ``e (H, m)``.
+    shared_A, generator_A : torch.Tensor
+        ``A_0 (r, in)`` and ``G^A (m, r, in)``.
+    shared_B, generator_B : torch.Tensor
+        ``B_0 (out/H, r)`` and ``G^B (m, out/H, r)``.
+
+    Returns
+    -------
+    (A, B)
+        Per-head factors ``A (H, r, in)`` and ``B (H, out/H, r)``.
+    """
+    a = shared_A + torch.einsum("hm,mri->hri", embeddings, generator_A)
+    b = shared_B + torch.einsum("hm,mdr->hdr", embeddings, generator_B)
+    return a, b
+
+
 class LoRALinear(AdapterLinear):
     """LoRA on the whole projection: ``y = x W^T + b + (alpha/r) dropout(x) A^T B^T``.
 
@@ -343,13 +381,10 @@ class _PerHeadLinear(AdapterLinear):
         """Per-head factors ``A (H, r, in)`` and ``B (H, out/H, r)`` (scaling not included)."""
 
     def get_delta_weight(self) -> torch.Tensor:
-        a, b = self.head_factors()
-        return self.scaling * torch.einsum("hdr,hri->hdi", b, a).reshape(self.out_features, self.in_features)
+        return per_head_delta_weight(*self.head_factors(), self.scaling)
 
     def _adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.head_factors()
-        low = torch.einsum("...i,hri->...hr", x, a)
-        return self.scaling * torch.einsum("...hr,hdr->...hd", low, b).reshape(*x.shape[:-1], self.out_features)
+        return per_head_output(x, *self.head_factors(), self.scaling)
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, " + super().extra_repr()
@@ -444,10 +479,8 @@ class HoRALinear(_PerHeadLinear):
         self.generator_B = _zeros((m, self.head_dim, self.rank), w)
 
     def head_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.head_embeddings
-        a = self.shared_A + torch.einsum("hm,mri->hri", e, self.generator_A)
-        b = self.shared_B + torch.einsum("hm,mdr->hdr", e, self.generator_B)
-        return a, b
+        return generated_head_factors(self.head_embeddings, self.shared_A, self.generator_A, self.shared_B,
+                                      self.generator_B)
 
     def extra_repr(self) -> str:
         return f"hyper_dim={self.hyper_dim}, " + super().extra_repr()

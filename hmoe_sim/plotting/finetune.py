@@ -14,7 +14,7 @@ def plot_finetune_sample_efficiency(table, *, metric: str = "test_mse") -> plt.F
     ----------
     table : pandas.DataFrame
         One row per fit with columns ``teacher, label, n_params, n, <metric>`` (the output of
-        :func:`hmoe_sim.hora.finetune.run_sample_efficiency`).
+        :func:`hmoe_sim.finetune.sample_efficiency.run_sample_efficiency`).
     metric : str
         Column to plot (``"test_mse"`` or ``"relative_test_error"``).
 
@@ -56,16 +56,19 @@ def plot_finetune_pretrained(summary, paired) -> plt.Figure:
     summary : pandas.DataFrame
         Per (teacher, student, n) with columns ``teacher, label, n_params, n, n_seeds, test_mse,
         test_mse_ci_low, test_mse_ci_high, base_test_mse, converged``
-        (:func:`hmoe_sim.hora.pretrained_report.summary_table`).
+        (:func:`hmoe_sim.finetune.pretrained_report.summary_table`).
     paired : pandas.DataFrame
         Per (teacher, n, comparison) with ``mean_diff, ci_low, ci_high``
-        (:func:`hmoe_sim.hora.pretrained_report.paired_differences`).
+        (:func:`hmoe_sim.finetune.pretrained_report.paired_differences`).
 
     Returns
     -------
     matplotlib.figure.Figure
         Top row: mean test MSE over seeds (log scale) with its bootstrap CI as a band, the legend
-        giving each student's trainable-parameter count and the dotted line the frozen model;
+        giving each student's trainable-parameter count and the dotted line the frozen model; where
+        ``summary`` has the optimiser-check columns
+        (:func:`hmoe_sim.finetune.pretrained_report.with_optimiser_columns`), crosses mark the polished
+        fits' and stars the oracle-started fits' mean test MSE;
         bottom row: the mean paired difference (HoRA minus each other student) with its CI band
         and the zero line (below zero: HoRA is closer to the teacher). One column per teacher.
     """
@@ -83,6 +86,11 @@ def plot_finetune_pretrained(summary, paired) -> plt.Figure:
                     label=f"{label}: {int(group['n_params'].iloc[0])} params ({seeds} seeds, "
                           f"{group['converged'].mean():.0%} conv.)")
             ax.fill_between(group["n"], group["test_mse_ci_low"], group["test_mse_ci_high"], color=color, alpha=0.2)
+            checks = (("polish_test_mse", "x", "polished"), ("oracle_test_mse", "*", "oracle start"))
+            for column, marker, what in checks:
+                if column in group and group[column].notna().any():
+                    ax.plot(group["n"], group[column], marker, color=color, markersize=8, linestyle="none",
+                            label=f"{label}: {what} ({int(group['check_seeds'].max())} seed(s))")
         ax.axhline(float(sub["base_test_mse"].iloc[0]), color="grey", linestyle=":", label="frozen MiniLM")
         ax.set_yscale("log")
         ax.set_title(f"teacher: {teacher}")

@@ -1,6 +1,6 @@
 """Sample efficiency of LoRA, MH-LoRA and HoRA students on a real pretrained transformer (issues 14, 21).
 
-The toy experiment of :mod:`hmoe_sim.hora.finetune`, repeated on all-MiniLM-L6-v2 with real
+The toy experiment of :mod:`hmoe_sim.finetune.sample_efficiency`, repeated on all-MiniLM-L6-v2 with real
 English sentences (the ``pydoc_data`` corpus of :func:`hmoe_sim.hora.pretrained.load_sentences`):
 
 * **Base**: MiniLM, frozen. Adapters go on the query and value projections of the last
@@ -20,7 +20,7 @@ English sentences (the ``pydoc_data`` corpus of :func:`hmoe_sim.hora.pretrained.
 * **Students**: the base with freshly injected ``lora`` / ``mh-lora`` / ``hora`` adapters (zero
   ``B``), fitted by mini-batch Adam with early stopping on a fixed validation set of
   ``n_validation`` training sentences (never in a pool; noisy targets too), restoring the best
-  validation point (:func:`~hmoe_sim.hora.embedding_fit.fit_embeddings_adam`), on the first
+  validation point (:func:`~hmoe_sim.finetune.embedding_fit.fit_embeddings_adam`), on the first
   ``n`` sentences of one shuffled pool per seed (nested sizes). The learning rate of each
   (teacher, student) is chosen from ``lr_grid`` by the validation MSE of pilot fits at
   ``n = pilot_n`` on a seed of their own (:func:`plan_pilot`, :func:`select_learning_rates`).
@@ -34,7 +34,6 @@ Every fit's result depends on its key and the configuration only.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -47,12 +46,9 @@ from torch import nn
 
 from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
 from hmoe_sim.data import cell_seed
-from hmoe_sim.hora.embedding_fit import fit_embeddings_adam
-from hmoe_sim.hora.finetune import StudentSpec
-from hmoe_sim.hora.inject import inject_adapters, trainable_parameters
-from hmoe_sim.hora.lora import HoRALinear, LoRALinear, MultiHeadLoRALinear
-from hmoe_sim.hora.pretrained import TopLayers, hidden_states_before, load_minilm, load_sentences, tokenize
-from hmoe_sim.hora.pretrained_plan import (
+from hmoe_sim.finetune.embedding_fit import fit_embeddings_adam
+from hmoe_sim.finetune.peft_students import peft_student, trainable_count
+from hmoe_sim.finetune.pretrained_plan import (
     PILOT_SEED,
     TEACHERS,
     FitKey,
@@ -62,8 +58,11 @@ from hmoe_sim.hora.pretrained_plan import (
     plan_pilot,
     select_learning_rates,
 )
+from hmoe_sim.finetune.pretrained_teachers import add_noise, embedding_shift, make_teacher, noise_sd
+from hmoe_sim.finetune.sample_efficiency import StudentSpec
+from hmoe_sim.hora.pretrained import TopLayers, hidden_states_before, load_minilm, load_sentences, tokenize
 
-__all__ = ["COLUMNS", "PILOT_SEED", "TEACHERS", "EncodedSentences", "FitKey", "PretrainedExperiment",
+__all__ = ["COLUMNS", "PILOT_SEED", "TEACHERS", "EncodedSentences", "FitKey", "FitSetup", "PretrainedExperiment",
            "PretrainedFinetuneConfig", "add_noise", "config_summary", "embedding_shift", "encode_sentences",
            "make_teacher", "noise_sd", "pending_fits", "pending_pilot", "plan_fits", "plan_pilot",
            "run_pretrained_sample_efficiency", "select_learning_rates"]
@@ -110,7 +109,7 @@ class PretrainedFinetuneConfig:
     pilot_n : int
         Training-set size of the pilot fits.
     batch_size, max_steps, eval_every, patience, min_rel_improvement
-        Of :func:`~hmoe_sim.hora.embedding_fit.fit_embeddings_adam` (a fit has converged when
+        Of :func:`~hmoe_sim.finetune.embedding_fit.fit_embeddings_adam` (a fit has converged when
         early stopping ended it before ``max_steps``).
     chunk_size : int
         Sentences per forward pass (length-sorted chunks, to cut padding).
@@ -245,69 +244,6 @@ def _embed_all(module: nn.Module, data: EncodedSentences, index: torch.Tensor, c
     return out
 
 
-def embedding_shift(moved: torch.Tensor, base: torch.Tensor) -> float:
-    """RMS displacement of the embeddings over their RMS spread around the mean.
-
-    ``sqrt(mean_i |moved_i - base_i|^2) / sqrt(mean_i |base_i - mean_j base_j|^2)``: 0.5 means
-    that each sentence moves, on average, by half the typical distance between a base
-    embedding and the base embeddings' centre.
-    """
-    spread = (base - base.mean(0)).pow(2).sum(-1).mean().sqrt()
-    return float((moved - base).pow(2).sum(-1).mean().sqrt() / spread)
-
-
-def noise_sd(teacher: torch.Tensor, base: torch.Tensor, snr: float) -> float:
-    """Noise standard deviation per coordinate for a signal-to-noise ratio ``snr``.
-
-    The signal is the teacher's update of the embeddings: ``snr = mean((teacher - base)^2) /
-    sd^2`` (mean over sentences and coordinates). ``snr = inf`` gives 0 (noise-free targets).
-    """
-    if not (isinstance(snr, int | float) and snr > 0):
-        raise ValueError(f"snr must be a positive number (inf: no noise), got {snr!r}")
-    return 0.0 if math.isinf(snr) else float(((teacher - base).pow(2).mean() / snr).sqrt())
-
-
-def add_noise(clean: torch.Tensor, sd: float, seed: int) -> torch.Tensor:
-    """``clean`` plus independent ``N(0, sd^2)`` noise (drawn in float64 from ``seed``, row-major)."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
-    return clean + (check_positive_float("sd", sd, allow_zero=True) * noise).to(clean)
-
-
-def make_teacher(base: nn.Module, spec: StudentSpec, *, scale: float, seed: int) -> nn.Module:
-    """A frozen copy of ``base`` with a random hidden update of structure ``spec`` on every Q and V.
-
-    ``A``-type factors are ``N(0, 1/E)`` and ``B``-type factors ``N(0, scale^2)``; for HoRA each
-    variance is split evenly between the shared part and the generated part (whose ``m`` generator
-    slices share it again), and the head embeddings are ``N(0, 1)``. ``E`` is
-    ``base.config.hidden_size``.
-    """
-    module = copy.deepcopy(base)
-    options = {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}
-    inject_adapters(module, spec.adapter, spec.rank, seed=seed, **options)
-    gen = torch.Generator().manual_seed(seed)
-    a_std = 1 / base.config.hidden_size ** 0.5
-
-    def fill(p: torch.Tensor, std: float) -> None:
-        p.copy_(std * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p))
-
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, HoRALinear):
-                m = layer.hyper_dim
-                fill(layer.shared_A, a_std / 2 ** 0.5)
-                fill(layer.generator_A, a_std / (2 * m) ** 0.5)
-                fill(layer.shared_B, scale / 2 ** 0.5)
-                fill(layer.generator_B, scale / (2 * m) ** 0.5)
-                fill(layer.head_embeddings, 1.0)
-            elif isinstance(layer, MultiHeadLoRALinear | LoRALinear):
-                fill(layer.lora_A, a_std)
-                fill(layer.lora_B, scale)
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module.eval()
-
-
 def _filter_by_tokens(tokenizer: Any, sentences: Sequence[str], max_tokens: int) -> list[str]:
     lengths = [len(ids) for ids in tokenizer(list(sentences))["input_ids"]]
     return [s for s, n in zip(sentences, lengths, strict=True) if n <= max_tokens]
@@ -336,6 +272,19 @@ class _Teacher:
     test: torch.Tensor
     base_test_mse: float
     base_test_cosine: float
+
+
+@dataclass
+class FitSetup:
+    """What one fit works on: its key, student spec, teacher, noisy targets and training rows."""
+
+    key: FitKey
+    spec: StudentSpec
+    teacher_module: nn.Module
+    info: _Teacher
+    targets: torch.Tensor  # noisy targets of the n training sentences
+    val_targets: torch.Tensor
+    rows: torch.Tensor  # the training sentences (rows of the encoded training split)
 
 
 class PretrainedExperiment:
@@ -429,37 +378,61 @@ class PretrainedExperiment:
         noisy = add_noise(clean, info.noise_sd, _seed(self.config, "noise", teacher, seed))
         return noisy[:self.pool_size], noisy[self.pool_size:]
 
+    def setup(self, key: FitKey) -> FitSetup:
+        """The student spec, teacher, noisy targets and training rows of one fit (no fitting)."""
+        spec = {s.adapter: s for s in self.config.students}.get(key.adapter)
+        if spec is None:
+            raise ValueError(f"no student of adapter kind {key.adapter!r} in the configuration")
+        teacher_module, info = self.teacher(key.teacher)
+        pool_targets, val_targets = self.noisy_targets(info, key.teacher, key.seed)
+        return FitSetup(key, spec, teacher_module, info, pool_targets[:key.n], val_targets, self.pool(key.seed)[:key.n])
+
+    def init_seed(self, setup: FitSetup) -> int:
+        """Seed of the student's initial factors (by student and replicate: shared by its teachers and sizes)."""
+        return _seed(self.config, "init", setup.spec.label, setup.key.seed)
+
+    def student(self, setup: FitSetup) -> nn.Module:
+        """The fit's student: a peft model on a copy of the base, at its seeded initial factors (zero ``B``)."""
+        return peft_student(self.base, setup.spec, self.init_seed(setup))
+
+    def train_chunks(self, setup: FitSetup) -> Callable[[torch.Tensor], list]:
+        """Chunks of the fit's training rows ``sub`` (positions into its targets)."""
+        return lambda sub: self.train_data.chunks(setup.rows[sub], self.config.chunk_size)
+
+    def adam(self, module: nn.Module, setup: FitSetup, lr: float) -> dict[str, object]:
+        """The experiment's protocol: mini-batch Adam with early stopping on the validation set (in place)."""
+        c, key = self.config, setup.key
+        return fit_embeddings_adam(
+            module, self.train_chunks(setup), key.n, setup.targets,
+            self.train_data.chunks(self.validation, c.chunk_size), setup.val_targets, lr=lr, batch_size=c.batch_size,
+            max_steps=c.max_steps, eval_every=c.eval_every, patience=c.patience,
+            min_rel_improvement=c.min_rel_improvement,
+            seed=_seed(c, "batches", key.teacher, setup.spec.label, key.n, key.seed))
+
+    def test_scores(self, module: nn.Module, info: _Teacher) -> tuple[float, float]:
+        """Test MSE (per coordinate) and mean cosine to the noise-free teacher embeddings."""
+        predicted = _embed_all(module, self.test_data, self.test_index, self.config.chunk_size)
+        return (float((predicted - info.test).pow(2).mean()),
+                float(nn.functional.cosine_similarity(predicted, info.test, dim=-1).mean()))
+
     def fit(self, key: FitKey, lr: float) -> dict[str, object]:
         """Fit one student by Adam at learning rate ``lr`` and score it; one row with the columns :data:`COLUMNS`."""
         c = self.config
         start = time.perf_counter()
-        spec = {s.adapter: s for s in c.students}.get(key.adapter)
-        if spec is None:
-            raise ValueError(f"no student of adapter kind {key.adapter!r} in the configuration")
-        teacher_spec = c.teacher_spec(key.teacher)
-        _, info = self.teacher(key.teacher)
-        pool_targets, val_targets = self.noisy_targets(info, key.teacher, key.seed)
-        rows = self.pool(key.seed)[:key.n]
-        student = copy.deepcopy(self.base).train(False)
-        options = {"hyper_dim": spec.hyper_dim} if spec.adapter == "hora" else {}
-        inject_adapters(student, spec.adapter, spec.rank, seed=_seed(c, "init", spec.label, key.seed), **options)
-        result = fit_embeddings_adam(
-            student, lambda sub: self.train_data.chunks(rows[sub], c.chunk_size), key.n, pool_targets[:key.n],
-            self.train_data.chunks(self.validation, c.chunk_size), val_targets, lr=lr, batch_size=c.batch_size,
-            max_steps=c.max_steps, eval_every=c.eval_every, patience=c.patience,
-            min_rel_improvement=c.min_rel_improvement,
-            seed=_seed(c, "batches", key.teacher, spec.label, key.n, key.seed))
-        predicted = _embed_all(student, self.test_data, self.test_index, c.chunk_size)
-        test_mse = float((predicted - info.test).pow(2).mean())
-        row = {"teacher": key.teacher, "teacher_label": teacher_spec.label, "teacher_scale": info.scale,
-               "teacher_shift": info.shift, "snr": c.snr, "noise_sd": info.noise_sd, "adapter": spec.adapter,
-               "label": spec.label, "rank": spec.rank, "hyper_dim": spec.hyper_dim,
-               "n_params": trainable_parameters(student)["total"], "n": key.n, "seed": key.seed,
+        setup = self.setup(key)
+        spec, info = setup.spec, setup.info
+        student = self.student(setup)
+        module = student.base_model.model
+        result = self.adam(module, setup, lr)
+        test_mse, test_cosine = self.test_scores(module, info)
+        row = {"teacher": key.teacher, "teacher_label": c.teacher_spec(key.teacher).label,
+               "teacher_scale": info.scale, "teacher_shift": info.shift, "snr": c.snr, "noise_sd": info.noise_sd,
+               "adapter": spec.adapter, "label": spec.label, "rank": spec.rank, "hyper_dim": spec.hyper_dim,
+               "n_params": trainable_count(student), "n": key.n, "seed": key.seed,
                "test_mse": test_mse, "base_test_mse": info.base_test_mse,
-               "relative_test_error": test_mse / info.base_test_mse,
-               "test_cosine": float(nn.functional.cosine_similarity(predicted, info.test, dim=-1).mean()),
+               "relative_test_error": test_mse / info.base_test_mse, "test_cosine": test_cosine,
                "base_test_cosine": info.base_test_cosine, "lr": lr,
-               "base_val_mse": float((self.base_train[self.validation] - val_targets).pow(2).mean()),
+               "base_val_mse": float((self.base_train[self.validation] - setup.val_targets).pow(2).mean()),
                **result, "seconds": time.perf_counter() - start}
         return {name: row[name] for name in COLUMNS}
 

@@ -1,6 +1,6 @@
 """Paired differences with bootstrap intervals for the pretrained-model experiment (issue 21).
 
-Pure functions of the table of :mod:`hmoe_sim.hora.finetune_pretrained` (one row per fit):
+Pure functions of the table of :mod:`hmoe_sim.finetune.pretrained_experiment` (one row per fit):
 for each teacher and training size, the per-seed difference of a metric between a reference
 student and each other student (the same seed shares the training pool, target noise and
 initialisation seed, so the difference is paired), its mean over seeds and a percentile
@@ -16,11 +16,24 @@ import pandas as pd
 
 from hmoe_sim._validation import check_positive_int
 
-__all__ = ["PAIRED_COLUMNS", "bootstrap_mean_ci", "paired_differences", "summary_table"]
+__all__ = ["OPTIMISER_COLUMNS", "PAIRED_COLUMNS", "bootstrap_mean_ci", "paired_differences", "summary_table",
+           "with_optimiser_columns"]
 
 #: the columns of :func:`paired_differences`' table
 PAIRED_COLUMNS = ("teacher", "n", "comparison", "n_seeds", "reference_mean", "other_mean", "mean_diff", "ci_low",
                   "ci_high", "relative_diff", "frac_reference_lower")
+
+
+#: the optimiser-check columns :func:`with_optimiser_columns` adds: (start, stage, metric) of each
+OPTIMISER_COLUMNS = {"check_seeds": ("default", "adam", "n_seeds"),
+                     "check_adam_test_mse": ("default", "adam", "test_mse"),
+                     "polish_train_mse": ("default", "polish", "train_mse"),
+                     "polish_test_mse": ("default", "polish", "test_mse"),
+                     "polish_certified": ("default", "polish", "certified"),
+                     "oracle_train_mse": ("oracle", "adam", "train_mse"),
+                     "oracle_test_mse": ("oracle", "adam", "test_mse"),
+                     "oracle_polish_train_mse": ("oracle", "polish", "train_mse"),
+                     "oracle_polish_test_mse": ("oracle", "polish", "test_mse")}
 
 
 def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 10_000, level: float = 0.95,
@@ -116,3 +129,19 @@ def summary_table(table: pd.DataFrame, *, n_boot: int = 10_000, level: float = 0
                      "converged": float(cell["converged"].astype(bool).mean()),
                      "median_iterations": float(cell["iterations"].median())})
     return pd.DataFrame(rows)
+
+
+def with_optimiser_columns(summary: pd.DataFrame, check: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with the optimiser-check columns of :data:`OPTIMISER_COLUMNS` (NaN where a cell was not checked).
+
+    ``check`` is :func:`hmoe_sim.finetune.optimiser_check.check_summary`'s table: one row per teacher,
+    adapter, n, start and stage. ``check_adam_test_mse`` is the rerun of the table's own fits on the
+    checked seeds (so the polish and oracle columns compare with it seed for seed);
+    ``check_seeds`` how many seeds were checked.
+    """
+    out = summary.copy()
+    keyed = check.set_index(["teacher", "adapter", "n", "start", "stage"])
+    for column, (start, stage, metric) in OPTIMISER_COLUMNS.items():
+        out[column] = [keyed[metric].get((t, a, n, start, stage), float("nan"))
+                       for t, a, n in out[["teacher", "adapter", "n"]].itertuples(index=False)]
+    return out

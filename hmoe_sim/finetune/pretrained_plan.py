@@ -2,7 +2,7 @@
 
 A fit is a :class:`FitKey` ``(teacher, adapter, n, seed)``; the learning-rate pilot is a list of
 ``(key, learning rate)`` on :data:`PILOT_SEED`. These functions only order, filter and choose:
-the fitting is :class:`hmoe_sim.hora.finetune_pretrained.PretrainedExperiment`'s.
+the fitting is :class:`hmoe_sim.finetune.pretrained_experiment.PretrainedExperiment`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ PILOT_SEED = 1_000_000
 
 
 class PlanConfig(Protocol):
-    """What the plan reads of :class:`hmoe_sim.hora.finetune_pretrained.PretrainedFinetuneConfig`
+    """What the plan reads of :class:`hmoe_sim.finetune.pretrained_experiment.PretrainedFinetuneConfig`
     (a protocol, so that this module does not import the experiment that imports it)."""
 
     n_seeds: int
