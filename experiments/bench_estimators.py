@@ -32,6 +32,7 @@ With ``--device cuda`` the batched LM also runs on the CPU in the same run, for 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 
@@ -558,6 +559,9 @@ def main(args: argparse.Namespace) -> None:
         for label in labels:
             kinds[label] = kinds.get(label, 0) + 1
     print(f"    bounds hit (fits per label): {kinds or 'none'}")
+    if hasattr(res, "stop_reasons"):  # libraries since the certificate names the stopping test
+        reasons = collections.Counter(res.stop_reasons)
+        print(f"    stopped by (fits per test): {dict(sorted(reasons.items()))}")
     if args.device == "cpu":
         print(f"    peak memory (process peak RSS after (a)): {_peak_rss_mib():.0f} MiB")
     else:
@@ -678,6 +682,13 @@ def main(args: argparse.Namespace) -> None:
         print(f"CPU time (all threads and processes) strong anchor / batched: {cpu_anchor / cpu_batched:.1f}x")
     print(f"speedup strong anchor (scipy trf, exact Jacobian, {args.threads}-process pool) / batched: "
           f"{t_anchor / t_batched:.1f}x")
+    converged_anchor = sum(int(s[2]) > 0 for s in an)
+    converged_batched = int(res.converged.sum())
+    print(f"time to converged fits (wall s per converged fit; the same starts and tol {args.tol:g}): batched "
+          f"{t_batched / max(converged_batched, 1):.3f} s ({converged_batched}/{B} converged, "
+          f"{total_iter / t_batched:.1f} problem-iterations/s), anchor {t_anchor / max(converged_anchor, 1):.3f} s "
+          f"({converged_anchor}/{B} converged: status > 0); ratio "
+          f"{(t_anchor / max(converged_anchor, 1)) / (t_batched / max(converged_batched, 1)):.1f}x")
 
 
 if __name__ == "__main__":

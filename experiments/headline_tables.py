@@ -3,7 +3,8 @@
 Reads ``per_truth.csv``, ``ensemble.csv`` and ``summary.csv`` of a finished run directory (written by
 ``hmoe-sim sweep`` / ``hmoe-sim report``) and prints: per truth and loss, each structure's slope
 with its CI and verdict, the paired largest-n difference of log loss with its CI; per (H, loss), the
-ensemble comparisons; and the verdict counts. Pure reading and formatting: seconds.
+ensemble comparisons; and the verdict counts. Pure reading and formatting: seconds. ``--axis n_eff``
+reads the rows on the effective sample size n/sigma^2 of a run with a noise ladder (default ``n``).
 
 Usage::
 
@@ -28,19 +29,28 @@ def _slope(row: pd.Series) -> str:
     return f"{row['slope']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
 
 
+def _on_axis(table: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """The rows of ``table`` on ``axis`` (tables written before the column existed are all on n)."""
+    if "axis" not in table:
+        if axis != "n":
+            raise ValueError(f"the table has no axis column (a run without a noise ladder): axis {axis!r} unavailable")
+        return table
+    return table[table["axis"] == axis]
+
+
 def _ci(mid: float, low: float, high: float) -> str:
     return "-" if not np.isfinite(mid) else f"{mid:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
-def per_truth_markdown(run: Path, loss: str) -> str:
+def per_truth_markdown(run: Path, loss: str, axis: str = "n") -> str:
     """Per truth: shared and non-shared slope, verdict, and the paired largest-n difference of log loss."""
     config, results = RunDir(run).read_checked()
-    per_truth = pd.read_csv(run / "per_truth.csv")
+    per_truth = _on_axis(pd.read_csv(run / "per_truth.csv"), axis)
     lines = [f"| H | truth | shared {loss} slope | verdict | non-shared {loss} slope | verdict | "
              f"log {loss} shared - non-shared at the largest n [95% CI] |", "|---|---|---|---|---|---|---|"]
     for h, (shared, nonshared) in structure_pairs(config).items():
         part = per_truth[(per_truth["H"] == h) & (per_truth["loss"] == loss)]
-        diffs, _ = paired_largest_n(results, shared, nonshared, loss)
+        diffs, _ = paired_largest_n(results, shared, nonshared, loss, axis=axis)
         diffs = diffs.set_index("truth")
         for truth in sorted(part["truth"].unique()):
             a = part[(part["truth"] == truth) & (part["series"] == shared)].iloc[0]
@@ -52,9 +62,9 @@ def per_truth_markdown(run: Path, loss: str) -> str:
     return "\n".join(lines)
 
 
-def ensemble_markdown(run: Path) -> str:
+def ensemble_markdown(run: Path, axis: str = "n") -> str:
     """Per (H, loss): verdict pairs, paired comparisons and the ensemble slopes."""
-    ens = pd.read_csv(run / "ensemble.csv")
+    ens = _on_axis(pd.read_csv(run / "ensemble.csv"), axis)
     lines = ["| H | loss | truths | verdict pairs (shared/non-shared) | largest-n difference of log loss, "
              "median over truths [95% CI] | shared below | ensemble slope shared | ensemble slope non-shared |",
              "|---|---|---|---|---|---|---|---|"]
@@ -69,9 +79,9 @@ def ensemble_markdown(run: Path) -> str:
     return "\n".join(lines)
 
 
-def protocol_markdown(run: Path) -> str:
+def protocol_markdown(run: Path, axis: str = "n") -> str:
     """Per series: fits at the cap, how often the kept start was a random one, the ladder exponents."""
-    rates = pd.read_csv(run / "rates.csv")
+    rates = _on_axis(pd.read_csv(run / "rates.csv"), axis)
     summary = pd.read_csv(run / "summary.csv")
     noisy = summary[summary["control"].fillna("") == ""]
     lines = ["| series | noisy fits | converged | at max_iter | best start random | D1 ladder exponent "
@@ -96,15 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished truth-ensemble run directory")
     parser.add_argument("--losses", nargs="+", default=["D1", "L2"])
+    parser.add_argument("--axis", choices=["n", "n_eff"], default="n", help="rows on n or on n/sigma^2")
     args = parser.parse_args(argv)
     for loss in args.losses:
         print(f"\n### per truth, {loss}\n")
-        print(per_truth_markdown(args.run, loss))
+        print(per_truth_markdown(args.run, loss, args.axis))
     print("\n### ensemble\n")
-    print(ensemble_markdown(args.run))
+    print(ensemble_markdown(args.run, args.axis))
     print("\n### protocol\n")
-    print(protocol_markdown(args.run))
-    verdicts = pd.read_csv(args.run / "per_truth.csv").groupby(["series", "loss"])["verdict"].value_counts()
+    print(protocol_markdown(args.run, args.axis))
+    per_truth = _on_axis(pd.read_csv(args.run / "per_truth.csv"), args.axis)
+    verdicts = per_truth.groupby(["series", "loss"])["verdict"].value_counts()
     print("\n### verdict counts\n")
     print(verdicts.to_string())
 

@@ -30,8 +30,9 @@ loss (Voronoi losses D1, D2 and the L2 error) as the slope of log loss on log n;
 EPILOG = """\
 Configuration reference (every key with its type, default and meaning):
 experiments/configs/README.md. Exit status: 0 success, 2 bad input or a failed check (one line
-on stderr; --debug adds the traceback), 1 an unexpected error, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM); an interrupted sweep keeps its finished cells and resumes when rerun."""
+on stderr; --debug adds the traceback), 1 lost workers or dask scheduler (one line) or an
+unexpected error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted or
+stopped sweep keeps its finished cells and resumes when rerun."""
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -68,7 +69,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
-    from hmoe_sim.plotting import plot_forest, plot_rate_panels
+    """Draw the run's figure and write it to ``target`` (default ``DIR/<name>.png``) through a temporary file
+    (:func:`hmoe_sim.files.atomic_write`: never through a symbolic link); the format follows the suffix.
+
+    A run with a noise ladder (``summary.csv`` has ``n_eff``) is drawn on n/sigma^2: a single truth
+    as loss against n/sigma^2, a truth ensemble as the forest of upper-half slopes on n/sigma^2,
+    with the loss against n/sigma^2 per truth beside it in ``<stem>_losses.<suffix>``.
+    """
+    from hmoe_sim.files import atomic_write
+    from hmoe_sim.plotting import plot_forest, plot_neff_panels, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
     from hmoe_sim.sweep.storage import ENSEMBLE_FILE, PER_TRUTH_FILE, SUMMARY_FILE
@@ -78,25 +87,39 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     fingerprint = run.stored_fingerprint()
     rates = run.read_rates(fingerprint, _note)
     run.check_table(SUMMARY_FILE, fingerprint, _note)
-    target = run_dir / f"{config.name}.png" if target is None else target
+    target = run.figure_path(config.name) if target is None else target
+    image_format = target.suffix.lstrip(".").lower() or "png"
+    summary = summary_table(results, config)
+    ladder = "n_eff" in summary
+    structures = {s.name: s.structure for s in config.series if s.structure}
     per_truth = run.path / PER_TRUTH_FILE
     if len(config.truth_seeds) > 1 and per_truth.is_file():
         run.check_table(PER_TRUTH_FILE, fingerprint, _note)
         title = (f"{config.name}: {len(config.truth_seeds)} truths of {config.truth.preset}, "
-                 f"{config.replications} replications per n")
+                 f"{config.replications} replications per " + ("(n, σ)" if ladder else "n"))
         table = pd.read_csv(per_truth).drop(columns=["fingerprint"], errors="ignore")
         ensemble = None
         if (run.path / ENSEMBLE_FILE).is_file():
             run.check_table(ENSEMBLE_FILE, fingerprint, _note)
             ensemble = pd.read_csv(run.path / ENSEMBLE_FILE)
         fig = plot_forest(table, [c for c in ("D1", "L2") if c in loss_columns(config)], title=title,
-                          ensemble=ensemble)
+                          ensemble=ensemble, upper=ladder, axis="n_eff" if ladder else "n")
+        if ladder:
+            losses = plot_neff_panels(summary, rates, [c for c in ("D1", "L2") if c in loss_columns(config)],
+                                      structures=structures, title=title)
+            atomic_write(target.with_name(f"{target.stem}_losses{target.suffix}"),
+                         lambda f: losses.savefig(f, format=image_format, dpi=110))
+    elif ladder:
+        title = (f"{config.name}: {config.truth.preset}, {config.replications} replications per (n, σ); "
+                 "loss against n/σ²")
+        fig = plot_neff_panels(summary, rates, loss_columns(config), structures=structures, title=title)
     else:
-        summary = summary_table(results, config)
         title = f"{config.name}: {config.truth.preset}, {config.replications} replications per n"
-        fig = plot_rate_panels(summary, rates, loss_columns(config), title=title)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
+        fig = plot_rate_panels(summary, rates, loss_columns(config), title=title, structures=structures)
+    if image_format not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"figure {str(target)!r}: unknown image format {image_format!r}; use one of "
+                         f"{sorted(fig.canvas.get_supported_filetypes())}")
+    atomic_write(target, lambda f: fig.savefig(f, format=image_format, dpi=110))
     return target
 
 
@@ -120,8 +143,11 @@ def _report_text(rates: pd.DataFrame, summary: pd.DataFrame, boundary: pd.DataFr
         summary = summary.assign(n_at_max_iter=0)
     counts = summary.groupby("series", sort=False)[["n_fits", "n_flagged", "n_on_boundary", "n_worse_than_truth",
                                                     "n_at_max_iter"]].sum()
+    on_neff = "axis" in rates and bool((rates["axis"] == "n_eff").any())
     lines = ["rates (slope of log loss on log n, bootstrap CI; flagged fits excluded from the main slope; "
-             "sensitivity: slope_all over every fit of finite loss, *_inside over fits strictly inside the box):",
+             "sensitivity: slope_all over every fit of finite loss, *_inside over fits strictly inside the box"
+             + ("; axis n_eff: on log n/sigma^2 over every (n, sigma), the n rows at the largest sigma, "
+                "equivalence_diff: the worst matched pair of sizes at equal n/sigma^2" if on_neff else "") + "):",
              format_rates(rates), "",
              "fits per series: " + ", ".join(
                  f"{s}: {int(r.n_fits)} ({int(r.n_flagged)} flagged: diverged or on the boundary at an excluded "
@@ -238,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and failed checks (``ValueError``, ``OSError``), 1 for anything unexpected; ``--debug``
     adds the traceback. Ctrl-C ends with 130, SIGTERM during a sweep with 143.
     """
-    from hmoe_sim.sweep.runner import SweepInterrupted
+    from hmoe_sim.sweep.runner import SweepAborted, SweepInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -248,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepInterrupted as err:
         print(f"hmoe-sim: {err}", file=sys.stderr)
         return 128 + int(err.signal_number)
+    except SweepAborted as err:  # lost workers or scheduler: what happened, not an internal error
+        if debug:
+            traceback.print_exc()
+        print(f"hmoe-sim: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hmoe-sim: interrupted", file=sys.stderr)
         return 128 + int(signal.SIGINT)

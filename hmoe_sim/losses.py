@@ -34,10 +34,15 @@ import torch
 
 from hmoe_sim._validation import check_choice, check_finite_tensor, check_positive_float, check_positive_int
 from hmoe_sim.data import X_DISTRIBUTIONS, draw_inputs
+from hmoe_sim.estimators.bounds import Bounds
 from hmoe_sim.models.base import MixtureModel, Params
 
 __all__ = [
+    "ATOM_PARAMETERS",
     "LOSS_KINDS",
+    "atoms_at_box",
+    "d1_sources",
+    "d1_sources_for",
     "voronoi_loss",
     "voronoi_losses_for",
     "atom_blocks",
@@ -46,6 +51,9 @@ __all__ = [
 ]
 
 LOSS_KINDS = ("D1", "D2")
+#: parameter names that belong to one atom each (their leading entries run over the atoms in
+#: ``mixing_measure`` order): the gate intercept, gate slope and expert, and a shared HMoE's code
+ATOM_PARAMETERS = ("beta0", "beta1", "a", "b", "z")
 
 
 def _as_tensor(name: str, value: Any, *, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,7 +148,9 @@ def voronoi_loss(
     breakdown : dict, only with ``return_breakdown=True``
         ``cell_size (*batch, k*)``, ``mass_error (*batch, k*)`` (signed:
         ``sum_{i in V_j} w_i - w*_j``), ``location (*batch, k*)`` (the weighted location
-        terms of cell ``j``) and ``assignment (*batch, k)`` (the cell of each fitted atom).
+        terms of cell ``j``), ``assignment (*batch, k)`` (the cell of each fitted atom) and
+        ``atom_location (*batch, k)`` (the weighted location term of each fitted atom; its sum
+        over the atoms of cell ``j`` is ``location[..., j]``).
 
     Raises
     ------
@@ -196,10 +206,107 @@ def voronoi_loss(
         loss = loss.numpy()
     if not return_breakdown:
         return loss
-    breakdown = {"cell_size": cell_size, "mass_error": mass_error, "location": location, "assignment": assign}
+    breakdown = {"cell_size": cell_size, "mass_error": mass_error, "location": location, "assignment": assign,
+                 "atom_location": per_atom}
     if numpy_out:
         breakdown = {key: v.numpy() for key, v in breakdown.items()}
     return loss, breakdown
+
+
+def d1_sources(
+    weights: Any,
+    atoms: Any,
+    true_weights: Any,
+    true_atoms: Any,
+    at_box: Any,
+    *,
+    groups: Any = None,
+    true_groups: Any = None,
+    blocks: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Where ``D1`` comes from: its mass, location and box terms, which add up to it.
+
+    ``D1 = mass + location + box`` (module docstring): ``mass`` is the sum over true atoms of
+    the cell mass errors ``|sum_{i in V_j} w_i - w*_j|`` (an empty cell: its whole true mass);
+    ``box`` is the sum of the weighted location terms of the fitted atoms flagged in ``at_box``
+    (atoms whose own parameters end at the box, :func:`atoms_at_box`); ``location`` the weighted
+    location terms of every other fitted atom. Each atom keeps the exponent its cell gives it
+    (squared distances in a multi-atom cell), so the split is exact. The mass term is a
+    property of a cell, not of an atom, and is not split by the box.
+
+    Parameters
+    ----------
+    weights, atoms, true_weights, true_atoms, groups, true_groups, blocks
+        As for :func:`voronoi_loss`.
+    at_box : array or tensor of bool
+        ``(*batch, k)``: fitted atoms at the box.
+
+    Returns
+    -------
+    dict
+        ``{"D1", "mass", "location", "box"}``, each ``(*batch,)``; numpy in gives numpy out
+        (float64), torch in gives torch out, as :func:`voronoi_loss`.
+
+    Raises
+    ------
+    ValueError
+        ``at_box`` does not have the shape of ``weights``, or any error of :func:`voronoi_loss`.
+    """
+    loss, parts = voronoi_loss(weights, atoms, true_weights, true_atoms, kind="D1", groups=groups,
+                               true_groups=true_groups, blocks=blocks, return_breakdown=True)
+    numpy_out = not isinstance(weights, torch.Tensor)
+    per_atom = torch.as_tensor(parts["atom_location"])
+    box_mask = torch.as_tensor(np.asarray(at_box) if not isinstance(at_box, torch.Tensor) else at_box)
+    if box_mask.shape != per_atom.shape:
+        raise ValueError(f"at_box has shape {tuple(box_mask.shape)}; expected {tuple(per_atom.shape)}, one flag per "
+                         "fitted atom")
+    if box_mask.dtype != torch.bool:
+        raise TypeError(f"at_box must be boolean, got dtype {box_mask.dtype}")
+    box_mask = box_mask.to(per_atom.device)
+    box = torch.where(box_mask, per_atom, torch.zeros_like(per_atom)).sum(-1)
+    out = {"D1": torch.as_tensor(loss), "mass": torch.as_tensor(parts["mass_error"]).abs().sum(-1),
+           "location": torch.where(box_mask, torch.zeros_like(per_atom), per_atom).sum(-1), "box": box}
+    return {k: v.numpy() for k, v in out.items()} if numpy_out else out
+
+
+def atoms_at_box(model: MixtureModel, params: Params, bounds: Bounds) -> torch.Tensor:
+    """``(*batch, k)`` bool: fitted atoms one of whose own parameters ends at the box.
+
+    An atom's own parameters are the entries of :data:`ATOM_PARAMETERS` (``beta0, beta1, a, b``
+    and a shared HMoE's code ``z``) at its index, in the order of ``model.mixing_measure``; an
+    entry is at the box as :meth:`~hmoe_sim.estimators.Bounds.at_bounds` says (within
+    ``boundary_tol`` of a finite bound). Parameters that every atom shares (a shared HMoE's
+    ``W1, W2, w3``, the head gate) belong to no atom: at the box they move every atom and are
+    reported by the fit's ``boundary_params``, not here.
+    """
+    batch = model.batch_shape(params, check_finite=False)
+    k = model.n_atoms
+    hit = torch.zeros(*batch, k, dtype=torch.bool, device=next(iter(params.values())).device)
+    for name, shape in model.param_shapes().items():
+        if name not in ATOM_PARAMETERS:
+            continue
+        value = params[name].reshape(*batch, math.prod(shape))
+        low, high = bounds.limits_for(name)
+        lo = torch.full_like(value, low)
+        hi = torch.full_like(value, high)
+        at_lo, at_hi = bounds.at_bounds(value, lo, hi)
+        per_atom = math.prod(shape) // k
+        hit |= (at_lo | at_hi).reshape(*batch, k, per_atom).any(-1)
+    return hit
+
+
+def d1_sources_for(model: MixtureModel, params: Params, true_model: MixtureModel, truth: Params,
+                   bounds: Bounds) -> dict[str, torch.Tensor]:
+    """:func:`d1_sources` of fitted parameters against the truth, batched over ``params``.
+
+    The measures and cells are those of :func:`voronoi_losses_for`; the atoms at the box are
+    :func:`atoms_at_box` under ``bounds`` (the fit's box).
+    """
+    mm = model.mixing_measure(params)
+    like = mm.weights
+    tm = true_model.mixing_measure(true_model.cast(truth, device=like.device, dtype=like.dtype))
+    return d1_sources(mm.weights, mm.atoms, tm.weights, tm.atoms, atoms_at_box(model, params, bounds),
+                      groups=mm.groups, true_groups=tm.groups, blocks=atom_blocks(model))
 
 
 def atom_blocks(model: MixtureModel) -> tuple[int, int, int]:

@@ -12,20 +12,51 @@ of the slope (and of ``tau``) is a percentile bootstrap that resamples the repli
 *within* each sample size, keeping the design (the set of ``n`` and the count per ``n``)
 fixed, as a repeated simulation would.
 
+The same fit serves the effective sample size ``n_eff = n / sigma^2`` of a noise ladder
+(:data:`AXES`): there the bootstrap resamples within each (n, sigma) cell (``cells``), two sizes
+that reach the same ``n_eff`` are compared by :func:`matched_pairs` (the difference of their median
+log losses), and :func:`rate_verdict` gives ``not-equivalent`` when a pair in the upper range
+(:func:`upper_range`) disagrees beyond :data:`EQUIVALENCE_MARGIN` (paper_notes/07).
+
 Theorem reference rates (theory.md section 4) are named constants:
 :data:`RATE_PARAMETRIC` (``n^-1/2``, singleton-cell parameters, fast case),
 :data:`RATE_OVERSPECIFIED` (``n^-1/4``, atoms of multi-atom cells) and
 :func:`parametric_log_rate` (``(log n / n)^1/2``, the regression function).
 """
-
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from hmoe_sim._validation import check_choice, check_positive_float, check_positive_int
+from hmoe_sim.equivalence import (  # noqa: F401  (re-exported: the n_eff axis beside the rates)
+    AXES,
+    AXIS_RTOL,
+    EQUIVALENCE_MARGIN,
+    MatchedPair,
+    beyond_margin,
+    format_pairs,
+    matched_pairs,
+    merge_axis_values,
+    upper_range,
+    worst_pair,
+)
+from hmoe_sim.verdicts import (  # noqa: F401  (re-exported: the verdict of a rate)
+    FLOOR_NEAR,
+    FLOOR_TOLERANCE,
+    MIN_CONVERGED_FRACTION,
+    MIN_DECADES,
+    MIN_SIZES,
+    ROUND_OFF_FRACTION,
+    SPREAD_LIMIT,
+    VERDICTS,
+    SeriesEvidence,
+    Verdict,
+    above_round_off,
+    rate_verdict,
+)
 
 __all__ = [
     "RATE_PARAMETRIC",
@@ -48,8 +79,17 @@ __all__ = [
     "rate_verdict",
     "perturbation_exponent",
     "ladder_exponent",
+    "AXES",
+    "AXIS_RTOL",
+    "EQUIVALENCE_MARGIN",
+    "MatchedPair",
+    "merge_axis_values",
+    "upper_range",
+    "matched_pairs",
+    "worst_pair",
+    "beyond_margin",
+    "format_pairs",
 ]
-
 #: exponent of ``n^-1/2`` (parametric rate)
 RATE_PARAMETRIC = -0.5
 #: exponent of ``n^-1/4`` (over-specified atoms in multi-atom cells)
@@ -159,7 +199,8 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return slope, intercept, (resid * resid).sum(-1)
 
 
-def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> RateFit:
+def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+             cells: Any = None) -> RateFit:
     """Fit ``loss ~ C n^slope`` (with a bootstrap interval) and ``loss ~ C' / log(n)^tau``.
 
     Parameters
@@ -174,6 +215,11 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
         Confidence level of the percentile intervals.
     seed : int, default 0
         Seed of the bootstrap.
+    cells : array-like, optional
+        ``(m,)`` label of each fit's design cell: the bootstrap resamples the fits within each
+        cell (default: within each ``n``). On the effective-sample-size axis ``n`` is ``n/sigma^2``
+        and a cell is one ``(n, sigma)``, so that two sizes that reach the same ``n/sigma^2``
+        are resampled separately, as a repeated simulation would draw them.
 
     Returns
     -------
@@ -203,19 +249,26 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
     if not level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
 
+    if cells is None:
+        cell_arr = n_arr
+    else:
+        cell_arr = np.asarray(cells)
+        if cell_arr.shape != n_arr.shape:
+            raise ValueError(f"cells must have the shape of n {n_arr.shape}, got {cell_arr.shape}")
+
     order = np.argsort(n_arr, kind="stable")
-    n_arr, y = n_arr[order], np.log(y_raw[order])
+    n_arr, y, cell_arr = n_arr[order], np.log(y_raw[order]), cell_arr[order]
     x_pow, x_log = np.log(n_arr), np.log(np.log(n_arr))
     slope, intercept, rss_pow = _ols(x_pow, y)
     neg_tau, log_c, rss_log = _ols(x_log, y)
 
     rng = np.random.default_rng(seed)
     idx = np.empty((n_boot, n_arr.size), dtype=np.int64)
-    start = 0
-    for size in sizes:
-        count = int(np.sum(n_arr == size))
-        idx[:, start:start + count] = start + rng.integers(0, count, size=(n_boot, count))
-        start += count
+    # cells in order of first appearance along sorted n (for the default cells: ascending n, each contiguous)
+    _, first = np.unique(cell_arr, return_index=True)
+    for start in np.sort(first):
+        rows = np.flatnonzero(cell_arr == cell_arr[start])
+        idx[:, rows] = rows[rng.integers(0, rows.size, size=(n_boot, rows.size))]
     y_boot = y[idx]
     boot_slope, _, _ = _ols(x_pow, y_boot)
     boot_tau = -_ols(x_log, y_boot)[0]
@@ -231,201 +284,6 @@ def fit_rate(n: Any, loss: Any, *, n_boot: int = 2000, level: float = 0.95, seed
     )
 
 
-#: verdicts, in the order they are tested (the first that applies is given)
-VERDICTS = ("unchecked", "optimisation-limited", "no-decay", "short-range", "pre-asymptotic",
-            "noise-free-artefact", "set-valued", "floor", "rate")
-#: a control loss at or below this fraction of the noisy loss (same n) has fallen to round-off.
-#: Round-off of a loss is not float64 epsilon: on a second-order flat direction a fit that
-#: reproduces ``f*`` to 1e-16 leaves its atoms 1e-8 off, so D2 (first power of distances) sits at
-#: 1e-8 to 1e-6 of the noisy level while D1 (squared) sits at 1e-14. Controls stopped by their
-#: start sit at 3e-4 (perturbation 0.01) and above. The line lies two decades from either.
-ROUND_OFF_FRACTION = 1e-5
-#: identification spread ``median (max - min) / best`` above which the estimate is set-valued
-SPREAD_LIMIT = 0.5
-#: a loss floor at or below this is round-off of an exact zero (losses are of order one at the truths' scales)
-FLOOR_TOLERANCE = 1e-10
-#: at least this fraction of the kept noisy fits must have converged (and as many not be worse than the truth)
-MIN_CONVERGED_FRACTION = 0.8
-#: a rate needs at least this many sample sizes ...
-MIN_SIZES = 4
-#: ... spanning at least this many decades of n
-MIN_DECADES = 1.0
-#: a noisy loss within this factor of a positive class floor (at the largest n) is "near the floor"
-FLOOR_NEAR = 10.0
-
-
-def _above_round_off(level: float, noisy_level: float) -> bool:
-    """Whether a control ``level`` lies above the round-off line of the noisy loss (False for NaN)."""
-    return bool(np.isfinite(level) and level > ROUND_OFF_FRACTION * noisy_level)
-
-
-def _inside(value: float, low: float, high: float) -> bool:
-    return bool(np.isfinite(value) and np.isfinite(low) and np.isfinite(high) and low <= value <= high)
-
-
-def _ci(low: float, high: float) -> str:
-    return f"[{low:+.2f}, {high:+.2f}]"
-
-
-@dataclass(frozen=True)
-class SeriesEvidence:
-    """Everything :func:`rate_verdict` reads about one (truth, series, loss) row of ``rates.csv``.
-
-    Attributes
-    ----------
-    has_control : bool
-        A noise-free control of the series was fitted.
-    truth_free_starts : bool
-        The estimate was chosen among starts that include truth-free (random) ones, or the series'
-        protocol *is* its start (``protocol_start``).
-    protocol_start : bool
-        The start and the iteration budget are the protocol under test (e.g. the papers' SGD):
-        such a series is judged by its control and never by its convergence.
-    slope, ci_low, ci_high : float
-        The noisy slope over the whole range and its CI.
-    n_sizes : int
-        Distinct sample sizes with a usable fit.
-    n_min, n_max : float
-        Smallest and largest of them.
-    upper_ci_low, upper_ci_high : float
-        CI of the slope over the upper half of the n grid.
-    converged_fraction : float
-        Fraction of the kept noisy fits whose optimiser reported convergence.
-    worse_fraction : float
-        Fraction of the noisy fits whose empirical risk exceeds the truth's on the same data by
-        more than the near-optimal margin (the optimiser missed a better point it could see).
-    control_ci_low, control_ci_high : float
-        CI of the noise-free control's slope.
-    control_level, noisy_level : float
-        Median control loss and median noisy loss at the largest n.
-    loss_floor : float
-        Largest loss over the exact representations of the truth in the fitted class
-        (:func:`hmoe_sim.identifiability.loss_floor`): positive when the class does not identify
-        the parameters through ``f``.
-    spread_ratio : float
-        Median over fits of ``(max - min) / best`` loss over the near-optimal starts.
-    worst_ci_low, worst_ci_high : float
-        CI of the slope of the largest near-optimal loss.
-    """
-
-    has_control: bool
-    truth_free_starts: bool
-    slope: float
-    ci_low: float
-    ci_high: float
-    n_sizes: int
-    n_min: float
-    n_max: float
-    upper_ci_low: float
-    upper_ci_high: float
-    converged_fraction: float
-    worse_fraction: float
-    control_ci_low: float
-    control_ci_high: float
-    control_level: float
-    noisy_level: float
-    loss_floor: float
-    spread_ratio: float
-    worst_ci_low: float
-    worst_ci_high: float
-    protocol_start: bool = False
-
-
-class Verdict(NamedTuple):
-    """A verdict of :data:`VERDICTS` and, in words, the evidence that decided it."""
-
-    verdict: str
-    evidence: str
-
-
-def _optimisation(e: SeriesEvidence) -> str:
-    if e.protocol_start:
-        return ""
-    if not (np.isfinite(e.converged_fraction) and e.converged_fraction >= MIN_CONVERGED_FRACTION):
-        return (f"{e.converged_fraction:.0%} of the kept noisy fits converged "
-                f"(needs {MIN_CONVERGED_FRACTION:.0%})")
-    if not (np.isfinite(e.worse_fraction) and e.worse_fraction <= 1 - MIN_CONVERGED_FRACTION):
-        return (f"{e.worse_fraction:.0%} of the noisy fits end worse than the truth beyond the near-optimal margin "
-                f"(at most {1 - MIN_CONVERGED_FRACTION:.0%} allowed)")
-    return ""
-
-
-def rate_verdict(e: SeriesEvidence) -> Verdict:
-    """Whether a fitted slope is a statistical rate: the first of :data:`VERDICTS` that applies.
-
-    1. ``unchecked``: no noise-free control, or no truth-free start (only near-truth starts, whose
-       result a start perturbation alone can move), or no slope could be fitted;
-    2. ``optimisation-limited``: fewer than 80% of the kept noisy fits converged, or more than 20%
-       end worse than the truth beyond the near-optimal margin (skipped for a series whose
-       protocol is its start, ``protocol_start``);
-    3. ``no-decay``: the slope's CI reaches 0 or above, or is not finite;
-    4. ``short-range``: fewer than :data:`MIN_SIZES` sizes, or less than :data:`MIN_DECADES`
-       decade of n;
-    5. ``pre-asymptotic``: the CIs of the whole-range slope and of the upper-half slope do not
-       overlap (or the upper half has no CI): the loss is still bending over the range;
-    6. ``noise-free-artefact``: the slope lies inside the noise-free control's CI and the
-       control has not fallen to round-off (``control_level > 1e-5 * noisy_level``): the
-       protocol makes the slope, not the noise;
-    7. ``set-valued``: the near-optimal starts (random ones included) disagree
-       (``spread_ratio > 0.5``), or the worst near-optimal loss has a CI that reaches 0, or the
-       noise-free control stays above round-off without decaying (its CI reaches 0): without
-       noise the estimator lands on a set of exact representations, not on the truth;
-    8. ``floor``: the class has a positive floor (``loss_floor > 1e-10``) and the noisy loss at
-       the largest n is within a factor :data:`FLOOR_NEAR` of it;
-    9. ``rate``: none of the above.
-
-    Parameters
-    ----------
-    e : SeriesEvidence
-        The row's evidence.
-
-    Returns
-    -------
-    Verdict
-        ``(verdict, evidence)``; ``evidence`` names the test that decided and its numbers.
-    """
-    if not e.has_control:
-        return Verdict("unchecked", "no noise-free control was fitted")
-    if not e.truth_free_starts:
-        return Verdict("unchecked", "no truth-free (random) start: the estimate depends on the near-truth start")
-    if not np.isfinite(e.slope):
-        return Verdict("unchecked", "no slope could be fitted (fewer than two sizes with usable fits)")
-    why = _optimisation(e)
-    if why:
-        return Verdict("optimisation-limited", why)
-    if not (np.isfinite(e.ci_low) and np.isfinite(e.ci_high) and e.ci_high < 0.0):
-        return Verdict("no-decay", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)}: the CI reaches 0")
-    decades = float(np.log10(e.n_max / e.n_min)) if e.n_min > 0 else 0.0
-    if e.n_sizes < MIN_SIZES or decades < MIN_DECADES - 1e-9:
-        return Verdict("short-range", f"{e.n_sizes} sizes over {decades:.2f} decades of n "
-                                      f"(needs {MIN_SIZES} over {MIN_DECADES:g})")
-    upper_known = bool(np.isfinite(e.upper_ci_low) and np.isfinite(e.upper_ci_high))
-    if not upper_known or e.upper_ci_high < e.ci_low or e.upper_ci_low > e.ci_high:
-        return Verdict("pre-asymptotic", f"whole-range CI {_ci(e.ci_low, e.ci_high)} and upper-half CI "
-                                         f"{_ci(e.upper_ci_low, e.upper_ci_high)} do not overlap")
-    above_round_off = _above_round_off(e.control_level, e.noisy_level)
-    if above_round_off and _inside(e.slope, e.control_ci_low, e.control_ci_high):
-        return Verdict("noise-free-artefact",
-                       f"slope {e.slope:+.2f} inside the noise-free control's CI "
-                       f"{_ci(e.control_ci_low, e.control_ci_high)}, control at {e.control_level:.2g} "
-                       f"(noisy {e.noisy_level:.2g}), above round-off")
-    if np.isfinite(e.spread_ratio) and e.spread_ratio > SPREAD_LIMIT:
-        return Verdict("set-valued", f"near-optimal starts disagree: spread ratio {e.spread_ratio:.2g} "
-                                     f"> {SPREAD_LIMIT:g}")
-    if np.isfinite(e.worst_ci_low) and not (np.isfinite(e.worst_ci_high) and e.worst_ci_high < 0.0):
-        return Verdict("set-valued", f"the worst near-optimal loss does not decay: CI "
-                                     f"{_ci(e.worst_ci_low, e.worst_ci_high)}")
-    if above_round_off and not (np.isfinite(e.control_ci_high) and e.control_ci_high < 0.0):
-        return Verdict("set-valued", f"without noise the fits stay at {e.control_level:.2g} (control CI "
-                                     f"{_ci(e.control_ci_low, e.control_ci_high)} reaches 0): the estimator "
-                                     "lands on a set, not a point")
-    if np.isfinite(e.loss_floor) and e.loss_floor > FLOOR_TOLERANCE and e.noisy_level <= FLOOR_NEAR * e.loss_floor:
-        return Verdict("floor", f"noisy loss {e.noisy_level:.2g} at n = {e.n_max:.0f} within {FLOOR_NEAR:g}x of "
-                                f"the class floor {e.loss_floor:.2g}")
-    return Verdict("rate", f"slope {e.slope:+.2f} {_ci(e.ci_low, e.ci_high)} over {e.n_sizes} sizes "
-                           f"({decades:.1f} decades), upper-half CI overlaps; control "
-                           + ("at round-off" if not above_round_off else
-                              f"slope CI {_ci(e.control_ci_low, e.control_ci_high)} excludes it"))
 
 
 def perturbation_exponent(perturbations: Any, levels: Any) -> float:
@@ -490,6 +348,6 @@ def ladder_exponent(perturbations: Any, levels: Any, noisy_level: float) -> floa
         raise ValueError(f"perturbations and levels must be 1-D of equal, positive length, got shapes "
                          f"{p.shape} and {v.shape}")
     widest = float(v[int(np.argmax(p))])
-    if not _above_round_off(widest, noisy_level):
+    if not above_round_off(widest, noisy_level):
         return float("nan")
     return perturbation_exponent(p, v)

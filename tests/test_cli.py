@@ -53,7 +53,8 @@ def test_sweep_plot_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 8 and set(results["series"]) == {"shared", "nonshared"}
     rates = pd.read_csv(out / "rates.csv")
-    assert list(rates.columns[:8]) == ["truth", "series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max"]
+    assert list(rates.columns[:9]) == ["truth", "series", "loss", "axis", "slope", "ci_low", "ci_high", "n_min",
+                                       "n_max"]
     assert "verdict" in rates and (rates["verdict"] == "unchecked").all()  # no control, one start
     assert {"rss_power", "rss_log", "preferred"} <= set(rates.columns)
     assert len(rates) == 2 * 3

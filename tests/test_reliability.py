@@ -137,7 +137,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path: Path
     out.mkdir()
     (out / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                              "started": "2020-01-01T00:00:00+00:00"}))
-    leftover = out / ".results.parquet.0123456789ab.tmp"
+    leftover = out / f".results.parquet.hmoe-sim-{dead.pid}-0123456789ab.tmp"
     leftover.write_bytes(b"half a file")
     messages: list[str] = []
     outcome = run_sweep(config_of(SMALL), out, progress=False, log=messages.append)
@@ -264,7 +264,9 @@ def test_cell_spec_holds_what_determines_a_cell_and_nothing_else():
     cell = plan_cells(config)[0]
     spec = cell_spec(config, cell)
     json.dumps(spec)
-    assert set(spec["cell"]) == {f.name for f in dataclasses.fields(Cell)}  # fields added later enter too
+    # fields added later enter too; a noise level only when the cell has one (older cells keep their hashes)
+    assert set(spec["cell"]) == {f.name for f in dataclasses.fields(Cell)} - {"sigma"}
+    assert cell_spec(config, dataclasses.replace(cell, sigma=0.01))["cell"]["sigma"] == 0.01
     assert (spec["cell"]["series"], spec["cell"]["n"], spec["cell"]["reps"]) == (cell.series, cell.n, list(cell.reps))
     assert spec["schema"] == CELL_SCHEMA_VERSION and spec["version"] == __version__
     assert "name" not in spec["series"] and spec["series"]["structure"] == "shared"
@@ -669,7 +671,7 @@ def test_written_files_respect_the_umask(tmp_path: Path, umask: int):
     before = os.umask(umask)
     try:
         run_sweep(config_of(SMALL), tmp_path / "run", progress=False, log=quiet)
-        atomic_write(tmp_path / "one.txt", lambda p: p.write_text("x"))
+        atomic_write(tmp_path / "one.txt", lambda f: f.write(b"x"))
     finally:
         os.umask(before)
     modes = _modes(tmp_path / "run")
@@ -876,6 +878,6 @@ def test_atomic_write_names_the_target_not_the_temporary_file(tmp_path: Path):
     target = tmp_path / "x.csv"
     target.mkdir()
     with pytest.raises(OSError) as info:
-        atomic_write(target, lambda p: p.write_text("1"))
+        atomic_write(target, lambda f: f.write(b"1"))
     assert info.value.filename == str(target)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -168,14 +168,14 @@ def test_seed_and_seeds_are_exclusive():
 def test_atomic_write_leaves_no_partial_file(tmp_path: Path):
     target = tmp_path / "x.txt"
 
-    def broken(p: Path) -> None:
-        p.write_text("half")
+    def broken(f) -> None:
+        f.write(b"half")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
         atomic_write(target, broken)
     assert not target.exists() and list(tmp_path.iterdir()) == []
-    atomic_write(target, lambda p: p.write_text("whole"))
+    atomic_write(target, lambda f: f.write(b"whole"))
     assert target.read_text() == "whole"
 
 

@@ -65,6 +65,14 @@ CASES = [
     ({"loss_floor": 1e-6}, "rate"),
     # a floor at round-off (2e-16 from duplicated codes) is an exact zero
     ({"loss_floor": 2e-16, "noisy_level": 1e-15}, "rate"),
+    # two sizes at the same n_eff: a factor sqrt(10) apart (loss ~ sigma), the CI beyond log 2
+    ({"axis": "n_eff", "equivalence_diff": 1.15, "equivalence_ci_low": 0.9, "equivalence_ci_high": 1.4},
+     "not-equivalent"),
+    ({"axis": "n_eff", "equivalence_diff": -1.15, "equivalence_ci_low": -1.4, "equivalence_ci_high": -0.9},
+     "not-equivalent"),
+    # a difference beyond log 2 whose CI reaches inside the margin is not evidence against equivalence
+    ({"axis": "n_eff", "equivalence_diff": 0.9, "equivalence_ci_low": 0.5, "equivalence_ci_high": 1.3}, "rate"),
+    ({"axis": "n_eff", "equivalence_diff": 0.05, "equivalence_ci_low": -0.2, "equivalence_ci_high": 0.3}, "rate"),
 ]
 
 

@@ -15,8 +15,9 @@ from hmoe_sim.estimators._gram import factor_gram, pair_products, sample_blocked
 from hmoe_sim.models.base import MixtureModel
 from hmoe_sim.models.flat import Piece, assemble_columns
 
-__all__ = ["KhatriRaoLayout", "Linearization", "Problem", "SolverOutput", "autograd_value_and_jacobian",
-           "gradient_small", "khatri_rao_layout", "normal_equations", "projected_gradient", "risk_and_gradient"]
+__all__ = ["CONVERGED_REASONS", "STOP_REASONS", "KhatriRaoLayout", "Linearization", "Problem", "SolverOutput",
+           "autograd_value_and_jacobian", "gradient_small", "khatri_rao_layout", "normal_equations",
+           "projected_gradient", "risk_and_gradient", "stop_code"]
 
 
 @dataclass
@@ -429,13 +430,31 @@ def gradient_small(grad: torch.Tensor, theta: torch.Tensor, lo: torch.Tensor, hi
     return projected_gradient(grad, theta, lo, hi).abs().amax(-1) <= gtol * risk
 
 
+#: why a fit stopped (the certificate's ``stop_reason``; ``SolverOutput.stop`` holds the index):
+#: the converging tests ``gtol``, ``ftol``, ``xtol``, ``zero_risk`` (the strict tests) and
+#: ``resolution`` (no step lowers the risk by a statistically visible amount, ``_lm.resolution_test``);
+#: the others stop a fit that is not converged: ``max_iter`` (the cap, or the fixed epochs of
+#: ``sgd-paper``), ``damping`` (the LM's damping ran past its limit), ``diverged``
+STOP_REASONS = ("gtol", "ftol", "xtol", "zero_risk", "resolution", "max_iter", "damping", "diverged")
+#: the reasons that mean ``converged``
+CONVERGED_REASONS = frozenset(STOP_REASONS[:5])
+
+
+def stop_code(reason: str) -> int:
+    """The index of ``reason`` in :data:`STOP_REASONS`."""
+    return STOP_REASONS.index(reason)
+
+
 @dataclass
 class SolverOutput:
-    """What every solver returns, per problem ``(B,)`` (parameters ``(B, P)``)."""
+    """What every solver returns, per problem ``(B,)`` (parameters ``(B, P)``).
+
+    ``stop`` is the index into :data:`STOP_REASONS` of the test that stopped each problem."""
 
     theta: torch.Tensor
     n_iter: torch.Tensor
     rel_change: torch.Tensor
     converged: torch.Tensor
     diverged: torch.Tensor
+    stop: torch.Tensor
 

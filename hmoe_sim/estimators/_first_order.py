@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, risk_and_gradient
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, risk_and_gradient, stop_code
 
 __all__ = ["solve_adam", "solve_sgd_paper"]
 
@@ -26,7 +26,9 @@ def _finish(problem: Problem, theta: torch.Tensor, n_iter: torch.Tensor, rel: to
     risk, grad = risk_and_gradient(problem, theta)
     bad = diverged | ~torch.isfinite(risk) | ~torch.isfinite(theta).all(-1)
     small = gradient_small(grad, theta, problem.lo, problem.hi, risk, gtol)
-    return SolverOutput(theta=theta, n_iter=n_iter, rel_change=rel, converged=small & ~bad, diverged=bad)
+    converged = small & ~bad
+    stop = torch.where(bad, stop_code("diverged"), torch.where(converged, stop_code("gtol"), stop_code("max_iter")))
+    return SolverOutput(theta=theta, n_iter=n_iter, rel_change=rel, converged=converged, diverged=bad, stop=stop)
 
 
 def solve_adam(

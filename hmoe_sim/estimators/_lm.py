@@ -24,12 +24,68 @@ from dataclasses import dataclass
 
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, stop_code
 
-__all__ = ["MIN_SAMPLES_PER_WORKER", "THREAD_STACK_SPLIT", "RowQueue", "solve_lm", "solve_lm_in_threads",
-           "start_output", "worker_threads"]
+__all__ = ["DEFAULT_SCHEME", "MIN_SAMPLES_PER_WORKER", "RESOLUTION_FRACTION", "THREAD_STACK_SPLIT", "LMScheme",
+           "RowQueue", "geodesic_acceleration", "resolution_test", "solve_lm", "solve_lm_in_threads", "start_output",
+           "worker_threads"]
 
 _LAMBDA_MAX = 1e20
+#: the damping never falls below this (``delayed`` update: a damping that underflowed to zero could
+#: not grow again by doubling)
+_LAMBDA_MIN = 1e-12
+#: a fit is at the data's resolution when the Gauss-Newton model's decrease over unit moves is below
+#: about this fraction of the near-optimal margin (:func:`resolution_test`)
+RESOLUTION_FRACTION = 1e-3
+
+
+@dataclass(frozen=True)
+class LMScheme:
+    """How the LM steps and when it stops beside the strict tests.
+
+    Attributes
+    ----------
+    damping_update : {"delayed", "nielsen"}
+        ``delayed``: delayed gratification (Transtrum and Sethna 2012): the damping is divided
+        by 3 after an accepted step and doubled after a rejected one. ``nielsen``: Nielsen's update
+        (``lambda * max(1/3, 1 - (2 rho - 1)^3)`` after an accepted step, ``lambda * nu`` with ``nu``
+        doubling after each rejection in a row).
+    geodesic : bool
+        Geodesic acceleration (Transtrum and Sethna 2012; :func:`geodesic_acceleration`): the step is
+        ``v + a / 2`` with ``v`` the LM step and ``a`` the second-order correction along it; a step with
+        ``2 ||a|| / ||v|| > accel_ratio`` (scaled norms) is rejected.
+    accel_ratio : float
+        The largest ``2 ||a|| / ||v||`` accepted (0.75, Transtrum and Sethna's default).
+    fd_step : float
+        ``h`` of the central difference of the second directional derivative, relative to ``v``.
+    resolution : float
+        :data:`RESOLUTION_FRACTION` of the :func:`resolution_test`; ``0`` switches the test off
+        (only the strict tests converge).
+    scaling : {"max", "current"}
+        The damping's diagonal ``D``: the running maximum of ``diag(J^T J)`` (More's scaling, which
+        keeps parameters from evaporating along flat directions) or its current value (Marquardt's).
+    """
+
+    damping_update: str = "nielsen"
+    geodesic: bool = False
+    accel_ratio: float = 0.75
+    fd_step: float = 0.1
+    resolution: float = RESOLUTION_FRACTION
+    scaling: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.damping_update not in ("delayed", "nielsen"):
+            raise ValueError(f"damping_update must be 'delayed' or 'nielsen', got {self.damping_update!r}")
+        if self.scaling not in ("max", "current"):
+            raise ValueError(f"scaling must be 'max' or 'current', got {self.scaling!r}")
+        for name in ("accel_ratio", "fd_step", "resolution"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name == "fd_step" and value == 0):
+                raise ValueError(f"LMScheme.{name} must be finite and > 0 (resolution >= 0), got {value!r}")
+
+
+#: the scheme of every LM fit (``fit_batch`` passes it to :func:`solve_lm`)
+DEFAULT_SCHEME = LMScheme()
 
 
 def _index(mask: torch.Tensor) -> torch.Tensor | None:
@@ -147,7 +203,8 @@ def start_output(theta0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> So
     return SolverOutput(theta=torch.minimum(torch.maximum(theta0, lo), hi).clone(),
                         n_iter=torch.zeros(B, dtype=torch.long, device=theta0.device),
                         rel_change=torch.full((B,), float("nan"), dtype=theta0.dtype, device=theta0.device),
-                        converged=flags, diverged=flags.clone())
+                        converged=flags, diverged=flags.clone(),
+                        stop=torch.full((B,), stop_code("max_iter"), dtype=torch.long, device=theta0.device))
 
 
 @dataclass
@@ -190,14 +247,19 @@ def solve_lm(
     stack: int | None = None,
     out: SolverOutput | None = None,
     solver: int = 0,
+    scheme: LMScheme = DEFAULT_SCHEME,
 ) -> SolverOutput:
     """Minimise ``0.5 * ||w_b (y_b - f(theta_b; X_b))||^2`` for every problem ``b``.
 
-    Stopping rules (per problem, as in MINPACK / ``scipy.optimize.least_squares``):
+    The step and the damping update are those of ``scheme`` (:class:`LMScheme`: geodesic acceleration
+    and delayed gratification by default). Stopping rules (per problem; ``SolverOutput.stop`` says which
+    fired): the strict tests, as in MINPACK / ``scipy.optimize.least_squares``,
     ``ftol``: an accepted step with gain ratio above 1/4 lowered the cost by less than
     ``ftol * cost``; ``xtol``: a step shorter than ``xtol * (xtol + ||theta||)``;
     ``gtol``: the sup-norm of the projected gradient of the empirical risk ``RSS/n`` is at
-    most ``gtol * RSS/n``; or the cost is exactly zero. Damping above ``1e20`` stops the problem
+    most ``gtol * RSS/n``; or the cost is exactly zero; and the statistical one,
+    :func:`resolution_test` (no unit move lowers the risk by more than about ``scheme.resolution`` of the
+    near-optimal margin, to the Gauss-Newton model), after an accepted step. Damping above ``1e20`` stops the problem
     as not converged, and so does the ``max_iter``-th iteration of a problem.
 
     Work per iteration: one linearisation of the active problems at their candidates
@@ -243,7 +305,7 @@ def solve_lm(
                 return out
         else:
             act = queue.balance(solver, act, problem)
-        act = _iterate(act, out, eye, tiny, eps, lo, hi, max_iter, ftol, xtol, gtol)
+        act = _iterate(act, out, eye, tiny, eps, lo, hi, max_iter, ftol, xtol, gtol, scheme)
 
 
 def _start(problem: Problem, new: range, out: SolverOutput, damping: float, gtol: float) -> _Active | None:
@@ -262,6 +324,9 @@ def _start(problem: Problem, new: range, out: SolverOutput, damping: float, gtol
     converged = finite & ((cost == 0) | _grad_test(g, theta, sub.n_eff, lo, hi, cost, gtol))
     out.diverged[rows] = ~finite
     out.converged[rows] = converged
+    out.stop[rows] = torch.where(~finite, stop_code("diverged"),
+                                 torch.where(cost == 0, stop_code("zero_risk"),
+                                             torch.where(converged, stop_code("gtol"), stop_code("max_iter"))))
     keep = _index(finite & ~converged)
     if keep is not None and not keep.numel():
         return None
@@ -274,16 +339,20 @@ def _start(problem: Problem, new: range, out: SolverOutput, damping: float, gtol
 
 
 def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, eps: float,
-             lo: torch.Tensor, hi: torch.Tensor, max_iter: int, ftol: float, xtol: float, gtol: float) -> _Active:
+             lo: torch.Tensor, hi: torch.Tensor, max_iter: int, ftol: float, xtol: float, gtol: float,
+             scheme: LMScheme) -> _Active:
     """One LM iteration of the active problems; the problems that stop are written to ``out``;
     returns the state of the others."""
     th, cost, A, g, lam, nu = act.theta, act.cost, act.A, act.g, act.lam, act.nu
     # freeze coordinates at a bound whose descent direction (g) points outward
     free = ~(((th <= lo) & (g < 0)) | ((th >= hi) & (g > 0)))
-    diag = torch.maximum(act.scale, torch.diagonal(A, dim1=-2, dim2=-1))
+    diag = torch.diagonal(A, dim1=-2, dim2=-1)
+    if scheme.scaling == "max":
+        diag = torch.maximum(act.scale, diag)
     diag = torch.maximum(diag, eps * diag.amax(-1, keepdim=True)).clamp_min(tiny)
     damp = lam.unsqueeze(-1) * diag
-    if bool(free.all()):  # nothing frozen (the common case): the same matrix without the masks
+    all_free = bool(free.all())
+    if all_free:  # nothing frozen (the common case): the same matrix without the masks
         M, gf = A + eye * damp.unsqueeze(-1), g
     else:
         ff = free.unsqueeze(-1) & free.unsqueeze(-2)
@@ -293,6 +362,15 @@ def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, ep
     ok = info == 0
     delta = torch.cholesky_solve(gf.unsqueeze(-1), chol).squeeze(-1)
     delta = torch.where(ok.unsqueeze(-1) & torch.isfinite(delta), delta, 0.0)
+    too_curved = None
+    if scheme.geodesic:
+        accel = geodesic_acceleration(act.sub, th, delta, chol, None if all_free else free, scheme.fd_step)
+        usable = torch.isfinite(accel).all(-1)
+        accel = torch.where(usable.unsqueeze(-1), accel, 0.0)
+        root = diag.sqrt()
+        ratio = 2 * (root * accel).norm(dim=-1) / (root * delta).norm(dim=-1)
+        too_curved = usable & (ratio > scheme.accel_ratio)  # rejected: the step leaves the geodesic
+        delta = delta + 0.5 * accel
     cand = torch.minimum(torch.maximum(th + delta, lo), hi)
     step = cand - th
     lin = act.sub.linearize(cand)
@@ -302,49 +380,143 @@ def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, ep
     quadratic = torch.bmm(torch.bmm(step.unsqueeze(-2), A), step.unsqueeze(-1)).reshape(-1)
     predicted = (step * g).sum(-1) - 0.5 * quadratic
     accept = ok & torch.isfinite(cost_new) & (actual > 0)
+    if too_curved is not None:
+        accept = accept & ~too_curved
     rho = torch.where(predicted > 0, actual / predicted, 0.0)
-    shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
-    act.lam = torch.where(accept, lam * shrink, lam * nu)
-    act.nu = torch.where(accept, 2.0, nu * 2)
+    if scheme.damping_update == "nielsen":
+        shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
+        act.lam = torch.where(accept, lam * shrink, lam * nu)
+        act.nu = torch.where(accept, 2.0, nu * 2)
+    else:  # delayed gratification: down by 3 after an accepted step, up by 2 after a rejected one
+        act.lam = torch.where(accept, (lam / 3).clamp_min(_LAMBDA_MIN), lam * 2)
     x_small = ok & (step.norm(dim=-1) <= xtol * (xtol + th.norm(dim=-1)))
     f_small = accept & (actual <= ftol * cost) & (rho > 0.25)
     act.rel = torch.where(accept, actual / cost, act.rel)
     act.steps = act.steps + 1
     act.theta = torch.where(accept.unsqueeze(-1), cand, th)
     act.cost = torch.where(accept, cost_new, cost)
-    done = x_small | f_small | (cost_new == 0) & accept
+    zero = (cost_new == 0) & accept
+    done = x_small | f_small | zero
+    small_g = resolved = torch.zeros_like(accept)
     stop_bad = None
     n_accepted = int(accept.sum())
     if n_accepted:
         acc = _index(accept) if n_accepted < accept.numel() else None
         A_a, g_a = lin.normal_equations(acc)
         bad = ~(torch.isfinite(A_a).flatten(1).all(-1) & torch.isfinite(g_a).all(-1))
-        small_g = _grad_test(g_a, _pick(acc, act.theta), _pick(acc, act.sub.n_eff), lo, hi, _pick(acc, act.cost),
-                             gtol) & ~bad
+        theta_a, cost_a, n_a = _pick(acc, act.theta), _pick(acc, act.cost), _pick(acc, act.sub.n_eff)
+        small_a = _grad_test(g_a, theta_a, n_a, lo, hi, cost_a, gtol) & ~bad
+        resolved_a = torch.zeros_like(small_a)
+        if scheme.resolution > 0:
+            resolved_a = resolution_test(A_a, g_a, theta_a, cost_a, n_a, lo, hi, scheme.resolution) & ~bad
         if acc is None:
             act.A, act.g = A_a, g_a
             act.scale = torch.maximum(act.scale, torch.diagonal(A_a, dim1=-2, dim2=-1))
-            stop_bad, done = bad, done | small_g
+            stop_bad, small_g, resolved = bad, small_a, resolved_a
         else:
             act.A[acc], act.g[acc] = A_a, g_a
             act.scale[acc] = torch.maximum(act.scale[acc], torch.diagonal(A_a, dim1=-2, dim2=-1))
             stop_bad = torch.zeros_like(accept)
             stop_bad[acc] = bad
-            done[acc] |= small_g
+            small_g, resolved = small_g.clone(), resolved.clone()
+            small_g[acc], resolved[acc] = small_a, resolved_a
+        done = done | small_g | resolved
     del lin
     converged = done if stop_bad is None else done & ~stop_bad
-    leave = done | (act.lam > _LAMBDA_MAX) | (act.steps >= max_iter)
+    capped = act.lam > _LAMBDA_MAX
+    leave = done | capped | (act.steps >= max_iter)
     if stop_bad is not None:
         leave |= stop_bad
     if not bool(leave.any()):
         return act
-    # write out the problems that stop; keep the others
+    # write out the problems that stop, with the test that stopped them; keep the others
+    reason = torch.where(capped, stop_code("damping"), stop_code("max_iter"))
+    for test, name in ((resolved, "resolution"), (x_small, "xtol"), (f_small, "ftol"), (small_g, "gtol"),
+                       (zero, "zero_risk")):  # the strictest test that fired is named
+        reason = torch.where(test, stop_code(name), reason)
+    if stop_bad is not None:
+        reason = torch.where(stop_bad, stop_code("diverged"), reason)
     rows = act.rows[leave]
     out.theta[rows], out.n_iter[rows], out.rel_change[rows] = act.theta[leave], act.steps[leave], act.rel[leave]
     out.converged[rows] = converged[leave]
+    out.stop[rows] = reason[leave]
     if stop_bad is not None:
         out.diverged[rows] = stop_bad[leave]
     return act.keep(torch.nonzero(~leave).squeeze(-1))
+
+
+def geodesic_acceleration(problem: Problem, theta: torch.Tensor, velocity: torch.Tensor, chol: torch.Tensor,
+                          free: torch.Tensor | None, fd_step: float) -> torch.Tensor:
+    """The geodesic acceleration ``a`` of the LM step ``velocity`` (Transtrum and Sethna 2012).
+
+    With ``f_vv`` the second directional derivative of the model along ``v`` (central differences,
+    ``(f(theta + h v) - 2 f(theta) + f(theta - h v)) / h^2``), ``a`` minimises
+    ``||w (J a + f_vv)||^2 + lambda a^T D a``: ``a = -(J^T J + lambda D)^{-1} J^T w f_vv``, solved with the
+    Cholesky factor ``chol`` of the damped matrix of the step (frozen coordinates: ``free`` False, their
+    entries of ``a`` zero). ``J^T u`` is one reverse pass through the model. The step ``v + a / 2``
+    follows the curved valley of a sloppy problem to second order.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(b, P)``; a problem with a zero step gets a zero acceleration.
+    """
+    with torch.enable_grad():
+        tracked = theta.detach().requires_grad_(True)
+        f = problem.predict(tracked)
+    with torch.no_grad():
+        h = fd_step
+        fvv = (problem.predict(theta + h * velocity) - 2 * f.detach() + problem.predict(theta - h * velocity)) / h**2
+        if not problem.unmasked:
+            fvv = problem.weight * fvv
+    (jtu,) = torch.autograd.grad(f, tracked, grad_outputs=fvv)
+    if free is not None:
+        jtu = torch.where(free, jtu, 0.0)
+    accel = -torch.cholesky_solve(jtu.unsqueeze(-1), chol).squeeze(-1)
+    return torch.where((velocity != 0).any(-1, keepdim=True), accel, 0.0)
+
+
+def resolution_test(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, cost: torch.Tensor, n_eff: torch.Tensor,
+                    lo: torch.Tensor, hi: torch.Tensor, fraction: float) -> torch.Tensor:
+    """No move of length one lowers the cost by more than about ``fraction`` of the near-optimal margin,
+    to the Gauss-Newton model at ``theta`` (``A = J^T J``, ``g = J^T r``, ``cost = RSS / 2``, per problem).
+
+    The near-optimal margin (a log-likelihood difference of 1/2, ``(2 * 0.5 / n) * risk`` in risk) is
+    ``cost / n`` in cost. Both of these must hold, with ``m = fraction * cost / n``:
+
+    * the projected gradient (coordinates at a bound that would leave the box dropped) has
+      ``||g||_2 <= m``: along any unit move the cost falls by at most ``m`` to first order;
+    * the model's decrease at the Levenberg-Marquardt step of damping ``mu = sqrt(eps) * max diag A``,
+      ``d^T g - d^T A d / 2`` with ``(A + mu I) d = g`` (free coordinates), is at most ``m``.
+
+    Together they bound the model's decrease over the unit ball by ``(4/3 + 1) m``: directions of
+    curvature at least ``mu`` keep at least 3/4 of their undamped decrease in the second, the flatter
+    ones gain at most ``||g||`` per unit move (first). A problem whose damped matrix is not positive
+    definite, or with non-finite numbers, fails the test.
+    """
+    margin = fraction * cost / n_eff
+    free = ~(((theta <= lo) & (g < 0)) | ((theta >= hi) & (g > 0)))
+    gf = torch.where(free, g, 0.0)
+    passed = torch.isfinite(margin) & (gf.norm(dim=-1) <= margin)
+    which = _index(passed)
+    if which is not None and not which.numel():
+        return passed
+    A_c, g_c, free_c = _pick(which, A), _pick(which, gf), _pick(which, free)
+    mu = math.sqrt(torch.finfo(A.dtype).eps) * torch.diagonal(A_c, dim1=-2, dim2=-1).amax(-1)
+    mu = mu.clamp_min(torch.finfo(A.dtype).tiny)
+    ff = free_c.unsqueeze(-1) & free_c.unsqueeze(-2)
+    A_free = torch.where(ff, A_c, 0.0)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    chol, info = torch.linalg.cholesky_ex(A_free + eye * torch.where(free_c, mu.unsqueeze(-1), 1.0).unsqueeze(-1))
+    d = torch.cholesky_solve(g_c.unsqueeze(-1), chol).squeeze(-1)
+    quadratic = torch.bmm(torch.bmm(d.unsqueeze(-2), A_free), d.unsqueeze(-1)).reshape(-1)
+    predicted = (d * g_c).sum(-1) - 0.5 * quadratic
+    small = (info == 0) & torch.isfinite(predicted) & (predicted <= _pick(which, margin))
+    if which is None:
+        return passed & small
+    result = torch.zeros_like(passed)
+    result[which] = small
+    return result
 
 
 #: fewest samples (problems x n) one worker thread is given: below it the torch operations are
@@ -364,13 +536,13 @@ def worker_threads(workers: int, total: int, n: int) -> int:
     return max(1, min(workers, total, total * n // MIN_SAMPLES_PER_WORKER))
 
 
-def solve_lm_in_threads(problem: Problem, theta0: torch.Tensor, threads: int, **options: float) -> SolverOutput:
+def solve_lm_in_threads(problem: Problem, theta0: torch.Tensor, threads: int, **options: object) -> SolverOutput:
     """:func:`solve_lm` on ``threads`` threads with one torch thread each, sharing the stack's queue
     and output; each keeps ``ceil(B / (threads * THREAD_STACK_SPLIT))`` problems active and takes
     the next from the queue (if any is left) as its own stop; then they balance their active problems
     (:meth:`RowQueue.balance`). A solver that fails closes the queue, so that no other waits for its
     problems. torch's thread count is restored after.
-    ``options``: those of :func:`solve_lm` (``max_iter``, ``ftol``, ``xtol``, ``gtol``)."""
+    ``options``: those of :func:`solve_lm` (``max_iter``, ``ftol``, ``xtol``, ``gtol``, ``scheme``)."""
     B = theta0.shape[0]
     # what depends on the data alone, formed once for the whole stack before the threads share it
     problem.prepared()

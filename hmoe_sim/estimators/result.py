@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, projected_gradient, risk_and_gradient
+from hmoe_sim.estimators._core import (
+    STOP_REASONS,
+    Problem,
+    SolverOutput,
+    projected_gradient,
+    risk_and_gradient,
+    stop_code,
+)
 from hmoe_sim.estimators.bounds import Bounds
 from hmoe_sim.models.base import MixtureModel, Params
 
@@ -41,7 +48,7 @@ class FitResult:
     n_iter : iterations (LM, Adam) or SGD steps.
     grad_norm : sup-norm of the projected gradient of the empirical risk at the fit.
     rel_change : relative change of the objective at the last (accepted) step or epoch.
-    converged : a convergence test was met (ftol, xtol or gtol for LM; gtol otherwise).
+    converged : a convergence test was met (ftol, xtol, gtol or the resolution test for LM; gtol otherwise).
     on_boundary : some coordinate lies within tolerance of the box.
     diverged : non-finite data, objective or Jacobian: this fit stopped, the others went on.
     risk : empirical risk ``RSS / n`` at the fit.
@@ -50,6 +57,9 @@ class FitResult:
     loglik : Gaussian log-likelihood at ``noise_var``: ``-n/2 (log(2 pi noise_var) + 1)``.
     n : samples of each data set.
     start : index of the start kept by a multi-start fit (0 otherwise).
+    stop_reason : the test that stopped the fit, an index into ``STOP_REASONS`` (``gtol``, ``ftol``,
+        ``xtol``, ``zero_risk``, ``resolution``: converged; ``max_iter``, ``damping``, ``diverged``: not);
+        :attr:`stop_reasons` and :meth:`certificate_frame` give the names.
     method : solver name.
     boundary_params : list of list of str
         Per fit, the parameter tensors with an entry at a bound, as sorted labels
@@ -74,6 +84,7 @@ class FitResult:
     loglik: torch.Tensor
     n: torch.Tensor
     start: torch.Tensor
+    stop_reason: torch.Tensor
     method: str = "lm"
     boundary_params: list[list[str]] = field(default_factory=list)
     all_starts: FitResult | None = field(default=None, repr=False)
@@ -89,12 +100,18 @@ class FitResult:
     def _fields(self) -> list[str]:
         return [f.name for f in fields(self) if f.name not in ("params", "method", "boundary_params", "all_starts")]
 
+    @property
+    def stop_reasons(self) -> list[str]:
+        """Per fit, the name of the test that stopped it (:attr:`stop_reason` as names)."""
+        return [STOP_REASONS[i] for i in self.stop_reason.tolist()]
+
     def certificate_frame(self) -> pd.DataFrame:
-        """One row per fit: ``fit`` index, the certificate fields, ``method`` and
-        ``boundary_params`` (the labels joined by ``","``, ``""`` inside the box)."""
+        """One row per fit: ``fit`` index, the certificate fields (``stop_reason`` as its name),
+        ``method`` and ``boundary_params`` (the labels joined by ``","``, ``""`` inside the box)."""
         data: dict[str, Any] = {"fit": np.arange(len(self))}
         for name in self._fields():
             data[name] = getattr(self, name).detach().cpu().numpy()
+        data["stop_reason"] = self.stop_reasons
         data["method"] = self.method
         data["boundary_params"] = [",".join(labels) for labels in self._labels()]
         return pd.DataFrame(data)
@@ -121,6 +138,7 @@ def certificate(problem: Problem, out: SolverOutput, box: Bounds, truth_model: M
     grad_norm = projected_gradient(grad, theta, problem.lo, problem.hi).abs().amax(-1)
     diverged = out.diverged | ~torch.isfinite(risk) | ~torch.isfinite(theta).all(-1)
     nan = torch.full_like(risk, float("nan"))
+    stop = torch.where(diverged, stop_code("diverged"), out.stop)
     if truth_model is None or truth_theta is None:
         risk_truth = nan
     else:
@@ -133,7 +151,7 @@ def certificate(problem: Problem, out: SolverOutput, box: Bounds, truth_model: M
         rel_change=out.rel_change, converged=out.converged & ~diverged,
         on_boundary=box.near_boundary(theta, problem.lo, problem.hi), diverged=diverged, risk=risk,
         risk_truth=risk_truth, noise_var=risk, loglik=loglik, n=n,
-        start=torch.zeros_like(out.n_iter), method=method,
+        start=torch.zeros_like(out.n_iter), stop_reason=stop, method=method,
         boundary_params=box.boundary_params(problem.model, theta, problem.lo, problem.hi))
 
 

@@ -2,11 +2,16 @@
 
 ``__init__`` stores hyperparameters only; ``fit`` returns ``self`` and sets fitted attributes
 ending in ``_``; a :class:`~hmoe_sim.estimators.result.ConvergenceWarning` is emitted when a
-fit did not converge.
+fit did not converge. They follow scikit-learn's estimator contract without depending on it
+(scikit-learn is optional): ``get_params`` / ``set_params`` (``deep``, nested ``name__key``),
+a ``__repr__`` of the parameters that differ from their defaults, ``score`` (the coefficient of
+determination, as scikit-learn's regressors) and ``__sklearn_tags__`` (a regressor), so that
+``sklearn.base.clone``, grid searches and pipelines take them.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +31,72 @@ from hmoe_sim.models.base import MixtureModel, Params
 __all__ = ["GaussianMLE", "LeastSquaresMoE"]
 
 
-class LeastSquaresMoE:
+def _same(value: object, default: object) -> bool:
+    """Whether ``value`` is the default (by identity, or equal plain value of the same type)."""
+    if value is default:
+        return True
+    plain = (bool, int, float, str, type(None))
+    return type(value) is type(default) and isinstance(value, plain) and value == default
+
+
+class _EstimatorContract:
+    """scikit-learn's estimator contract over the ``__init__`` parameters, stored as attributes of the same name."""
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [p.name for p in signature.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The estimator's parameters (``deep``: also ``name__key`` of parameters that have ``get_params``)."""
+        out: dict[str, Any] = {}
+        for name in self._param_names():
+            value = getattr(self, name)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                out.update((f"{name}__{key}", v) for key, v in value.get_params().items())
+            out[name] = value
+        return out
+
+    def set_params(self, **params: Any) -> Any:
+        """Set parameters (``name`` or nested ``name__key``); returns ``self``.
+
+        Raises
+        ------
+        ValueError
+            An unknown parameter name (the message lists the valid ones).
+        """
+        names = self._param_names()
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in params.items():
+            name, delimiter, sub = key.partition("__")
+            if name not in names:
+                raise ValueError(f"invalid parameter {name!r} for estimator {type(self).__name__}; valid parameters: "
+                                 f"{names}")
+            if delimiter:
+                nested.setdefault(name, {})[sub] = value
+            else:
+                setattr(self, name, value)
+        for name, sub_params in nested.items():
+            getattr(self, name).set_params(**sub_params)
+        return self
+
+    def __repr__(self) -> str:
+        signature = inspect.signature(type(self).__init__)
+        shown = [f"{name}={getattr(self, name)!r}" for name in self._param_names()
+                 if signature.parameters[name].default is inspect.Parameter.empty
+                 or not _same(getattr(self, name), signature.parameters[name].default)]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags (called by scikit-learn only): a regressor of tensors that needs ``y``."""
+        from sklearn.utils import InputTags, RegressorTags, Tags, TargetTags
+
+        return Tags(estimator_type="regressor", target_tags=TargetTags(required=True),
+                    regressor_tags=RegressorTags(), input_tags=InputTags())
+
+
+class LeastSquaresMoE(_EstimatorContract):
     """Least-squares estimator of a mixture's parameters, in scikit-learn style.
 
     Parameters
@@ -125,6 +195,15 @@ class LeastSquaresMoE:
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit first")
         params = self.model.cast(self.params_, device=X.device, dtype=X.dtype)
         return self.model.predict(params, X)
+
+    def score(self, X: torch.Tensor, y: torch.Tensor) -> float:
+        """The coefficient of determination ``1 - RSS / TSS`` of the fitted function on ``(X (n, D), y (n,))``
+        (the score of scikit-learn's regressors, used by its model selection)."""
+        y = check_float_tensor("y", y)
+        fitted = self.predict(check_float_tensor("X", X)).to(y.dtype)
+        residual = (y - fitted).square().sum()
+        total = (y - y.mean()).square().sum()
+        return float(1.0 - residual / total)
 
     def certificate_frame(self) -> pd.DataFrame:
         """The per-fit certificate table of the last ``fit``."""

@@ -56,9 +56,9 @@ import numpy as np
 from hmoe_sim._validation import check_choice, check_nonnegative_int, check_positive_float, check_positive_int
 from hmoe_sim.models.base import MixtureModel, Params
 from hmoe_sim.models.flat import FlatMoE
-from hmoe_sim.models.hmoe import FrozenAttention, HMoE
+from hmoe_sim.models.hmoe import CODE_ACTIVATIONS, FIRST_LEVEL_GATES, FrozenAttention, HMoE
 
-__all__ = ["Setup", "PRESETS", "make_preset", "preset_defaults"]
+__all__ = ["OPTION_RULES", "Setup", "PRESETS", "make_preset", "preset_defaults", "tensor_elements"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,37 @@ _HMOE_DEFAULTS: dict[str, Any] = dict(n_heads=2, n_tokens=2, token_dim=2, key_di
                                       noise_std=0.1, gate_bias_std=None, gate_slope_std=None, expert_std=None,
                                       min_separation=0.0)
 
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check``, or nothing for ``None`` (the option's documented default scale)."""
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def _nonnegative_float(key: str, value: Any) -> float:
+    return check_positive_float(key, value, allow_zero=True)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    return lambda key, value: check_choice(key, value, choices)
+
+
+#: the rule of every preset option, one per name whatever the preset (checked by :func:`make_preset`
+#: before anything is built): sizes are positive integers, scales non-negative or positive numbers
+OPTION_RULES: dict[str, Callable[[str, Any], Any]] = {
+    **{k: check_positive_int for k in ("input_dim", "n_true", "n_fit", "n_heads", "n_tokens", "token_dim", "key_dim",
+                                       "value_dim", "code_dim")},
+    "zero_gate_slopes": check_nonnegative_int,
+    "expert": _one_of(("identity", "relu", "tanh")),
+    "code_activation": _one_of(tuple(CODE_ACTIVATIONS)),
+    "first_level": _one_of(FIRST_LEVEL_GATES),
+    "noise_std": _nonnegative_float,
+    "min_separation": _nonnegative_float,
+    "gate_bias_std": _optional(_nonnegative_float),
+    "gate_slope_std": _optional(_nonnegative_float),
+    "expert_std": _optional(check_positive_float),
+    "attention_std": _optional(check_positive_float),
+}
+
 #: name -> (builder, defaults, one-line description)
 PRESETS: dict[str, tuple[Callable[..., Setup], dict[str, Any], str]] = {
     "sigmoid-regime1": (_flat("sigmoid", "all", False), dict(_FLAT_DEFAULTS),
@@ -162,6 +193,50 @@ PRESETS: dict[str, tuple[Callable[..., Setup], dict[str, Any], str]] = {
 }
 
 
+#: the options whose product sizes the frozen attention of the HMoE presets
+_ATTENTION_SIZES = ("n_heads", "n_tokens", "token_dim", "key_dim", "value_dim")
+
+
+def tensor_elements(name: str, **overrides: Any) -> tuple[int, int, str | None]:
+    """The largest tensors a preset's options imply, computed before anything is built.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`PRESETS`.
+    **overrides
+        Option values (checked by :data:`OPTION_RULES` first).
+
+    Returns
+    -------
+    fixed : int
+        Numbers built with the truth: the frozen attention's weights (query, key and value
+        of every head), for the HMoE presets; 0 for the flat presets.
+    per_sample : int
+        Numbers one evaluation of the model holds per data point beyond its inputs: the
+        attention's keys (every head and token, ``key_dim`` wide) or values, whichever is wider;
+        0 for the flat presets (their evaluation is as small as their Jacobian).
+    key : str or None
+        The option with the largest value among those the two multiply (the one to lower), or
+        ``None`` for the flat presets.
+
+    Raises
+    ------
+    ValueError, TypeError
+        A bad option value (named), as :func:`make_preset` raises.
+    """
+    check_choice("preset", name, PRESETS)
+    o = dict(PRESETS[name][1], **overrides)
+    for key, value in o.items():
+        rule = OPTION_RULES.get(key)
+        if rule is not None:
+            rule(key, value)
+    if not all(k in o for k in _ATTENTION_SIZES):
+        return 0, 0, None
+    h, n_tokens, d, dk, dv = (int(o[k]) for k in _ATTENTION_SIZES)
+    return h * d * (2 * dk + dv), h * n_tokens * max(dk, dv), max(_ATTENTION_SIZES, key=lambda k: int(o[k]))
+
+
 def preset_defaults(name: str) -> dict[str, Any]:
     """The default options of preset ``name`` (a copy)."""
     check_choice("preset", name, PRESETS)
@@ -184,7 +259,8 @@ def make_preset(name: str, *, seed: int = 0, **overrides: Any) -> Setup:
     ------
     ValueError
         Unknown preset name or option key, a negative seed, or a bad option value (each
-        message names the argument and the value).
+        message names the argument and the value; every option is checked by its rule in
+        :data:`OPTION_RULES`, the same for every preset, before anything is built).
     TypeError
         A seed or size that is not an integer.
     """
@@ -195,6 +271,10 @@ def make_preset(name: str, *, seed: int = 0, **overrides: Any) -> Setup:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for preset {name!r}; known: {sorted(defaults)}")
     options = dict(defaults, **overrides)
+    for key, value in options.items():  # every option has a rule (tested); the builders check combinations
+        rule = OPTION_RULES.get(key)
+        if rule is not None:
+            rule(key, value)
     setup = builder(name, seed, options)
     if setup.fit_model.n_atoms < setup.true_model.n_atoms:
         raise ValueError(f"preset {name!r}: n_fit={options['n_fit']} is smaller than n_true={options['n_true']}")

@@ -6,7 +6,8 @@ processes x torch threads per cell within the cores this process may use, with a
 notice. :func:`cell_results` yields ``(cell, frame)`` pairs in order of completion: in-process
 for one job (or one cell), from ``jobs`` spawned worker processes
 (``concurrent.futures.ProcessPoolExecutor``) for several, or from a dask.distributed cluster
-through joblib's dask backend; workers take the cells largest first (:func:`largest_first`).
+(one task per cell); workers take the cells largest first (:func:`largest_first`). A worker
+process that dies, or a dask scheduler lost mid-run, raises :class:`WorkLost`.
 
 Worker processes never outlive the sweep: they ignore Ctrl-C (the parent's business), are
 killed by the kernel when their parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere each
@@ -26,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -34,22 +35,23 @@ from typing import Any
 
 import pandas as pd
 
-from hmoe_sim.sweep.cell import run_cell
+from hmoe_sim.sweep.cell import run_cell, usable_cores
 from hmoe_sim.sweep.cells import Cell
 
-__all__ = ["BACKENDS", "ORPHAN_POLL_SECONDS", "Execution", "cell_results", "largest_first", "usable_cores"]
+__all__ = ["BACKENDS", "DASK_WORKERS_SECONDS", "ORPHAN_POLL_SECONDS", "SCHEDULER_LOST_SECONDS", "Execution",
+           "WorkLost", "cell_results", "largest_first", "usable_cores"]
 
 BACKENDS = ("local", "dask")
+#: how long a dask client waits to connect to a scheduler, and for a lost one to come back
+SCHEDULER_LOST_SECONDS = 20.0
+#: how long a sweep waits for a dask scheduler to have a worker
+DASK_WORKERS_SECONDS = 60.0
+
+
+class WorkLost(RuntimeError):
+    """Workers or the dask scheduler were lost mid-run (the message says which); finished cells are kept."""
 #: how often a worker process checks that the sweep that started it is still alive
 ORPHAN_POLL_SECONDS = 0.5
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Execution:
         Cells computed at once (spawned worker processes for ``local``, workers of a new
         LocalCluster for ``dask``).
     backend : {"local", "dask"}
-        In-process / a process pool, or a dask.distributed cluster through joblib.
+        In-process / a process pool, or a dask.distributed cluster (one task per cell).
     scheduler : str or None
         Address of a running dask scheduler (``backend="dask"`` only); ``None`` starts a
         LocalCluster.
@@ -237,8 +239,8 @@ def _process_results(todo: list[Cell], config_dict: dict[str, Any],
                 try:
                     yield future.result()
                 except BrokenProcessPool as err:
-                    raise RuntimeError("a worker process died while computing a cell (killed from outside, or out "
-                                       "of memory?); finished cells are kept, rerun to resume") from err
+                    raise WorkLost("a worker process died while computing a cell (killed from outside, or out of "
+                                   "memory?)") from err
         finished = True
     finally:
         if finished:
@@ -249,20 +251,68 @@ def _process_results(todo: list[Cell], config_dict: dict[str, Any],
 
 def _dask_results(todo: list[Cell], config_dict: dict[str, Any], jobs: int, scheduler: str | None,
                   processes: bool) -> Generator[tuple[Cell, pd.DataFrame], None, None]:
-    from dask.distributed import Client, LocalCluster
-    from joblib import Parallel, delayed, parallel_config
+    """Cells computed on a dask cluster (a new LocalCluster of ``jobs`` workers, or the one ``scheduler`` runs).
 
+    Every cell is one task submitted to the cluster (largest first by priority), so the cells
+    run on the cluster's workers whatever their number; results arrive in order of completion.
+    A scheduler lost mid-run (its tasks are cancelled by the client) and a task whose workers
+    kept dying (``KilledWorker``) raise :class:`WorkLost`; dask's own log lines about the lost
+    connection are silenced while the client closes.
+    """
+    from concurrent.futures import CancelledError
+
+    from dask.distributed import Client, KilledWorker, LocalCluster, as_completed
+
+    where = f"the dask scheduler at {scheduler!r}" if scheduler is not None else "the local dask cluster"
     with contextlib.ExitStack() as stack:
         if scheduler is None:
             cluster = stack.enter_context(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=processes,
                                                        dashboard_address=None))
-            client = stack.enter_context(Client(cluster))
+            client = stack.enter_context(Client(cluster, set_as_default=False))
         else:
             try:
-                client = stack.enter_context(Client(scheduler, timeout="20s"))
+                client = stack.enter_context(Client(scheduler, timeout=SCHEDULER_LOST_SECONDS, set_as_default=False))
             except (OSError, TimeoutError) as err:
                 raise ValueError(f"cannot connect to the dask scheduler at {scheduler!r}: {err}") from err
-        with parallel_config(backend="dask", wait_for_workers_timeout=60):
-            parallel = Parallel(return_as="generator_unordered")
-            yield from parallel(delayed(_run_pair)(config_dict, c) for c in largest_first(todo))
-        del client
+        try:
+            client.wait_for_workers(1, timeout=DASK_WORKERS_SECONDS)
+        except TimeoutError as err:
+            raise WorkLost(f"{where} has no worker after {DASK_WORKERS_SECONDS:g} s (start some: dask worker "
+                           f"{scheduler or 'ADDRESS'})") from err
+        order = largest_first(todo)
+        futures = {client.submit(_run_pair, config_dict, cell, pure=False, priority=len(order) - i): cell
+                   for i, cell in enumerate(order)}
+        try:
+            for future in as_completed(list(futures), loop=client.loop):
+                try:
+                    pair = future.result()
+                except KilledWorker as err:
+                    raise WorkLost("dask workers died repeatedly while computing cell "
+                                   f"{futures[future].key} (killed from outside, or out of memory?)") from err
+                except CancelledError as err:
+                    if client.status == "running":
+                        raise
+                    stack.enter_context(_quiet_loggers("distributed"))  # the client's reconnection noise
+                    raise WorkLost(f"lost {where}") from err
+                yield pair
+        finally:
+            if client.status == "running":
+                with contextlib.suppress(Exception):
+                    client.cancel(list(futures), force=True)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(prefix: str) -> Iterator[None]:
+    """Silence the loggers named ``prefix`` and below (each has its own level) for the ``with`` block."""
+    import logging
+
+    names = [n for n in list(logging.root.manager.loggerDict) if n == prefix or n.startswith(prefix + ".")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -4,8 +4,9 @@ Inside a cell the replications are fitted as one batch on the configured device
 (``fit_batch`` over ``(R, n, D)`` data), every start of every replication at once; the
 estimate of a replication is its start of least empirical risk, and the spread of the losses
 over its near-optimal starts (:func:`near_optimal`) is recorded beside it. A cell sets the
-number of torch threads to ``config.threads`` while it runs, so its numbers do not depend on
-where it runs (in-process, a worker process or a dask worker; identical bit for bit on the CPU).
+number of torch threads to ``config.threads`` while it runs (at most the cores it may use,
+:func:`usable_cores`), so its numbers do not depend on where it runs (in-process, a worker
+process or a dask worker; identical bit for bit on the CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -26,11 +28,11 @@ from hmoe_sim.devices import resolve_device, resolve_dtype
 from hmoe_sim.estimators import Bounds, fit_batch, init_near_truth, init_paper, init_random
 from hmoe_sim.losses import l2_error, voronoi_losses_for
 from hmoe_sim.models.base import MixtureModel, Params
-from hmoe_sim.sweep.cells import Cell, data_seeds, l2_seed, seed_int, sgd_seeds, start_seeds
+from hmoe_sim.sweep.cells import Cell, cell_noise, data_seeds, effective_size, l2_seed, seed_int, sgd_seeds, start_seeds
 from hmoe_sim.sweep.config import FitConfig, SeriesConfig, SweepConfig, parse_config
 from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
 
-__all__ = ["near_optimal", "run_cell"]
+__all__ = ["fit_losses", "near_optimal", "run_cell", "usable_cores"]
 
 
 @lru_cache(maxsize=8)
@@ -47,6 +49,14 @@ def _cached_setup(config_key: str, series_name: str, truth_seed: int
     return config, series, series_setup(config, series, truth_seed)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -57,7 +67,7 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _losses(model: MixtureModel, params: Params, setup: SeriesSetup, config: SweepConfig) -> dict[str, np.ndarray]:
+def fit_losses(model: MixtureModel, params: Params, setup: SeriesSetup, config: SweepConfig) -> dict[str, np.ndarray]:
     """Every configured loss per fit; fits with non-finite parameters get NaN (never scored)."""
     spec = config.losses
     batch = next(iter(params.values())).shape[0]
@@ -138,17 +148,25 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     cell : Cell
         The cell to compute. A control (``"noise_free"`` or a ladder rung ``"perturb_<p>"``) is
         fitted to the same inputs without noise; a rung uses one near-truth start at
-        perturbation ``p`` instead of the series' starts.
+        perturbation ``p`` instead of the series' starts. A noisy cell's data have noise
+        standard deviation :func:`~hmoe_sim.sweep.cells.cell_noise` (its noise level on a noise
+        axis, else the truth's ``noise_std``); the inputs and the noise draw do not depend on it.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``truth, series, structure, control, n, replication, chunk, data_seed``, one
+        Columns ``truth, series, structure, control, n, noise_std`` (the data's noise standard
+        deviation, 0 for a control), ``n_eff`` (``n / noise_std**2``, ``inf`` for a control),
+        ``replication, chunk, data_seed``, one
         column per loss (the estimate: the start of least empirical risk), per loss ``L`` the
         smallest and largest loss over the near-optimal starts (``L_min``, ``L_max``,
         :func:`near_optimal`), ``n_starts`` and ``n_near_optimal``, and the estimator's
         certificate fields (with ``boundary_params``: the bounds the fit ends at, e.g.
-        ``"a:hi,beta0:lo"``; ``start``: the index of the kept start).
+        ``"a:hi,beta0:lo"``; ``start``: the index of the kept start; ``stop_reason``: the test that
+        stopped the kept fit, e.g. ``"ftol"``, ``"resolution"``, ``"max_iter"``). ``params`` holds the kept
+        start's parameter vector (float64, in ``fit_model.flatten`` order: the series' fitted
+        model, :func:`hmoe_sim.sweep.stored.stored_params` turns it back into parameters), so that
+        losses can be recomputed and decomposed without refitting.
     """
     config, series, setup = _cached_setup(json.dumps(config_dict, sort_keys=True), cell.series, cell.truth)
     fit = series.fit
@@ -159,8 +177,8 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
     b, m = len(cell.reps), fit.n_starts + fit.random_starts
-    noise = setup.noise_std if cell.control == "" else 0.0  # every control is noise-free
-    with _torch_threads(config.threads):
+    noise = cell_noise(config, cell, setup.noise_std)  # every control is noise-free
+    with _torch_threads(min(config.threads, usable_cores())):  # more threads than cores: capped
         seeds = data_seeds(root, cell.truth, cell.n, cell.reps)
         X, y = sample_batch(setup.data_model, setup.data_truth, cell.n, noise, seeds,
                             x_dist=config.sample.x_dist, device=device, dtype=dtype)
@@ -170,10 +188,12 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
                            tol=fit.tol, device=device, dtype=dtype, truth=setup.score_truth,
                            seed=sgd_seeds(root, cell.truth, cell.n, cell.reps), **fit.options)
         every = result.all_starts if result.all_starts is not None else result
-        all_losses = {k: v.reshape(b, m) for k, v in _losses(setup.fit_model, every.params, setup, config).items()}
+        all_losses = {k: v.reshape(b, m) for k, v in fit_losses(setup.fit_model, every.params, setup, config).items()}
         scale = y.square().mean(-1).to("cpu", torch.float64).numpy()
+        theta_all = setup.fit_model.flatten(every.params).detach().to("cpu", torch.float64).numpy()
     risk_all = every.risk.detach().to("cpu", torch.float64).numpy().reshape(b, m)
     best = result.start.cpu().numpy()
+    kept = theta_all.reshape(b, m, -1)[np.arange(b), best]
     near = near_optimal(risk_all, risk_all[np.arange(b), best], cell.n, fit.near_optimal_loglik, scale)
     near[np.arange(b), best] = True
     losses: dict[str, np.ndarray] = {}
@@ -186,6 +206,7 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         for extreme in ("min", "max"):
             col = losses[f"{name}_{extreme}"]
             col[~np.isfinite(col)] = np.nan
+    losses["params"] = list(kept)  # the kept start's parameter vector, fit_model.flatten order
     losses["n_starts"] = np.full(b, m, dtype=np.int64)
     losses["n_near_optimal"] = near.sum(1).astype(np.int64)
     frame = result.certificate_frame().drop(columns="fit")  # position in the batch: depends on the cut
@@ -195,6 +216,8 @@ def run_cell(config_dict: dict[str, Any], cell: Cell) -> pd.DataFrame:
         "structure": series.structure or "",
         "control": cell.control,
         "n": np.full(b, cell.n, dtype=np.int64),
+        "noise_std": np.full(b, noise, dtype=np.float64),
+        "n_eff": np.full(b, effective_size(cell.n, noise), dtype=np.float64),
         "replication": np.asarray(cell.reps, dtype=np.int64),
         "chunk": np.full(b, cell.chunk, dtype=np.int64),
         "data_seed": np.asarray([seed_int(s) for s in seeds], dtype=np.int64),

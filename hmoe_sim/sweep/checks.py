@@ -9,23 +9,26 @@ one-line ``ValueError`` naming the bad key or value before anything is written.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
 import os
-import socket
 from pathlib import Path
 
 import torch
 
-from hmoe_sim.devices import resolve_device, resolve_dtype
+from hmoe_sim.devices import cpu_available_memory, resolve_device, resolve_dtype
 from hmoe_sim.estimators import fit_batch, jacobian_bytes
+from hmoe_sim.files import TEMPORARY_NAME_EXTRA
 from hmoe_sim.identifiability import nonidentifiable_reason
+from hmoe_sim.models.presets import preset_defaults, tensor_elements
 from hmoe_sim.sweep.cells import Cell, cell_hash, plan_cells
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 from hmoe_sim.sweep.setup import SeriesSetup, fit_bounds, series_setup
 from hmoe_sim.sweep.storage import RunDir
 
 __all__ = ["check_before_work", "check_dask", "check_estimator_options", "check_file_names", "check_memory",
-           "cpu_available_memory"]
+           "cpu_available_memory", "SCHEDULER_CHECK_SECONDS"]
 
 
 def check_before_work(config: SweepConfig, out: str | Path, *, dask: bool = False,
@@ -48,7 +51,7 @@ def check_before_work(config: SweepConfig, out: str | Path, *, dask: bool = Fals
     run.check_writable()
     check_file_names(config, run)
     cells = plan_cells(config)
-    run.check_layout([(c, cell_hash(config, c)) for c in cells])
+    run.check_layout([(c, cell_hash(config, c)) for c in cells], run.figure_path(config.name).name)
     if dask:
         check_dask(scheduler)
     return run, cells
@@ -94,49 +97,6 @@ def check_estimator_options(config: SweepConfig) -> None:
                                  "Set allow_nonidentifiable = true to run it anyway")
 
 
-def _read_int(path: str) -> int | None:
-    """The integer a one-value file holds (``None`` when missing, unreadable or e.g. ``max``)."""
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def cpu_available_memory() -> int:
-    """Memory this process can still use, in bytes: the least of what applies.
-
-    ``MemAvailable`` of ``/proc/meminfo``, the address-space limit (``RLIMIT_AS``, when set)
-    and the cgroup's limit less its usage (cgroup v2 ``memory.max`` / ``memory.current``, or
-    v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``); physical RAM when none is known.
-
-    Returns
-    -------
-    int
-    """
-    import resource
-
-    candidates = [int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY and soft > 0:
-        candidates.append(int(soft))
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit = _read_int(limit_file)
-        if limit is not None and limit < 1 << 60:
-            candidates.append(max(0, limit - (_read_int(usage_file) or 0)))
-            break
-    return min(candidates)
-
-
 def _device_memory(device: torch.device) -> int:
     """Memory of ``device`` in bytes: total for a GPU, available to this process for the CPU."""
     if device.type == "cuda":
@@ -144,15 +104,13 @@ def _device_memory(device: torch.device) -> int:
     return cpu_available_memory()
 
 
-#: what a temporary name adds to a file name (``.NAME.<12 hex>.tmp``)
-_TMP_EXTRA = len(".") + len(".0123456789ab.tmp")
 
 
 def check_file_names(config: SweepConfig, run: RunDir) -> None:
     """Raise when a cell file or the figure of ``config`` would have too long a file name.
 
-    Checked on the longest cell key of every series (largest truth seed, control, ``n`` and
-    block) with its hash and the temporary-file suffix, and on ``<name>.png``, against the
+    Checked on the longest cell key of every series (largest truth seed, control, ``n``, noise
+    level and block) with its hash and the temporary-file suffix, and on ``<name>.png``, against the
     file-name limit of the file system holding ``run`` (255 when unknown).
 
     Raises
@@ -168,15 +126,17 @@ def check_file_names(config: SweepConfig, run: RunDir) -> None:
     except (OSError, ValueError):
         limit = 255
     blocks = -(-config.replications // config.sample.chunk)
+    sigma = max(config.noise_levels, key=lambda v: len(repr(v)), default=None)  # the longest noise level in a key
     for i, s in enumerate(config.series):
         for control in ["", *config.controls, *config.control_perturbations]:
-            cell = Cell(max(s.truth_seeds), s.name, control, max(config.sizes), blocks - 1, ())
-            length = len(run.cell_path(cell, "0" * 16).name.encode()) + _TMP_EXTRA
+            cell = Cell(max(s.truth_seeds), s.name, control, max(config.sizes), blocks - 1, (),
+                        None if control else sigma)
+            length = len(run.cell_path(cell, "0" * 16).name.encode()) + TEMPORARY_NAME_EXTRA
             if length > limit:
                 raise ValueError(f"config key 'series[{i}].name': {s.name!r} makes cell file names of {length} "
                                  f"characters, more than the {limit} a file name may have; shorten it")
     for part in f"{config.name}.png".split("/"):
-        if len(part.encode()) + _TMP_EXTRA > limit:
+        if len(part.encode()) + TEMPORARY_NAME_EXTRA > limit:
             raise ValueError(f"config key 'name': {config.name!r} makes a figure file name of "
                              f"{len(part.encode())} characters, too long for a file name (limit {limit}); shorten it")
 
@@ -188,7 +148,10 @@ def check_memory(config: SweepConfig, series: SeriesConfig, setup: SeriesSetup) 
     replications)`` data sets of ``n * (D + 1)`` float64 numbers, drawn at once) plus the
     Jacobian work of a single fit (:func:`~hmoe_sim.estimators.jacobian_bytes`, what
     :func:`~hmoe_sim.estimators.auto_chunk_size` budgets); separately, the L2 evaluation sample of the
-    cell (the points and the fitted values there). Each is compared with the device's total
+    cell (the points and the fitted values there); the widest tensor of one evaluation (the
+    attention's keys of the HMoE presets, :func:`~hmoe_sim.models.presets.tensor_elements`);
+    and the state of every start of a cell, fitted at once (``fit.n_starts + fit.random_starts``
+    per data set: four copies of the parameters at least). Each is compared with the device's total
     memory (for the CPU: the memory available to this process, :func:`cpu_available_memory`),
     so only a configuration that cannot run on this machine now is refused. A
     ``fit.options.max_memory`` below what one fit's Jacobian needs at the largest ``n`` is
@@ -197,27 +160,51 @@ def check_memory(config: SweepConfig, series: SeriesConfig, setup: SeriesSetup) 
     Raises
     ------
     ValueError
-        Naming ``sample.sizes`` (or ``losses.l2_n_eval``), the value and the memory needed.
+        Naming ``sample.sizes`` (or ``losses.l2_n_eval``, the preset option that sets the attention's
+        width, ``fit.random_starts`` / ``fit.n_starts``), the value and the memory needed.
     """
     device = resolve_device(config.device)
     available = _device_memory(device)
     batch = min(config.sample.chunk, config.replications)
     dim = setup.fit_model.input_dim
     n = max(config.sizes)
-    per_fit = jacobian_bytes(n, setup.fit_model.n_params, resolve_dtype(config.dtype),
-                             analytic=hasattr(setup.fit_model, "value_and_jacobian"))
+    dtype = resolve_dtype(config.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n_params = setup.fit_model.n_params
+    per_fit = jacobian_bytes(n, n_params, dtype, analytic=hasattr(setup.fit_model, "value_and_jacobian"))
     need = 8 * batch * n * (dim + 1) + per_fit
     gib = 1024**3
     where = f"{device.type} memory ({available / gib:.1f} GiB{' available' if device.type == 'cpu' else ''})"
+    i = next(j for j, s in enumerate(config.series) if s.name == series.name)
     budget = series.fit.options.get("max_memory")
     if budget is not None and budget < per_fit:
-        i = next(j for j, s in enumerate(config.series) if s.name == series.name)
         raise ValueError(f"config key 'series[{i}].fit.options.max_memory': {budget} bytes is below the {per_fit} "
-                         f"bytes one fit needs at n = {n} ({setup.fit_model.n_params} parameters)")
-    if need > available:
-        raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {need / gib:.1f} GiB for one cell of "
-                         f"series {series.name!r} ({batch} data sets and one fit's Jacobian), more than the "
-                         f"{where}")
+                         f"bytes one fit needs at n = {n} ({n_params} parameters)")
+    # the attention's keys of one evaluation at the largest n (the HMoE presets' widest tensor)
+    _, per_sample, option = tensor_elements(series.preset, **series.truth_options)
+    forward = itemsize * n * per_sample
+    if option is not None and forward > need and need + forward > available:  # the attention, not n, is too wide
+        value = {**preset_defaults(series.preset), **series.truth_options}[option]
+        shared = config.truth.preset == series.preset and config.truth.options.get(option) == value
+        key = f"truth.options.{option}" if shared else f"series[{i}].truth_options.{option}"
+        raise ValueError(f"config key '{key}': {option} = {value} makes one evaluation of series {series.name!r} "
+                         f"at n = {n} hold {n * per_sample} numbers ({forward / gib:.1f} GiB), more than the {where}")
+    # every start of a cell is fitted at once: at least its start, estimate, trial step and kept result
+    starts = series.fit.n_starts + series.fit.random_starts
+    state = itemsize * batch * starts * 4 * n_params
+    total = need + forward + state
+    if state > need + forward and total > available:  # the starts, not n, are too many
+        name = "random_starts" if series.fit.random_starts >= series.fit.n_starts else "n_starts"
+        value = getattr(series.fit, name)
+        key = f"fit.{name}" if all(getattr(s.fit, name) == value for s in config.series) else \
+            f"series[{i}].fit.{name}"
+        raise ValueError(f"config key '{key}': {value} makes {starts} starts per fit, {batch * starts} fitted at once "
+                         f"in one cell of series {series.name!r}, which need at least {total / gib:.1f} GiB, more "
+                         f"than the {where}")
+    if total > available:
+        raise ValueError(f"config key 'sample.sizes': n = {n} needs at least {total / gib:.1f} GiB for one cell of "
+                         f"series {series.name!r} ({batch} data sets, one fit's Jacobian and evaluation, the starts), "
+                         f"more than the {where}")
     n_eval = config.losses.l2_n_eval if config.losses.l2 else 0
     need_l2 = 8 * n_eval * (dim + batch)  # the evaluation sample and the cell's fitted values on it
     if need_l2 > available:
@@ -225,13 +212,24 @@ def check_memory(config: SweepConfig, series: SeriesConfig, setup: SeriesSetup) 
                          f"{need_l2 / gib:.1f} GiB for one cell, more than the {where}")
 
 
-def check_dask(scheduler: str | None) -> None:
-    """Fail early when dask.distributed is missing or the scheduler address cannot be reached.
+#: seconds the dask scheduler check waits for a connection and for each reply
+SCHEDULER_CHECK_SECONDS = 5.0
+
+
+def check_dask(scheduler: str | None, timeout: float | None = None) -> None:
+    """Fail early unless dask.distributed is installed and ``scheduler`` is a dask scheduler that answers.
+
+    Connects with distributed's own comm layer (``distributed.comm.connect``, which performs
+    the protocol's handshake) and asks the peer who it is (the ``identity`` call), all within
+    ``timeout`` seconds (default :data:`SCHEDULER_CHECK_SECONDS`): a port that accepts and never
+    answers, a service that speaks another protocol, a dask worker, an unknown address scheme
+    or an unreachable address each fail in one line naming the address. Nothing is written.
 
     Raises
     ------
     ValueError
-        dask is not installed, or ``scheduler`` is malformed or unreachable (named).
+        dask is not installed, or ``scheduler`` is malformed, unreachable, silent, or not a
+        dask scheduler (named).
     """
     try:
         import dask.distributed  # noqa: F401
@@ -239,14 +237,45 @@ def check_dask(scheduler: str | None) -> None:
         raise ValueError("backend 'dask' needs dask.distributed: pip install 'hmoe-sim[dist]'") from err
     if scheduler is None:
         return
-    protocol, _, rest = scheduler.rpartition("://")
-    if protocol not in ("", "tcp", "tls"):
-        return
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"dask scheduler address {scheduler!r} is not of the form tcp://host:port")
+    seconds = SCHEDULER_CHECK_SECONDS if timeout is None else timeout
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hmoe-sim-dask-check") as pool:
+        # a thread of its own: asyncio.run needs a thread without a running event loop
+        problem = pool.submit(asyncio.run, _ask_identity(scheduler, seconds)).result()
+    if problem is not None:
+        raise ValueError(f"{problem}; check --scheduler (e.g. tcp://host:8786) and that a dask scheduler runs there")
+
+
+async def _ask_identity(address: str, seconds: float) -> str | None:
+    """What is wrong with the dask scheduler at ``address``, in words naming it (``None``: nothing)."""
+    from distributed.comm import connect
+    from distributed.core import send_recv
+
+    comm = None
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
-            pass
-    except OSError as err:
-        raise ValueError(f"cannot reach the dask scheduler at {scheduler!r}: {err.strerror or err}") from err
+        try:
+            # connect retries refused connections for ``seconds``, then reads the handshake without a limit
+            comm = await asyncio.wait_for(connect(address, timeout=seconds), 2 * seconds)
+        except (ValueError, TypeError) as err:
+            return f"dask scheduler address {address!r} is not a dask address ({_first_line(err)})"
+        except TimeoutError:  # an OSError: the handshake got no answer
+            raise
+        except OSError as err:
+            return f"cannot reach the dask scheduler at {address!r} ({_first_line(err)})"
+        identity = await asyncio.wait_for(send_recv(comm, op="identity"), seconds)
+    except TimeoutError:
+        return (f"the service at {address!r} accepts connections but gave no dask answer within "
+                f"{2 * seconds:g} s")
+    except Exception:  # noqa: BLE001 - another protocol's bytes fail anywhere in dask's decoder (MemoryError too)
+        return f"the service at {address!r} does not speak the dask protocol (its first bytes are no dask message)"
+    finally:
+        if comm is not None:
+            comm.abort()
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if kind != "Scheduler":
+        return f"the service at {address!r} is not a dask scheduler (it says it is {kind!r})"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())[:200]

@@ -3,7 +3,9 @@
 A configuration names a truth (a preset of :mod:`hmoe_sim.models.presets` with its options)
 or an ensemble of truths (``truth.seeds``, declared before anything runs), the sample sizes
 and replications, the controls fitted beside every series (``sample.controls``:
-``["noise_free"]`` adds a twin fitted to the same inputs without noise), one or more *series*
+``["noise_free"]`` adds a twin fitted to the same inputs without noise), an optional noise axis
+(``sample.noise_levels``: the data's noise standard deviations, crossed with the sizes; see
+:mod:`hmoe_sim.sweep.cells` for what is paired), one or more *series*
 (a fitted structure and an estimator protocol; e.g. ``shared`` and ``nonshared``, or
 ``relu/sgd-paper``; ``fit.n_starts`` starts from ``fit.init`` plus ``fit.random_starts``
 random starts, all kept), and the losses to record.
@@ -57,7 +59,8 @@ from pathlib import Path
 from typing import Any
 
 from hmoe_sim import __version__
-from hmoe_sim.models.presets import make_preset
+from hmoe_sim.devices import cpu_available_memory
+from hmoe_sim.models.presets import make_preset, preset_defaults, tensor_elements
 from hmoe_sim.sweep.keys import as_bool, as_int, as_name, as_str, check_keys, fail
 from hmoe_sim.sweep.schema import (
     CONTROL_KINDS,
@@ -132,6 +135,11 @@ class SweepConfig:
     def controls(self) -> list[str]:
         """The controls fitted beside every series (``["noise_free"]`` or ``[]``)."""
         return list(self.sample.controls)
+
+    @property
+    def noise_levels(self) -> list[float]:
+        """The noise axis (``sample.noise_levels``, increasing); empty: each truth's own ``noise_std``."""
+        return list(self.sample.noise_levels)
 
     @property
     def control_perturbations(self) -> dict[str, float]:
@@ -210,12 +218,61 @@ def file_keys() -> list[str]:
 def _check_plan_size(truth_seeds: int, sample: SampleConfig) -> None:
     """Refuse a plan of more than :data:`MAX_FITS` fits, naming its fits and cells, before building it."""
     reps = sample.replications
-    groups = truth_seeds * ((1 + len(sample.controls)) * len(sample.sizes) + len(sample.control_perturbations))
+    levels = max(1, len(sample.noise_levels))  # the noisy fits at every noise level; each control once
+    groups = truth_seeds * ((levels + len(sample.controls)) * len(sample.sizes) + len(sample.control_perturbations))
     fits, cells = groups * reps, groups * -(-reps // sample.chunk)
     if fits > MAX_FITS:
         raise fail("sample.replications", f"{reps} replications plan {fits} fits in {cells} cells, more than the "
                                            f"{MAX_FITS} fits one sweep may hold; lower sample.replications (or the "
-                                           "number of sizes, series or truths)")
+                                           "number of sizes, noise levels, series or truths)")
+
+
+def _check_noise_axis(sample: SampleConfig, truth: TruthConfig, series: tuple[SeriesConfig, ...]) -> None:
+    """Refuse a noise axis beside an explicit ``noise_std`` truth option: which σ the data have would be ambiguous."""
+    if not sample.noise_levels:
+        return
+    for i, s in enumerate(series):
+        if "noise_std" in s.truth_options:
+            key = "truth.options.noise_std" if "noise_std" in truth.options else f"series[{i}].truth_options.noise_std"
+            raise fail(key, f"{s.truth_options['noise_std']!r} sets the data's noise while sample.noise_levels = "
+                            f"{list(sample.noise_levels)} sets it per cell; remove {key} (on a noise axis the data's "
+                            "noise levels are sample.noise_levels)")
+
+
+def _check_starts(series: tuple[SeriesConfig, ...], sample: SampleConfig, base_fit: FitConfig) -> None:
+    """Refuse a plan of more than :data:`MAX_FITS` fitted starts (fits x starts per fit), naming the starts key."""
+    reps, sizes = sample.replications, (1 + len(sample.controls)) * len(sample.sizes)
+    rungs = len(sample.control_perturbations)  # one start each
+    starts = sum(reps * len(s.truth_seeds) * (sizes * (s.fit.n_starts + s.fit.random_starts) + rungs) for s in series)
+    if starts <= MAX_FITS:
+        return
+    i, s = max(enumerate(series), key=lambda item: item[1].fit.n_starts + item[1].fit.random_starts)
+    name = "random_starts" if s.fit.random_starts >= s.fit.n_starts else "n_starts"
+    value = getattr(s.fit, name)
+    key = f"fit.{name}" if value == getattr(base_fit, name) else f"series[{i}].fit.{name}"
+    raise fail(key, f"{value} makes {s.fit.n_starts + s.fit.random_starts} starts per fit: the plan fits {starts} "
+                    f"starts, more than the {MAX_FITS} one sweep may run; lower fit.n_starts or fit.random_starts")
+
+
+def _truth_option_key(i: int, raw_series: object, option: str) -> str:
+    """Where a series' truth option was set: ``series[i].truth_options.<option>`` or ``truth.options.<option>``."""
+    own = raw_series.get("truth_options", {}) if isinstance(raw_series, Mapping) else {}
+    return f"series[{i}].truth_options.{option}" if isinstance(own, Mapping) and option in own else \
+        f"truth.options.{option}"
+
+
+def _check_truth_size(i: int, series: SeriesConfig, raw_series: object) -> None:
+    """Refuse a truth whose tensors (the frozen attention's weights) cannot be built in this machine's memory."""
+    try:
+        fixed, _, option = tensor_elements(series.preset, **series.truth_options)
+    except (ValueError, TypeError):  # a bad value: refused, named, when the truth is built
+        return
+    need, available = 8 * fixed, cpu_available_memory()
+    if option is not None and need > available:
+        value = {**preset_defaults(series.preset), **series.truth_options}[option]
+        raise fail(_truth_option_key(i, raw_series, option),
+                   f"{option} = {value} makes the truth of preset {series.preset!r} hold {fixed} numbers "
+                   f"({need / 1024**3:.1f} GiB), more than the {available / 1024**3:.1f} GiB of memory available")
 
 
 def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> SweepConfig:
@@ -258,9 +315,12 @@ def parse_config(raw: Mapping[str, Any], *, default_name: str = "sweep") -> Swee
     if len(set(names)) != len(names):
         raise fail("series", f"series names must be distinct, got {names}")
     losses = parse_losses(top.get("losses", {}))
+    _check_noise_axis(sample, truth, series)
     _check_plan_size(sum(len(s.truth_seeds) for s in series), sample)
+    _check_starts(series, sample, base_fit)
     # Build every truth now, so that a bad preset option fails before any fitting.
     for i, s in enumerate(series):
+        _check_truth_size(i, s, raw_series[i])
         for seed in s.truth_seeds:
             try:
                 make_preset(s.preset, seed=seed, **s.truth_options)

@@ -3,7 +3,8 @@
 The lock is an ``flock`` on ``DIR/.hmoe-sim.lock``, which also records the holder (pid, host,
 start time). The kernel drops an ``flock`` when its process ends, however it ends; a lock file
 still naming a holder when the lock is free was left by a killed sweep and is taken over with a
-notice.
+notice. The lock file is opened without following a symbolic link: a link at its path is refused
+with one line naming it, never written through.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import fcntl
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from hmoe_sim.files import refuse_symlink
 
 __all__ = ["LOCK_FILE", "RunLocked", "hold_lock", "read_lock_info"]
 
@@ -81,12 +85,24 @@ def hold_lock(directory: Path, notify: Callable[[str], None] | None = None, *,
     RunLocked
         When another process holds it; the message names that process (pid, host and
         start time).
+    ValueError
+        The lock path is a symbolic link or not a regular file (named).
     """
     say = notify if notify is not None else (lambda msg: None)
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / LOCK_FILE
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        refuse_symlink(lock_path)
+        try:
+            fd = os.open(lock_path, flags, 0o666)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # a symbolic link planted after the check above
+                refuse_symlink(lock_path)
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{str(lock_path)!r} is not a regular file (the lock file of the run); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

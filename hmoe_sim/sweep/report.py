@@ -14,28 +14,36 @@ policy can be judged.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
+from itertools import product
 
 import numpy as np
 import pandas as pd
 
+from hmoe_sim.equivalence import upper_range
 from hmoe_sim.estimators.result import count_at_iteration_cap
 from hmoe_sim.identifiability import flat_directions, loss_floor
-from hmoe_sim.rates import (
-    FLOOR_TOLERANCE,
-    SeriesEvidence,
-    fit_rate,
-    ladder_exponent,
-    rate_verdict,
+from hmoe_sim.rates import fit_rate, ladder_exponent
+from hmoe_sim.sweep.axes import (
+    AXIS_COLUMN,
+    axis_values,
+    bootstrap_cells,
+    equivalence_columns,
+    fixed_noise,
+    has_noise_axis,
+    noise_cells,
 )
 from hmoe_sim.sweep.config import SeriesConfig, SweepConfig
 from hmoe_sim.sweep.setup import SeriesSetup, series_setup
+from hmoe_sim.verdicts import FLOOR_TOLERANCE, SeriesEvidence, rate_verdict
 
 __all__ = ["loss_columns", "flagged", "usable", "rates_table", "summary_table", "format_rates", "RATE_COLUMNS",
            "EXCLUDED_BOUNDARY", "boundary_excluded", "boundary_table", "format_boundary", "worse_than_truth",
            "loss_floors", "flat_counts", "upper_half", "protocol_is_start"]
 
 #: leading columns of ``rates.csv``
-RATE_COLUMNS = ["truth", "series", "loss", "slope", "ci_low", "ci_high", "n_min", "n_max"]
+RATE_COLUMNS = ["truth", "series", "loss", "axis", "slope", "ci_low", "ci_high", "n_min", "n_max"]
+#: columns of a rate fit that are NaN when no slope can be fitted
+_FIT_COLUMNS = RATE_COLUMNS[4:]
 
 #: Boundary kinds (``"name:side"``, e.g. ``"beta1:hi"``) that exclude a fit from means and the
 #: main slope. Empty: no kind does. ``beta0:lo`` (an atom switched off) and the shared gauge
@@ -124,10 +132,11 @@ def usable(results: pd.DataFrame, loss: str, *, fits: str = "policy",
 
 
 def _rate(part: pd.DataFrame, ok: pd.Series, loss: str, n_boot: int, level: float) -> dict[str, object]:
-    if part.loc[ok, "n"].nunique() < 2:
-        return {k: np.nan for k in RATE_COLUMNS[3:]}
-    return fit_rate(part.loc[ok, "n"].to_numpy(), part.loc[ok, loss].to_numpy(dtype=float),
-                    n_boot=n_boot, level=level, seed=0).as_dict()
+    if part.loc[ok, AXIS_COLUMN].nunique() < 2:
+        return {k: np.nan for k in _FIT_COLUMNS}
+    chosen = part[ok]
+    return fit_rate(chosen[AXIS_COLUMN].to_numpy(), chosen[loss].to_numpy(dtype=float),
+                    n_boot=n_boot, level=level, seed=0, cells=bootstrap_cells(chosen)).as_dict()
 
 
 def _slope_columns(suffix: str, fit: dict[str, object]) -> dict[str, object]:
@@ -146,17 +155,17 @@ def _parts(results: pd.DataFrame, truth: int, series: str) -> tuple[pd.DataFrame
     return rows[control == ""], {c: rows[control == c] for c in dict.fromkeys(control) if c}
 
 
-def _median_at(part: pd.DataFrame, loss: str, n: int) -> float:
-    """Median finite loss at size ``n`` (zeros included: a control may reach exact zero)."""
-    v = part.loc[part["n"] == n, loss].to_numpy(dtype=float)
+def _median_at(part: pd.DataFrame, loss: str, n: float, column: str = "n") -> float:
+    """Median finite loss where ``column`` equals ``n`` (zeros included: a control may reach exact zero)."""
+    v = part.loc[part[column] == n, loss].to_numpy(dtype=float)
     v = v[np.isfinite(v)]
     return float(np.median(v)) if len(v) else np.nan
 
 
 def upper_half(sizes: list[int]) -> list[int]:
-    """The upper half of the n grid (``sizes[len // 2:]``), the rule fixed before any run."""
-    ordered = sorted(sizes)
-    return ordered[len(ordered) // 2:]
+    """The upper half of the n grid (``sizes[len // 2:]``), the rule fixed before any run
+    (:func:`hmoe_sim.rates.upper_range`)."""
+    return [int(v) for v in upper_range(sizes)]
 
 
 def _voronoi_cases(config: SweepConfig) -> Iterator[tuple[tuple[int, str, str], SeriesSetup]]:
@@ -186,10 +195,18 @@ def flat_counts(config: SweepConfig) -> dict[tuple[int, str, str], tuple[int, in
 
 
 def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataFrame], loss: str,
-                 config: SweepConfig, n_boot: int, level: float) -> dict[str, object]:
-    """Upper-half, worst-case, spread and noise-free-control columns of one rates row."""
+                 config: SweepConfig, n_boot: int, level: float, axis: str) -> dict[str, object]:
+    """Upper-half, worst-case, spread and noise-free-control columns of one rates row.
+
+    On the n axis the upper half is :func:`upper_half` of the configured sizes; on n_eff,
+    :func:`hmoe_sim.rates.upper_range` of the series' n_eff values; ``noisy_level`` is the median
+    at the largest value of the axis. The noise-free control (sigma = 0, the right end of the
+    n_eff axis) is fitted against n on both axes, its level taken at the largest n.
+    """
     row: dict[str, object] = {}
-    upper = ok & main["n"].isin(upper_half(config.sizes))
+    on_n = axis == "n"
+    upper_values = upper_half(config.sizes) if on_n else upper_range(main[AXIS_COLUMN])
+    upper = ok & main[AXIS_COLUMN].isin(upper_values)
     row.update(_slope_columns("upper", _rate(main, upper, loss, n_boot, level)))
     worst_col = f"{loss}_max"
     if worst_col in main:
@@ -202,7 +219,8 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
         row.update(_slope_columns("worst", {"slope": np.nan, "ci_low": np.nan, "ci_high": np.nan}))
         row["spread_ratio"] = np.nan
     n_max = max(config.sizes)
-    row["noisy_level"] = _median_at(main, loss, n_max)
+    axis_max = n_max if on_n else (float(main[AXIS_COLUMN].max()) if len(main) else np.nan)
+    row["noisy_level"] = _median_at(main, loss, axis_max, AXIS_COLUMN)
     ladder = config.control_perturbations
     rungs = [(p, _median_at(controls[name], loss, n_max)) for name, p in ladder.items() if name in controls]
     row["control_perturb_exponent"] = ladder_exponent(*zip(*rungs, strict=True), row["noisy_level"]) \
@@ -214,7 +232,7 @@ def _diagnostics(main: pd.DataFrame, ok: pd.Series, controls: dict[str, pd.DataF
                     "control_level": np.nan})
     else:
         c_ok = usable(control, loss, fits="all")
-        c_fit = _rate(control, c_ok, loss, n_boot, level)
+        c_fit = _rate(axis_values(control, "n"), c_ok, loss, n_boot, level)
         row.update({"control_slope": c_fit["slope"], "control_ci_low": c_fit["ci_low"],
                     "control_ci_high": c_fit["ci_high"], "control_level": _median_at(control, loss, n_max)})
     return row
@@ -255,6 +273,8 @@ def _evidence(row: dict[str, object], series: SeriesConfig, controls: dict[str, 
     protocol = protocol_is_start(series)
     n_sizes = row.get("n_sizes", 0)
     return SeriesEvidence(
+        axis=str(row["axis"]), equivalence_diff=num("equivalence_diff"),
+        equivalence_ci_low=num("equivalence_ci_low"), equivalence_ci_high=num("equivalence_ci_high"),
         has_control="noise_free" in controls and not controls["noise_free"].empty,
         truth_free_starts=protocol or series.fit.random_starts > 0, protocol_start=protocol,
         slope=num("slope"), ci_low=num("ci_low"), ci_high=num("ci_high"),
@@ -270,9 +290,20 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                 exclude: Collection[str] = EXCLUDED_BOUNDARY,
                 floors: dict[tuple[int, str, str], float] | None = None,
                 flats: dict[tuple[int, str, str], tuple[int, int]] | None = None) -> pd.DataFrame:
-    """One row per (truth, series, loss): the fitted log-log slope with its CI and its verdict.
+    """One row per (truth, series, loss, axis): the fitted log-log slope with its CI and its verdict.
 
-    Columns: ``truth, series, loss, slope, ci_low, ci_high, n_min, n_max`` then the rest of
+    ``axis`` is ``"n"`` (the sample size) for every series; a series whose noisy fits have several
+    noise levels at some n (a noise ladder, :func:`has_noise_axis`) has its ``"n"`` rows fitted
+    at its largest sigma (:func:`hmoe_sim.sweep.axes.fixed_noise`) and also gets ``"n_eff"`` rows, fitted against
+    ``n / sigma^2`` over every (n, sigma) with the bootstrap resampling within each (n, sigma).
+    On an ``n_eff`` row ``n_min, n_max, n_sizes`` and the ``upper`` slope (the upper half of the
+    distinct n_eff values, :func:`hmoe_sim.rates.upper_range`) are on n_eff, and ``noisy_level``
+    is the median at the largest n_eff. Every row has ``noise_std`` (the sigma of its fits; NaN
+    when several or none recorded) and the matched-size columns of :func:`hmoe_sim.sweep.axes.equivalence_columns`
+    (``equivalence, n_matched, n_matched_upper, equivalence_n_eff, equivalence_diff,
+    equivalence_ci_low, equivalence_ci_high``; empty and NaN on the n axis).
+
+    Columns: ``truth, series, loss, axis, slope, ci_low, ci_high, n_min, n_max`` then the rest of
     :meth:`hmoe_sim.rates.RateFit.as_dict` (power-law vs log-model comparison), then
     ``n_fits`` (rows of the series), ``n_used``, ``n_flagged`` (diverged or on the boundary at
     an excluded kind), ``n_bad_loss`` (unflagged fits whose loss is not finite and positive),
@@ -310,9 +341,12 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
         for s in config.series:
             if truth not in s.truth_seeds:
                 continue
-            main, controls = _parts(results, truth, s.name)
-            idx = main.index
-            for loss in loss_columns(config):
+            noisy, controls = _parts(results, truth, s.name)
+            axes = [("n", axis_values(fixed_noise(noisy), "n"))]
+            if has_noise_axis(noisy):
+                axes.append(("n_eff", axis_values(noisy, "n_eff")))
+            for loss, (axis, main) in product(loss_columns(config), axes):
+                idx = main.index
                 ok = usable(main, loss, exclude=exclude)
                 counts = {"n_fits": len(main), "n_used": int(ok.sum()), "n_flagged": int(bad[idx].sum()),
                           "n_bad_loss": int((~ok & ~bad[idx]).sum()),
@@ -320,15 +354,18 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
                           "n_on_boundary": int(main["on_boundary"].astype(bool).sum()) if "on_boundary" in main
                           else 0,
                           "n_boundary_excluded": int(excl[idx].sum()), "n_worse_than_truth": int(worse[idx].sum())}
-                row: dict[str, object] = {"truth": truth, "series": s.name, "loss": loss}
+                row: dict[str, object] = {"truth": truth, "series": s.name, "loss": loss, "axis": axis}
                 row.update({k: v for k, v in _rate(main, ok, loss, n_boot, level).items() if k not in row})
+                sigma = main["noise_std"].unique() if "noise_std" in main else []
+                row["noise_std"] = float(sigma[0]) if len(sigma) == 1 else np.nan
                 row.update(counts)
                 for which in ("all", "inside"):
                     chosen = usable(main, loss, fits=which)
                     sens = _rate(main, chosen, loss, n_boot, level)
                     row.update(_slope_columns(which, sens))
                     row.update({f"preferred_{which}": sens.get("preferred", ""), f"n_used_{which}": int(chosen.sum())})
-                row.update(_diagnostics(main, ok, controls, loss, config, n_boot, level))
+                row.update(_diagnostics(main, ok, controls, loss, config, n_boot, level, axis))
+                row.update(equivalence_columns(main, ok, loss, n_boot, level))
                 row["loss_floor"] = floors.get((truth, s.name, loss), np.nan)
                 row.update(_protocol_columns(main, ok, s, loss))
                 floor = float(row["loss_floor"])
@@ -343,14 +380,23 @@ def rates_table(results: pd.DataFrame, config: SweepConfig, *, n_boot: int = 200
 
 def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                   exclude: Collection[str] = EXCLUDED_BOUNDARY) -> pd.DataFrame:
-    """One row per (truth, series, control, n): counts of fits (flagged, converged, ...) and loss statistics.
+    """One row per (truth, series, control, n, noise level): fit counts (flagged, converged, ...) and loss statistics.
+
+    With the results' ``noise_std`` column the rows carry ``noise_std`` and ``n_eff`` after ``n``
+    (one row per noise level on a noise axis).
 
     For every loss ``L``: ``L_mean``, ``L_sd`` (ddof 1), ``L_median`` over the usable fits,
     ``L_median_inside`` over the fits strictly inside the box, and ``L_max_median``, the
     median of the largest near-optimal loss. Control rows (``control = "noise_free"``) use
     every fit of finite loss (a control may reach round-off).
+
+    When some series has a noise ladder (:func:`hmoe_sim.sweep.axes.has_noise_axis`), rows are per (truth, series,
+    control, n, noise level) and carry ``noise_std`` and ``n_eff`` (``n / sigma^2``; ``inf`` for a
+    control, ``sigma = 0``), after ``n``; otherwise the table is as without a ladder.
     """
     rows = []
+    noisy = results[results["control"].fillna("").astype(str) == ""] if "control" in results else results
+    ladder = any(has_noise_axis(part) for _, part in noisy.groupby("series"))
     bad, excl, worse = flagged(results, exclude), boundary_excluded(results, exclude), worse_than_truth(results)
     for truth in config.truth_seeds:
         for s in config.series:
@@ -358,12 +404,13 @@ def summary_table(results: pd.DataFrame, config: SweepConfig, *,
                 continue
             main, controls = _parts(results, truth, s.name)
             for control, rows_of in [("", main), *controls.items()]:
-                for n in config.sizes:
-                    part = rows_of[rows_of["n"] == n]
+                for n, sigma, part in noise_cells(rows_of, config.sizes, ladder):
                     if control in config.control_perturbations and part.empty:
                         continue  # a ladder rung is fitted at the largest n only
-                    row: dict[str, object] = {"truth": truth, "series": s.name, "control": control, "n": n,
-                                              "n_fits": len(part), "n_flagged": int(bad[part.index].sum())}
+                    row: dict[str, object] = {"truth": truth, "series": s.name, "control": control, "n": n}
+                    if ladder:
+                        row.update({"noise_std": sigma, "n_eff": n / sigma**2 if sigma > 0 else np.inf})
+                    row.update({"n_fits": len(part), "n_flagged": int(bad[part.index].sum())})
                     for col in ("diverged", "on_boundary", "converged"):
                         row[f"n_{col}"] = int(part[col].astype(bool).sum()) if col in part else 0
                     row["n_boundary_excluded"] = int(excl[part.index].sum())
@@ -423,14 +470,18 @@ def format_boundary(table: pd.DataFrame) -> str:
 def format_rates(rates: pd.DataFrame) -> str:
     """The rates table as aligned text (what ``hmoe-sim report`` prints): every slope with its verdict,
     the worst-case and upper-half slopes, the spread and the noise-free control."""
-    cols = [c for c in ["truth", "series", "loss", "slope", "ci_low", "ci_high", "verdict", "n_used", "n_flagged",
-                        "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio",
-                        "control_slope", "control_level", "loss_floor", "slope_inside", "n_used_inside"] if c in rates]
-    if "truth" in cols and rates["truth"].nunique() == 1:
-        cols.remove("truth")
+    cols = [c for c in ["truth", "series", "loss", "axis", "slope", "ci_low", "ci_high", "verdict", "n_used",
+                        "n_flagged", "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst", "spread_ratio",
+                        "control_slope", "control_level", "loss_floor", "slope_inside", "n_used_inside",
+                        "equivalence_diff"] if c in rates]
+    for single in ("truth", "axis"):
+        if single in cols and rates[single].nunique() == 1:
+            cols.remove(single)
+    if "equivalence_diff" in cols and not np.isfinite(rates["equivalence_diff"].to_numpy(dtype=float)).any():
+        cols.remove("equivalence_diff")
     shown = rates[cols].copy()
     for c in ("slope", "ci_low", "ci_high", "slope_upper", "slope_worst", "ci_low_worst", "ci_high_worst",
-              "control_slope", "slope_inside"):
+              "control_slope", "slope_inside", "equivalence_diff"):
         if c in shown:
             shown[c] = shown[c].map(lambda v: f"{v:+.3f}" if np.isfinite(v) else "nan")
     for c in ("spread_ratio", "control_level", "loss_floor"):

@@ -15,7 +15,9 @@ finished cell and raises :class:`SweepInterrupted` ("interrupted; N of M cells d
 the same command to resume"); no child process outlives the sweep
 (:mod:`~hmoe_sim.sweep.backends`). SIGKILL cannot be caught: the kernel releases the lock and
 kills the worker processes with their parent, and the pool's resource tracker exits once they
-are gone. The next sweep into the directory takes over the stale lock with a notice and
+are gone. A worker process killed from outside (or by the kernel for memory), or a dask
+scheduler lost mid-run, ends the sweep with :class:`SweepAborted` (one line: what was lost,
+the cells kept, how to resume). The next sweep into the directory takes over the stale lock with a notice and
 removes the partial temporary files the killed one may have left.
 """
 
@@ -33,15 +35,15 @@ from typing import Any
 
 import pandas as pd
 
-from hmoe_sim.sweep.backends import Execution, cell_results
+from hmoe_sim.sweep.backends import Execution, WorkLost, cell_results, usable_cores
 from hmoe_sim.sweep.cells import Cell, cell_hash
 from hmoe_sim.sweep.checks import check_before_work
 from hmoe_sim.sweep.config import SweepConfig
 from hmoe_sim.sweep.report import loss_columns
-from hmoe_sim.sweep.storage import CellInvalid, RunDir
+from hmoe_sim.sweep.storage import CellInvalid, RunDir, with_noise_columns
 from hmoe_sim.sweep.tables import write_tables
 
-__all__ = ["PLAIN_PROGRESS_SECONDS", "SweepInterrupted", "SweepOutcome", "run_sweep"]
+__all__ = ["PLAIN_PROGRESS_SECONDS", "SweepAborted", "SweepInterrupted", "SweepOutcome", "run_sweep"]
 
 #: without a terminal, a plain progress line at most this often (and after the last cell)
 PLAIN_PROGRESS_SECONDS = 30.0
@@ -94,6 +96,26 @@ class SweepInterrupted(KeyboardInterrupt):
     def __str__(self) -> str:
         how = "terminated (SIGTERM)" if self.signal_number == signal.SIGTERM else "interrupted"
         return (f"{how}; {self.done} of {self.total} cells done ({self.computed} this run), "
+                "rerun the same command to resume")
+
+
+class SweepAborted(RuntimeError):
+    """A sweep stopped because its workers or its dask scheduler were lost; its finished cells are kept.
+
+    Attributes
+    ----------
+    reason : str
+        What was lost (from :class:`~hmoe_sim.sweep.backends.WorkLost`).
+    done, total, computed : int
+        Cells on disk now, cells in the plan, cells computed by the stopped call.
+    """
+
+    def __init__(self, reason: str, done: int, total: int, computed: int) -> None:
+        super().__init__(reason, done, total, computed)
+        self.reason, self.done, self.total, self.computed = reason, done, total, computed
+
+    def __str__(self) -> str:
+        return (f"{self.reason}; {self.done} of {self.total} cells done ({self.computed} this run) are kept, "
                 "rerun the same command to resume")
 
 
@@ -179,7 +201,7 @@ def run_sweep(
         LocalCluster for ``dask``); at most the usable cores over ``config.threads``, lowered
         with a one-line notice (:meth:`~hmoe_sim.sweep.backends.Execution.capped`).
     backend : {"local", "dask"}
-        In-process / a process pool, or a dask.distributed cluster through joblib.
+        In-process / a process pool, or a dask.distributed cluster (one task per cell).
     scheduler : str, optional
         Address of a running dask scheduler (``backend="dask"`` only); default: start a
         LocalCluster.
@@ -205,6 +227,8 @@ def run_sweep(
         Another sweep holds the run directory (a ``ValueError``).
     SweepInterrupted
         Ctrl-C or SIGTERM; the finished cells are on disk, and no worker process is left.
+    SweepAborted
+        A worker process died, or the dask scheduler was lost; the finished cells are on disk.
     """
     start = time.perf_counter()
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
@@ -212,7 +236,12 @@ def run_sweep(
     if device is not None:
         config = config.with_overrides(device=device)
     run, cells = check_before_work(config, out, dask=backend == "dask", scheduler=scheduler)
-    execution = execution.capped(config.threads, say)
+    threads = config.threads
+    if execution.scheduler is None and threads > usable_cores():  # a remote cluster's workers cap their own
+        threads = usable_cores()
+        say(f"threads = {config.threads} is more than the {threads} usable cores; each cell runs {threads} torch "
+            "thread(s)")
+    execution = execution.capped(threads, say)
 
     fp = config.fingerprint
     counts = {"done": 0, "computed": 0}
@@ -226,13 +255,15 @@ def run_sweep(
                 f"computing {len(todo)}")
             if todo:
                 _compute(run, config, todo, frames, counts, execution, progress=progress, say=say)
-            results = pd.concat([frames[c] for c in cells], ignore_index=True)
-            results = results.sort_values(["truth", "series", "control", "n", "replication"], kind="stable"
-                                          ).reset_index(drop=True)
+            results = with_noise_columns(pd.concat([frames[c] for c in cells], ignore_index=True), config)
+            results = results.sort_values(["truth", "series", "control", "n", "noise_std", "replication"],
+                                          kind="stable").reset_index(drop=True)
             results.insert(0, "fingerprint", fp)
             rates, summary = write_tables(run, config, results)
     except SweepInterrupted:
         raise
+    except WorkLost as err:
+        raise SweepAborted(str(err), counts["done"], len(cells), counts["computed"]) from err
     except KeyboardInterrupt as err:
         number = signal.SIGTERM if isinstance(err, _Terminated) else signal.SIGINT
         raise SweepInterrupted(counts["done"], len(cells), counts["computed"], number) from err

@@ -84,13 +84,18 @@ class SampleConfig:
     controls: tuple[str, ...] = ()
     #: recorded in the resolved configuration only when not empty (older fingerprints stay)
     control_perturbations: tuple[float, ...] = ()
+    #: the noise axis: the data's noise standard deviations, increasing, crossed with the sizes;
+    #: empty: the truth's own ``noise_std``. Recorded only when set (older fingerprints stay)
+    noise_levels: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved ``sample`` table (``control_perturbations`` only when set)."""
+        """The resolved ``sample`` table (``control_perturbations`` and ``noise_levels`` only when set)."""
         out: dict[str, Any] = {"sizes": list(self.sizes), "replications": self.replications, "chunk": self.chunk,
                                "x_dist": self.x_dist, "controls": list(self.controls)}
         if self.control_perturbations:
             out["control_perturbations"] = list(self.control_perturbations)
+        if self.noise_levels:
+            out["noise_levels"] = list(self.noise_levels)
         return out
 
 
@@ -182,15 +187,16 @@ def parse_truth(table: object) -> TruthConfig:
 def parse_sample(table: object) -> SampleConfig:
     """The ``[sample]`` section."""
     known = {f.name for f in dataclasses.fields(SampleConfig)} | {"grid"}
-    sample = {**_defaults(SampleConfig), "sizes": None, "grid": None,
-              **check_keys("sample", table, known)}
+    given = check_keys("sample", table, known)
+    sample = {**_defaults(SampleConfig), "sizes": None, "grid": None, **given}
     return SampleConfig(
         sizes=tuple(_sizes(sample)),
         replications=as_int("sample.replications", sample["replications"], 2),
         chunk=as_int("sample.chunk", sample["chunk"], 1),
         x_dist=as_str("sample.x_dist", sample["x_dist"], X_DISTRIBUTIONS),
         controls=tuple(_controls(sample["controls"])),
-        control_perturbations=tuple(_perturbations(sample["control_perturbations"])))
+        control_perturbations=tuple(_perturbations(sample["control_perturbations"])),
+        noise_levels=tuple(_noise_levels(given["noise_levels"]) if "noise_levels" in given else ()))
 
 
 def parse_fit(key: str, table: object, base: FitConfig | None = None) -> FitConfig:
@@ -264,6 +270,8 @@ def parse_losses(table: object) -> LossConfig:
     out = LossConfig(kinds=tuple(as_str(f"losses.kinds[{i}]", k, LOSS_KINDS) for i, k in enumerate(kinds)),
                      r=as_int("losses.r", losses["r"], 1), l2=as_bool("losses.l2", losses["l2"]),
                      l2_n_eval=as_int("losses.l2_n_eval", losses["l2_n_eval"], 1))
+    if len(set(out.kinds)) != len(out.kinds):
+        raise fail("losses.kinds", f"kinds must be distinct, got {list(out.kinds)}")
     if not out.kinds and not out.l2:
         raise fail("losses", "record at least one loss (losses.kinds or losses.l2)")
     return out
@@ -334,6 +342,20 @@ def _controls(value: object) -> list[str]:
     if len(set(out)) != len(out):
         raise fail("sample.controls", f"controls must be distinct, got {out}")
     return out
+
+
+def _noise_levels(value: object) -> list[float]:
+    """``sample.noise_levels``: a non-empty list of distinct finite noise standard deviations ``> 0``, sorted."""
+    key = "sample.noise_levels"
+    if not isinstance(value, list) or not value:
+        raise fail(key, f"must be a non-empty list of noise standard deviations > 0 (e.g. [0.05, 0.005]), "
+                        f"got {value!r}")
+    out = [as_float(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    if len(set(out)) != len(out):
+        repeated = sorted({v for v in out if out.count(v) > 1})
+        raise fail(key, f"noise levels must be distinct, got {value!r} ({', '.join(f'{v:g}' for v in repeated)} "
+                        "repeated)")
+    return sorted(out)
 
 
 def _perturbations(value: object) -> list[float]:

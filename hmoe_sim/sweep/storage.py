@@ -11,6 +11,7 @@
     DIR/boundary.csv              per (series, boundary kind): fits that ended at that bound
     DIR/per_truth.csv             truth ensembles: per (truth, H, series, loss) slope and verdict
     DIR/ensemble.csv              truth ensembles: per (H, loss) shared vs non-shared over truths
+    DIR/d1_sources.csv            per (truth, series): the shares of D1 from masses, locations, the box
 
 Two fingerprints. The *run fingerprint* (:attr:`SweepConfig.fingerprint`, over the whole
 resolved configuration) names the run: it is stored in ``config.resolved.json`` (with the
@@ -27,10 +28,12 @@ verified before reuse (:meth:`RunDir.load_cell`): readable, the key and hash it 
 key columns and every loss column, and one row per replication of the cell with the cell's
 coordinates.
 
-Every file is written to a temporary name in the same directory (created with mode ``0666``
-less the umask, like any other file) and moved in place with ``os.replace``; a sweep killed at
-any moment leaves only whole files behind, plus at most some ``.*.tmp`` files that the next
-sweep into the directory removes.
+Every file is written by :func:`hmoe_sim.files.atomic_write`: to a temporary name in the same
+directory (created exclusively, never through a symbolic link, with mode ``0666`` less the
+umask like any other file) and moved in place with ``os.replace``; a sweep killed at any moment
+leaves only whole files behind, plus at most some temporary files of the package's own pattern
+(``.<name>.hmoe-sim-<pid>-<hex>.tmp``) that the next sweep into the directory removes (no other
+file). A symbolic link at any path the package writes is refused before work, naming it.
 
 The lock is an ``flock`` on ``DIR/.hmoe-sim.lock``, which also records the holder
 (:mod:`~hmoe_sim.sweep.lock`); a lock file left by a killed sweep is taken over with a notice.
@@ -41,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hmoe_sim import __version__
-from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, plan_cells
+from hmoe_sim.files import atomic_write, refuse_symlink, remove_own_temporaries
+from hmoe_sim.sweep.cells import CELL_SCHEMA_VERSION, Cell, cell_noise, effective_size, plan_cells, truth_noise_std
 from hmoe_sim.sweep.config import SweepConfig, fingerprint_of, parse_config
 from hmoe_sim.sweep.lock import LOCK_FILE, hold_lock, read_lock_info
 
-__all__ = ["CellInvalid", "RunDir", "atomic_write"]
+__all__ = ["CellInvalid", "RunDir", "atomic_write", "with_noise_columns"]
 
 CONFIG_FILE = "config.resolved.json"
 RESULTS_FILE = "results.parquet"
@@ -64,6 +67,7 @@ SUMMARY_FILE = "summary.csv"
 BOUNDARY_FILE = "boundary.csv"
 PER_TRUTH_FILE = "per_truth.csv"
 ENSEMBLE_FILE = "ensemble.csv"
+D1_SOURCES_FILE = "d1_sources.csv"
 CELLS_DIR = "cells"
 #: parquet key-value metadata key of the hmoe-sim record in cell files and results.parquet
 METADATA_KEY = b"hmoe_sim"
@@ -71,42 +75,41 @@ METADATA_KEY = b"hmoe_sim"
 CELL_KEY_COLUMNS = ("truth", "series", "control", "n", "replication")
 
 
+def with_noise_columns(results: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
+    """``results`` with ``noise_std`` and ``n_eff`` filled in where they are missing.
+
+    Cells and results written before these columns existed (no noise axis) lack them; their
+    values follow from the configuration: the truth's ``noise_std`` for a noisy fit, ``0`` and
+    ``inf`` for a control (:func:`~hmoe_sim.sweep.cells.cell_noise`). Rows that carry them keep
+    them. Returns a new frame; the columns follow ``n``.
+    """
+    out = results.copy()
+    control = out["control"].fillna("").astype(str) if "control" in out else pd.Series("", index=out.index)
+    old = out["noise_std"].to_numpy(dtype=float) if "noise_std" in out else None
+    sigma = pd.Series(0.0, index=out.index)
+    for name in dict.fromkeys(out["series"]):
+        sigma[(out["series"] == name) & (control == "")] = truth_noise_std(config, str(name))
+    if old is not None:
+        sigma = sigma.where(pd.isna(old), old)
+    out = out.drop(columns=["noise_std", "n_eff"], errors="ignore")
+    at = list(out.columns).index("n") + 1 if "n" in out else len(out.columns)
+    out.insert(at, "noise_std", sigma.astype(float))
+    n_eff = [effective_size(int(n), float(v)) for n, v in zip(out["n"], out["noise_std"], strict=True)]
+    out.insert(at + 1, "n_eff", pd.Series(n_eff, index=out.index, dtype=float))
+    return out
+
+
 class CellInvalid(ValueError):
     """A stored cell file failed verification (the message says why)."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` and move it in place atomically.
-
-    The temporary file is created with mode ``0666`` less the process umask (the mode any
-    newly created file gets), never ``0600``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
-        os.close(fd)
-        break
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError as err:  # name the file that could not be replaced, not the temporary one
-            raise OSError(err.errno, err.strerror, str(path)) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_parquet(path: Path, frame: pd.DataFrame, record: dict[str, Any]) -> None:
-    """Write ``frame`` (no index) to parquet with ``record`` as JSON in the schema metadata."""
+def _write_parquet(sink: Any, frame: pd.DataFrame, record: dict[str, Any]) -> None:
+    """Write ``frame`` (no index) to parquet (``sink``: a path or an open binary file) with ``record`` as JSON in
+    the schema metadata."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True).encode()
-    pq.write_table(table.replace_schema_metadata(metadata), path)
+    pq.write_table(table.replace_schema_metadata(metadata), sink)
 
 
 def _parquet_record(path: Path) -> dict[str, Any] | None:
@@ -155,28 +158,28 @@ class RunDir:
             what = "the run directory" if probe == p else "its parent directory"
             raise ValueError(f"--out {str(p)!r} is not writable: no write permission on {what} {str(probe)!r}")
 
-    def check_layout(self, cells: Sequence[tuple[Cell, str]]) -> None:
+    def check_layout(self, cells: Sequence[tuple[Cell, str]], figure: str | None = None) -> None:
         """Raise ``ValueError`` naming the first path of the run directory that has the wrong kind.
 
-        ``cells/`` must be a directory; ``config.resolved.json``, ``results.parquet``, the
-        tables and the file of every planned ``(cell, cell hash)`` must be regular files when
-        they exist (a directory or a dangling symbolic link there would fail only when written).
+        ``cells/`` must be a directory; the lock file, ``config.resolved.json``,
+        ``results.parquet``, the tables, the figure ``figure`` (a file name) and the file of
+        every planned ``(cell, cell hash)`` must be regular files when they exist (a directory
+        there would fail only when written). None of them may be a symbolic link: the package
+        writes only its own files, never through a link (:func:`hmoe_sim.files.refuse_symlink`).
         """
         if not self.path.is_dir():
             return
-        files = [self.path / n for n in (CONFIG_FILE, RESULTS_FILE, RATES_FILE, SUMMARY_FILE, BOUNDARY_FILE,
-                                         PER_TRUTH_FILE, ENSEMBLE_FILE)]
+        names = [LOCK_FILE, CONFIG_FILE, RESULTS_FILE, RATES_FILE, SUMMARY_FILE, BOUNDARY_FILE, PER_TRUTH_FILE,
+                 ENSEMBLE_FILE, D1_SOURCES_FILE, *([figure] if figure is not None else [])]
+        files = [self.path / n for n in names]
         cell_dir = self.cell_dir()
-        if cell_dir.is_symlink() and not cell_dir.exists():
-            raise ValueError(f"{str(cell_dir)!r} is a dangling symbolic link (to {os.readlink(cell_dir)!r}); "
-                             "remove it")
+        refuse_symlink(cell_dir)
         if cell_dir.exists() and not cell_dir.is_dir():
             raise ValueError(f"{str(cell_dir)!r} is a file, not the directory of cell files; remove it")
         if cell_dir.is_dir():
             files += [self.cell_path(c, h) for c, h in cells]
         for f in files:
-            if f.is_symlink() and not f.exists():
-                raise ValueError(f"{str(f)!r} is a dangling symbolic link (to {os.readlink(f)!r}); remove it")
+            refuse_symlink(f)
             if f.exists() and not f.is_file():
                 raise ValueError(f"{str(f)!r} is a directory (or another non-file) where a file belongs; remove it")
 
@@ -199,7 +202,8 @@ class RunDir:
         -----
         A lock file left by a sweep that was killed (its ``flock`` is gone with it) is taken
         over with a notice through ``notify``, and the temporary files such a sweep may have
-        left (``.*.tmp``) are removed (:func:`hmoe_sim.sweep.lock.hold_lock`).
+        left are removed (only names of the package's own pattern whose writer is gone,
+        :func:`hmoe_sim.files.remove_own_temporaries`; :func:`hmoe_sim.sweep.lock.hold_lock`).
         """
         with hold_lock(self.path, notify, on_takeover=self._remove_temporary_files):
             yield
@@ -209,18 +213,16 @@ class RunDir:
         return read_lock_info(self.path / LOCK_FILE)
 
     def _remove_temporary_files(self, say: Callable[[str], None]) -> None:
-        leftovers = [p for d in (self.path, self.path / CELLS_DIR) if d.is_dir() for p in d.glob(".*.tmp")]
-        for p in leftovers:
-            p.unlink(missing_ok=True)
-        if leftovers:
-            say(f"removed {len(leftovers)} partial file(s) the killed sweep left behind")
+        removed = sum(remove_own_temporaries(d) for d in (self.path, self.path / CELLS_DIR))
+        if removed:
+            say(f"removed {removed} partial file(s) the killed sweep left behind")
 
     # ------------------------------------------------------------------ configuration
     def write_config(self, config: SweepConfig) -> None:
         """Store the resolved configuration, its fingerprint and the package version that hashed it."""
         body = {"fingerprint": config.fingerprint, "config": config.to_dict(), "version": __version__}
         text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-        atomic_write(self.path / CONFIG_FILE, lambda p: p.write_text(text))
+        atomic_write(self.path / CONFIG_FILE, lambda f: f.write(text.encode()))
 
     def _config_body(self) -> dict[str, Any]:
         f = self.path / CONFIG_FILE
@@ -274,6 +276,10 @@ class RunDir:
                          f"{self.path}` (finished cells are reused)")
 
     # ------------------------------------------------------------------ cells
+    def figure_path(self, name: str) -> Path:
+        """The figure of the run of configuration ``name``: ``DIR/<name>.png``."""
+        return self.path / f"{name}.png"
+
     def cell_dir(self) -> Path:
         return self.path / CELLS_DIR
 
@@ -289,7 +295,7 @@ class RunDir:
         """Store one finished cell atomically, with its key, hash and run fingerprint as metadata."""
         record = {"cell_key": cell.key, "cell_hash": cell_hash, "fingerprint": fingerprint,
                   "schema": CELL_SCHEMA_VERSION, "rows": len(frame)}
-        atomic_write(self.cell_path(cell, cell_hash), lambda p: _write_parquet(p, frame, record))
+        atomic_write(self.cell_path(cell, cell_hash), lambda f: _write_parquet(f, frame, record))
 
     def load_cell(self, cell: Cell, cell_hash: str, loss_columns: Sequence[str]) -> pd.DataFrame:
         """Read one stored cell and verify it.
@@ -327,6 +333,8 @@ class RunDir:
         for name, value in vars(cell).items():
             if name in frame.columns and isinstance(value, str | int) and not (frame[name] == value).all():
                 raise CellInvalid(f"column {name!r} is not {value!r} in every row")
+        if cell.sigma is not None and not ("noise_std" in frame.columns and (frame["noise_std"] == cell.sigma).all()):
+            raise CellInvalid(f"column 'noise_std' is not the cell's noise level {cell.sigma!r} in every row")
         return frame
 
     # ------------------------------------------------------------------ tables
@@ -340,15 +348,15 @@ class RunDir:
         if fingerprint is not None:
             frame = frame.assign(fingerprint=fingerprint)
         if name.endswith(".parquet"):
-            atomic_write(target, lambda p: frame.to_parquet(p, index=False))
+            atomic_write(target, lambda f: frame.to_parquet(f, index=False))
         else:
-            atomic_write(target, lambda p: frame.to_csv(p, index=False, float_format="%.6g"))
+            atomic_write(target, lambda f: frame.to_csv(f, index=False, float_format="%.6g"))
         return target
 
     def write_results(self, frame: pd.DataFrame, fingerprint: str) -> Path:
         """Write ``results.parquet`` with the run fingerprint in its metadata."""
         target = self.path / RESULTS_FILE
-        atomic_write(target, lambda p: _write_parquet(p, frame, {"fingerprint": fingerprint}))
+        atomic_write(target, lambda f: _write_parquet(f, frame, {"fingerprint": fingerprint}))
         return target
 
     def results_fingerprint(self) -> str | None:
@@ -381,7 +389,7 @@ class RunDir:
             row per planned fit; with how to recover.
         """
         config = self.read_config()
-        results = self.read_results()
+        results = with_noise_columns(self.read_results(), config)
         stored = self.verified_fingerprint(notify)
         found = self.results_fingerprint()
         if found is None or found != stored:
@@ -394,21 +402,23 @@ class RunDir:
         return config, results
 
     def _check_plan(self, config: SweepConfig, results: pd.DataFrame) -> None:
-        """Raise unless ``results`` holds exactly one row per planned fit."""
-        keys = ["truth", "series", "control", "n", "replication"]
+        """Raise unless ``results`` holds exactly one row per planned fit (a noise level is part of a fit's key)."""
+        keys = ["truth", "series", "control", "n", "noise_std", "replication"]
         missing_cols = [k for k in keys if k not in results.columns]
         f = self.path / RESULTS_FILE
         if missing_cols:
             raise ValueError(f"{str(f)!r} lacks column(s) {missing_cols}; rerun `hmoe-sim sweep CONFIG --out "
                              f"{self.path}` to rewrite it")
-        planned = {(c.truth, c.series, c.control, c.n, r) for c in plan_cells(config) for r in c.reps}
+        truth_noise = {s.name: truth_noise_std(config, s.name) for s in config.series}
+        planned = {(c.truth, c.series, c.control, c.n, cell_noise(config, c, truth_noise[c.series]), r)
+                   for c in plan_cells(config) for r in c.reps}
         frame = results[keys].copy()
         frame["control"] = frame["control"].fillna("").astype(str)
         found = list(frame.itertuples(index=False, name=None))
-        have = {(int(t), str(s), c, int(n), int(r)) for t, s, c, n, r in found}
+        have = {(int(t), str(s), c, int(n), float(v), int(r)) for t, s, c, n, v, r in found}
         if len(found) != len(planned) or have != planned:
             lacking, extra = planned - have, have - planned
-            what = f"{len(lacking)} planned fit(s) missing (e.g. truth, series, control, n, replication = " \
+            what = f"{len(lacking)} planned fit(s) missing (e.g. truth, series, control, n, noise_std, replication = " \
                 f"{min(lacking)})" if lacking else f"{len(extra)} unplanned fit(s) (e.g. {min(extra)})" if extra \
                 else f"{len(found) - len(have)} duplicated fit(s)"
             raise ValueError(f"{str(f)!r} holds {len(found)} fits but the config plans {len(planned)}: {what}; "
