@@ -68,7 +68,8 @@ def plot_finetune_pretrained(summary, paired) -> plt.Figure:
         giving each student's trainable-parameter count and the dotted line the frozen model; where
         ``summary`` has the optimiser-check columns
         (:func:`hmoe_sim.finetune.pretrained_report.with_optimiser_columns`), crosses mark the polished
-        fits' and stars the oracle-started fits' mean test MSE;
+        Adam fits' and stars the polished oracle starts' mean test MSE (the oracle's Adam fit keeps
+        the teacher, test MSE 0, which a log axis cannot show);
         bottom row: the mean paired difference (HoRA minus each other student) with its CI band
         and the zero line (below zero: HoRA is closer to the teacher). One column per teacher.
     """
@@ -86,7 +87,7 @@ def plot_finetune_pretrained(summary, paired) -> plt.Figure:
                     label=f"{label}: {int(group['n_params'].iloc[0])} params ({seeds} seeds, "
                           f"{group['converged'].mean():.0%} conv.)")
             ax.fill_between(group["n"], group["test_mse_ci_low"], group["test_mse_ci_high"], color=color, alpha=0.2)
-            checks = (("polish_test_mse", "x", "polished"), ("oracle_test_mse", "*", "oracle start"))
+            checks = (("polish_test_mse", "x", "Adam fit polished"), ("oracle_polish_test_mse", "*", "oracle polished"))
             for column, marker, what in checks:
                 if column in group and group[column].notna().any():
                     ax.plot(group["n"], group[column], marker, color=color, markersize=8, linestyle="none",
