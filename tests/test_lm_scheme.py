@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from hmoe_sim import make_preset, sample_batch
-from hmoe_sim.estimators import _lm, fit_batch, init_near_truth
+from hmoe_sim.estimators import _lm_scheme, fit_batch, init_near_truth
 from hmoe_sim.estimators._core import STOP_REASONS, Problem, autograd_value_and_jacobian
-from hmoe_sim.estimators._lm import LMScheme, geodesic_acceleration, resolution_test, solve_lm
+from hmoe_sim.estimators._lm import solve_lm
+from hmoe_sim.estimators._lm_scheme import LMScheme, geodesic_acceleration, resolution_test
 
 SCHEMES = [LMScheme(update, geodesic, resolution=resolution) for update in ("delayed", "nielsen")
            for geodesic in (True, False) for resolution in (0.0, 1e-3)]
@@ -189,12 +190,9 @@ def test_a_fit_stopped_at_the_resolution_is_within_the_margin_of_the_strict_fit(
     X, y = sample_batch(s.true_model, s.truth, n, s.noise_std, [np.random.SeedSequence([5, b]) for b in range(B)])
     init = init_near_truth(model, s.true_model, s.truth, batch_shape=B, perturbation=0.3, seed=2)
     stat = fit_batch(model, X, y, init, max_iter=3000, workers=1)
-    previous = _lm.DEFAULT_SCHEME
-    try:
-        _lm.DEFAULT_SCHEME = LMScheme(resolution=0.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_lm_scheme, "DEFAULT_SCHEME", LMScheme(resolution=0.0))
         strict = fit_batch(model, X, y, init, max_iter=3000, workers=1)
-    finally:
-        _lm.DEFAULT_SCHEME = previous
     assert bool(stat.converged.all()) and bool(strict.converged.all())
     reasons = stat.stop_reasons
     assert "resolution" in reasons  # the case exercises the rule
@@ -204,7 +202,7 @@ def test_a_fit_stopped_at_the_resolution_is_within_the_margin_of_the_strict_fit(
     # and lowers the risk by at most the rule's bound, (4/3 + 1) of the fraction of the margin
     moved = (stat.risk - strict.risk) / margin
     assert bool((moved >= -1e-9).all()), moved
-    assert float(moved.max()) <= (4 / 3 + 1) * _lm.RESOLUTION_FRACTION, moved
+    assert float(moved.max()) <= (4 / 3 + 1) * _lm_scheme.RESOLUTION_FRACTION, moved
     assert bool((stat.n_iter <= strict.n_iter).all())
     frame = stat.certificate_frame()
     assert frame["stop_reason"].tolist() == reasons

@@ -432,7 +432,7 @@ def gradient_small(grad: torch.Tensor, theta: torch.Tensor, lo: torch.Tensor, hi
 
 #: why a fit stopped (the certificate's ``stop_reason``; ``SolverOutput.stop`` holds the index):
 #: the converging tests ``gtol``, ``ftol``, ``xtol``, ``zero_risk`` (the strict tests) and
-#: ``resolution`` (no step lowers the risk by a statistically visible amount, ``_lm.resolution_test``);
+#: ``resolution`` (no step lowers the risk by a statistically visible amount, ``_lm_scheme.resolution_test``);
 #: the others stop a fit that is not converged: ``max_iter`` (the cap, or the fixed epochs of
 #: ``sgd-paper``), ``damping`` (the LM's damping ran past its limit), ``diverged``
 STOP_REASONS = ("gtol", "ftol", "xtol", "zero_risk", "resolution", "max_iter", "damping", "diverged")

@@ -13,7 +13,6 @@ import torch
 from hmoe_sim._validation import check_choice, check_float_tensor, check_number, check_positive_int, check_seed
 from hmoe_sim.data import SeedLike
 from hmoe_sim.devices import resolve_device, resolve_dtype
-from hmoe_sim.estimators import _lm
 from hmoe_sim.estimators._core import Problem, SolverOutput
 from hmoe_sim.estimators._first_order import solve_adam, solve_sgd_paper
 from hmoe_sim.estimators._lm import solve_lm, solve_lm_in_threads, worker_threads
@@ -443,7 +442,7 @@ def _truth_vector(model: MixtureModel, truth: Params | None, B: int, n_starts: i
 def _solve(problem: Problem, theta0: torch.Tensor, seeds: list[np.random.SeedSequence],
            o: dict[str, Any]) -> SolverOutput:
     if o["method"] == "lm":
-        kw = dict(max_iter=o["max_iter"], ftol=o["ftol"], xtol=o["xtol"], gtol=o["gtol"], scheme=_lm.DEFAULT_SCHEME)
+        kw = dict(max_iter=o["max_iter"], ftol=o["ftol"], xtol=o["xtol"], gtol=o["gtol"])
         threads = worker_threads(o["workers"], *problem.y.shape)
         if threads > 1:
             return solve_lm_in_threads(problem, theta0, threads, **kw)
