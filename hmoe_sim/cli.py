@@ -77,7 +77,7 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     with the loss against n/sigma^2 per truth beside it in ``<stem>_losses.<suffix>``.
     """
     from hmoe_sim.files import atomic_write
-    from hmoe_sim.plotting import plot_forest, plot_neff_panels, plot_rate_panels
+    from hmoe_sim.plotting import close_figure, plot_forest, plot_neff_panels, plot_rate_panels
     from hmoe_sim.sweep import RunDir
     from hmoe_sim.sweep.report import loss_columns, summary_table
     from hmoe_sim.sweep.storage import ENSEMBLE_FILE, PER_TRUTH_FILE, SUMMARY_FILE
@@ -109,6 +109,7 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
                                       structures=structures, title=title)
             atomic_write(target.with_name(f"{target.stem}_losses{target.suffix}"),
                          lambda f: losses.savefig(f, format=image_format, dpi=110))
+            close_figure(losses)
     elif ladder:
         title = (f"{config.name}: {config.truth.preset}, {config.replications} replications per (n, σ); "
                  "loss against n/σ²")
@@ -116,10 +117,13 @@ def _write_figure(run_dir: Path, target: Path | None = None) -> Path:
     else:
         title = f"{config.name}: {config.truth.preset}, {config.replications} replications per n"
         fig = plot_rate_panels(summary, rates, loss_columns(config), title=title, structures=structures)
-    if image_format not in fig.canvas.get_supported_filetypes():
-        raise ValueError(f"figure {str(target)!r}: unknown image format {image_format!r}; use one of "
-                         f"{sorted(fig.canvas.get_supported_filetypes())}")
-    atomic_write(target, lambda f: fig.savefig(f, format=image_format, dpi=110))
+    try:
+        if image_format not in fig.canvas.get_supported_filetypes():
+            raise ValueError(f"figure {str(target)!r}: unknown image format {image_format!r}; use one of "
+                             f"{sorted(fig.canvas.get_supported_filetypes())}")
+        atomic_write(target, lambda f: fig.savefig(f, format=image_format, dpi=110))
+    finally:
+        close_figure(fig)
     return target
 
 

@@ -27,7 +27,21 @@ from hmoe_sim.plotting.rates import (  # noqa: E402
 )
 from hmoe_sim.plotting.theory import plot_inverse_bound, plot_sample_complexity  # noqa: E402
 
+
+def close_figure(fig: matplotlib.figure.Figure) -> None:
+    """Release a figure that pyplot keeps open (call it once the figure is saved).
+
+    Every ``plot_*`` function draws through pyplot, which keeps its figures until they are closed; a
+    long-lived process that writes many figures (a sweep's ``plot`` calls inside one Python process)
+    would otherwise accumulate them.
+    """
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 __all__ = [
+    "close_figure",
     "REFERENCE_SLOPES",
     "STRUCTURE_LABELS",
     "series_labels",
