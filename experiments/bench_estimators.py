@@ -680,15 +680,16 @@ def main(args: argparse.Namespace) -> None:
         print(f"speedup finite-difference scipy loop (EXTRAPOLATED from {m} fits) / batched: {t_fd / t_batched:.1f}x")
     if args.device == "cpu":
         print(f"CPU time (all threads and processes) strong anchor / batched: {cpu_anchor / cpu_batched:.1f}x")
-    print(f"speedup strong anchor (scipy trf, exact Jacobian, {args.threads}-process pool) / batched: "
-          f"{t_anchor / t_batched:.1f}x")
     converged_anchor = sum(int(s[2]) > 0 for s in an)
     converged_batched = int(res.converged.sum())
     print(f"time to converged fits (wall s per converged fit; the same starts and tol {args.tol:g}): batched "
           f"{t_batched / max(converged_batched, 1):.3f} s ({converged_batched}/{B} converged, "
           f"{total_iter / t_batched:.1f} problem-iterations/s), anchor {t_anchor / max(converged_anchor, 1):.3f} s "
           f"({converged_anchor}/{B} converged: status > 0); ratio "
-          f"{(t_anchor / max(converged_anchor, 1)) / (t_batched / max(converged_batched, 1)):.1f}x")
+          + (f"{(t_anchor / converged_anchor) / (t_batched / converged_batched):.1f}x"
+             if converged_anchor and converged_batched else "n/a (a method converged no fit)"))
+    print(f"speedup strong anchor (scipy trf, exact Jacobian, {args.threads}-process pool) / batched: "
+          f"{t_anchor / t_batched:.1f}x")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ def test_gpu_check_smoke_run_on_cpu_writes_a_complete_summary(tmp_path):
     bench = steps["bench"]["numbers"]
     assert bench["n_sets"] == 2 and bench["device"] == "cpu"
     assert "fd_s_extrapolated" not in bench  # the finite-difference loop is skipped
-    tail = steps["bench"]["stdout"][-2:]  # the last two lines: the speedup, then the time to converged fits
-    assert tail[0].startswith("speedup strong anchor") and tail[1].startswith("time to converged fits")
+    assert steps["bench"]["stdout"][-1].startswith("speedup strong anchor")
     for key in ("ratio_anchor", "effective_gflops", "matmul_gflops", "roofline_fraction"):
         assert math.isfinite(bench[key]) and bench[key] > 0
     assert math.isclose(bench["roofline_fraction"], bench["effective_gflops"] / bench["matmul_gflops"])
