@@ -17,7 +17,7 @@ from hmoe_sim.models.flat import Piece, assemble_columns
 
 __all__ = ["CONVERGED_REASONS", "STOP_REASONS", "KhatriRaoLayout", "Linearization", "Problem", "SolverOutput",
            "autograd_value_and_jacobian", "gradient_small", "khatri_rao_layout", "normal_equations",
-           "projected_gradient", "risk_and_gradient", "stop_code"]
+           "projected_gradient", "risk_and_gradient", "rows_where", "stop_code", "take_rows"]
 
 
 @dataclass
@@ -191,7 +191,10 @@ class Linearization:
 
     def _column_map(self, rows: torch.Tensor | None) -> torch.Tensor:
         model = self.problem.model
-        params = self.params if rows is None and self.params is not None else model.unflatten(_pick(rows, self.theta))
+        if rows is None and self.params is not None:
+            params = self.params
+        else:
+            params = model.unflatten(take_rows(rows, self.theta))
         return model.column_map(params)  # type: ignore[attr-defined]
 
     def normal_equations(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,16 +222,16 @@ class Linearization:
         problem, r = self.problem, self.r
         if self.pieces is None:
             sub = problem.take(rows)
-            _, J = sub.residual_and_jacobian(_pick(rows, self.theta))
-            r = _pick(rows, r)
+            _, J = sub.residual_and_jacobian(take_rows(rows, self.theta))
+            r = take_rows(rows, r)
             return J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
         layout = khatri_rao_layout(self.pieces, problem.X.shape[-1]) if problem.structured else None
         if layout is None:
-            pieces = [(_pick(rows, g), outer) for g, outer in self.pieces]
-            J = assemble_columns(pieces, _pick(rows, problem.X))
+            pieces = [(take_rows(rows, g), outer) for g, outer in self.pieces]
+            J = assemble_columns(pieces, take_rows(rows, problem.X))
             if not problem.unmasked:
-                J = J * _pick(rows, problem.weight).unsqueeze(-1)
-            r = _pick(rows, r)
+                J = J * take_rows(rows, problem.weight).unsqueeze(-1)
+            r = take_rows(rows, r)
             return J.transpose(-1, -2) @ J, torch.bmm(r.unsqueeze(-2), J).squeeze(-2)
         factors = layout.factors(self.pieces)                        # (b, m, n)
         if not problem.unmasked:
@@ -253,10 +256,18 @@ class Linearization:
         gram_index, grad_index = layout.indices(gram.device)
         A = gram.flatten(-2)[..., gram_index]
         g = grad.flatten(-2)[..., grad_index]
-        return _pick(rows, A), _pick(rows, g)
+        return take_rows(rows, A), take_rows(rows, g)
 
 
-def _pick(index: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+def rows_where(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices where ``mask`` holds, or ``None`` when it holds everywhere (no gather)."""
+    if bool(mask.all()):
+        return None
+    return torch.nonzero(mask).squeeze(-1)
+
+
+def take_rows(index: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """``t`` at the rows ``index`` of :func:`rows_where` (``t`` itself when ``index`` is ``None``)."""
     return t if index is None else t[index]
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, stop_code
+from hmoe_sim.estimators._core import Problem, SolverOutput, gradient_small, rows_where, stop_code, take_rows
 from hmoe_sim.estimators._lm_scheme import LMScheme, default_scheme, geodesic_acceleration, resolution_test
 
 __all__ = ["MIN_SAMPLES_PER_WORKER", "THREAD_STACK_SPLIT", "RowQueue", "solve_lm", "solve_lm_in_threads",
@@ -34,17 +34,6 @@ _LAMBDA_MAX = 1e20
 #: the damping never falls below this (``delayed`` update: a damping that underflowed to zero could
 #: not grow again by doubling)
 _LAMBDA_MIN = 1e-12
-def _index(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices where ``mask`` holds, or ``None`` when it holds everywhere (no gather)."""
-    if bool(mask.all()):
-        return None
-    return torch.nonzero(mask).squeeze(-1)
-
-
-def _pick(idx: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-    return t if idx is None else t[idx]
-
-
 class RowQueue:
     """The problems ``0 .. total-1`` of a stack shared by ``solvers`` solvers (thread-safe).
 
@@ -276,13 +265,14 @@ def _start(problem: Problem, new: range, out: SolverOutput, damping: float, gtol
     out.stop[rows] = torch.where(~finite, stop_code("diverged"),
                                  torch.where(cost == 0, stop_code("zero_risk"),
                                              torch.where(converged, stop_code("gtol"), stop_code("max_iter"))))
-    keep = _index(finite & ~converged)
+    keep = rows_where(finite & ~converged)
     if keep is not None and not keep.numel():
         return None
     count = rows.numel() if keep is None else keep.numel()
     lam = torch.full((count,), damping, dtype=theta.dtype, device=theta.device)
-    return _Active(_pick(keep, rows), sub.take(keep), _pick(keep, theta), _pick(keep, cost), _pick(keep, A),
-                   _pick(keep, g), torch.diagonal(_pick(keep, A), dim1=-2, dim2=-1).clone(), lam,
+    return _Active(take_rows(keep, rows), sub.take(keep), take_rows(keep, theta), take_rows(keep, cost),
+                   take_rows(keep, A), take_rows(keep, g),
+                   torch.diagonal(take_rows(keep, A), dim1=-2, dim2=-1).clone(), lam,
                    torch.full_like(lam, 2.0), torch.zeros(count, dtype=torch.long, device=theta.device),
                    torch.full_like(lam, float("nan")))
 
@@ -350,10 +340,10 @@ def _iterate(act: _Active, out: SolverOutput, eye: torch.Tensor, tiny: float, ep
     stop_bad = None
     n_accepted = int(accept.sum())
     if n_accepted:
-        acc = _index(accept) if n_accepted < accept.numel() else None
+        acc = rows_where(accept) if n_accepted < accept.numel() else None
         A_a, g_a = lin.normal_equations(acc)
         bad = ~(torch.isfinite(A_a).flatten(1).all(-1) & torch.isfinite(g_a).all(-1))
-        theta_a, cost_a, n_a = _pick(acc, act.theta), _pick(acc, act.cost), _pick(acc, act.sub.n_eff)
+        theta_a, cost_a, n_a = take_rows(acc, act.theta), take_rows(acc, act.cost), take_rows(acc, act.sub.n_eff)
         small_a = _grad_test(g_a, theta_a, n_a, lo, hi, cost_a, gtol) & ~bad
         resolved_a = torch.zeros_like(small_a)
         if scheme.resolution > 0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hmoe_sim.estimators._core import Problem
+from hmoe_sim.estimators._core import Problem, rows_where, take_rows
 
 __all__ = ["DEFAULT_SCHEME", "RESOLUTION_FRACTION", "LMScheme", "default_scheme", "geodesic_acceleration",
            "resolution_test"]
@@ -130,10 +130,10 @@ def resolution_test(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, cost:
     free = ~(((theta <= lo) & (g < 0)) | ((theta >= hi) & (g > 0)))
     gf = torch.where(free, g, 0.0)
     passed = torch.isfinite(margin) & (gf.norm(dim=-1) <= margin)
-    which = _rows(passed)
+    which = rows_where(passed)
     if which is not None and not which.numel():
         return passed
-    A_c, g_c, free_c = _take(which, A), _take(which, gf), _take(which, free)
+    A_c, g_c, free_c = take_rows(which, A), take_rows(which, gf), take_rows(which, free)
     mu = math.sqrt(torch.finfo(A.dtype).eps) * torch.diagonal(A_c, dim1=-2, dim2=-1).amax(-1)
     mu = mu.clamp_min(torch.finfo(A.dtype).tiny)
     ff = free_c.unsqueeze(-1) & free_c.unsqueeze(-2)
@@ -143,7 +143,7 @@ def resolution_test(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, cost:
     d = torch.cholesky_solve(g_c.unsqueeze(-1), chol).squeeze(-1)
     quadratic = torch.bmm(torch.bmm(d.unsqueeze(-2), A_free), d.unsqueeze(-1)).reshape(-1)
     predicted = (d * g_c).sum(-1) - 0.5 * quadratic
-    small = (info == 0) & torch.isfinite(predicted) & (predicted <= _take(which, margin))
+    small = (info == 0) & torch.isfinite(predicted) & (predicted <= take_rows(which, margin))
     if which is None:
         return passed & small
     result = torch.zeros_like(passed)
@@ -151,12 +151,3 @@ def resolution_test(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, cost:
     return result
 
 
-def _rows(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices where ``mask`` holds, or ``None`` when it holds everywhere (no gather)."""
-    if bool(mask.all()):
-        return None
-    return torch.nonzero(mask).squeeze(-1)
-
-
-def _take(idx: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-    return t if idx is None else t[idx]
