@@ -62,6 +62,48 @@ def per_truth_markdown(run: Path, loss: str, axis: str = "n") -> str:
     return "\n".join(lines)
 
 
+def _upper(row: pd.Series) -> str:
+    if not np.isfinite(row["slope_upper"]):
+        return "-"
+    return f"{row['slope_upper']:+.2f} [{row['ci_low_upper']:+.2f}, {row['ci_high_upper']:+.2f}]"
+
+
+def _equivalence(row: pd.Series) -> str:
+    if not np.isfinite(row["equivalence_diff"]):
+        return "-"
+    return f"{row['equivalence_diff']:+.2f} [{row['equivalence_ci_low']:+.2f}, {row['equivalence_ci_high']:+.2f}]"
+
+
+def _level(value: float) -> str:
+    return "-" if not np.isfinite(value) else f"{value:.2g}"
+
+
+def per_truth_neff_markdown(run: Path, loss: str) -> str:
+    """Per truth on n/sigma^2: the upper-half slopes and verdicts, the paired level at the largest n/sigma^2,
+    the worst matched pair of sizes (difference of median log losses at equal n/sigma^2, upper half) and
+    the noise-free control (the sigma = 0 end) beside the noisy median at the largest n/sigma^2."""
+    config, results = RunDir(run).read_checked()
+    per_truth = _on_axis(pd.read_csv(run / "per_truth.csv"), "n_eff")
+    lines = [f"| H | truth | shared {loss} upper-half slope | verdict | non-shared {loss} upper-half slope | verdict "
+             f"| log {loss} shared - non-shared at the largest n/sigma^2 [95% CI] | worst matched pair shared "
+             f"| worst matched pair non-shared | {loss} shared: largest n/sigma^2, control "
+             f"| {loss} non-shared: largest n/sigma^2, control |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for h, (shared, nonshared) in structure_pairs(config).items():
+        part = per_truth[(per_truth["H"] == h) & (per_truth["loss"] == loss)]
+        diffs, _ = paired_largest_n(results, shared, nonshared, loss, axis="n_eff")
+        diffs = diffs.set_index("truth")
+        for truth in sorted(part["truth"].unique()):
+            a = part[(part["truth"] == truth) & (part["series"] == shared)].iloc[0]
+            b = part[(part["truth"] == truth) & (part["series"] == nonshared)].iloc[0]
+            d = diffs.loc[truth] if truth in diffs.index else None
+            diff = "-" if d is None else _ci(d["diff"], d["diff_ci_low"], d["diff_ci_high"])
+            lines.append(f"| {h} | {truth} | {_upper(a)} | `{a['verdict']}` | {_upper(b)} | `{b['verdict']}` "
+                         f"| {diff} | {_equivalence(a)} | {_equivalence(b)} "
+                         f"| {_level(a['noisy_level'])}, {_level(a['control_level'])} "
+                         f"| {_level(b['noisy_level'])}, {_level(b['control_level'])} |")
+    return "\n".join(lines)
+
+
 def ensemble_markdown(run: Path, axis: str = "n") -> str:
     """Per (H, loss): verdict pairs, paired comparisons and the ensemble slopes."""
     ens = _on_axis(pd.read_csv(run / "ensemble.csv"), axis)
@@ -76,6 +118,17 @@ def ensemble_markdown(run: Path, axis: str = "n") -> str:
             f"{r.n_shared_below} of {r.n_truths} | "
             f"{_ci(r.shared_ensemble_slope, r.shared_ensemble_ci_low, r.shared_ensemble_ci_high)} | "
             f"{_ci(r.nonshared_ensemble_slope, r.nonshared_ensemble_ci_low, r.nonshared_ensemble_ci_high)} |")
+    if axis == "n_eff":
+        lines += ["", "| H | loss | pooled upper-half slope shared | pooled upper-half slope non-shared "
+                      "| shared upper-half CI below non-shared (truths) |", "|---|---|---|---|---|"]
+        for r in ens.itertuples():
+            shared = _ci(r.shared_ensemble_slope_upper, r.shared_ensemble_ci_low_upper,
+                         r.shared_ensemble_ci_high_upper)
+            nonshared = _ci(r.nonshared_ensemble_slope_upper, r.nonshared_ensemble_ci_low_upper,
+                            r.nonshared_ensemble_ci_high_upper)
+            lines.append(
+                f"| {r.H} | {r.loss} | {shared} | {nonshared} "
+                f"| {r.n_shared_upper_ci_below} of {r.n_truths} |")
     return "\n".join(lines)
 
 
@@ -111,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     for loss in args.losses:
         print(f"\n### per truth, {loss}\n")
         print(per_truth_markdown(args.run, loss, args.axis))
+        if args.axis == "n_eff":
+            print(f"\n### per truth on n/sigma^2, upper half, {loss}\n")
+            print(per_truth_neff_markdown(args.run, loss))
     print("\n### ensemble\n")
     print(ensemble_markdown(args.run, args.axis))
     print("\n### protocol\n")

@@ -278,7 +278,7 @@ def _draw_paired(ax: plt.Axes, part, loss: str, h: int, ensemble) -> None:
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
     ax.axvline(0.0, ls="-", color="0.6", lw=1)
-    ax.set_xlabel(f"log {loss}, shared - non-shared, paired (95% CI)")
+    ax.set_xlabel(f"log {loss}, shared - non-shared,\npaired by data set (95% CI)")
     ax.set_title(f"{loss}, H = {h}, at the largest {at}")
     ax.grid(True, axis="x", alpha=0.25)
 
