@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pilot = pd.read_parquet(args.pilot)
     noisy = pilot[(pilot["control"].fillna("") == "") & np.isfinite(pilot["D1"]) & (pilot["D1"] > 0)]
-    cell_sd = noisy.assign(log=np.log(noisy["D1"])).groupby(["structure", "series", "truth", "n"])["log"].std()
+    # a cell is one (series, truth, n) of the pilot (one series per noise level there), and one noise level of
+    # a run with a noise ladder (``noise_std`` column), so that --pilot also takes a finished ladder run
+    cell = ["structure", "series", "truth", "n"] + (["noise_std"] if "noise_std" in noisy else [])
+    cell_sd = noisy.assign(log=np.log(noisy["D1"])).groupby(cell)["log"].std()
     spread = cell_sd.groupby("structure").median()
     print(f"pilot: {len(noisy)} noisy fits, {cell_sd.size} cells; median per-cell SD of log D1:")
     print(spread.round(3).to_string())
