@@ -42,12 +42,11 @@ def _ci(mid: float, low: float, high: float) -> str:
     return "-" if not np.isfinite(mid) else f"{mid:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
-def per_truth_markdown(run: Path, loss: str, axis: str = "n") -> str:
-    """Per truth: shared and non-shared slope, verdict, and the paired largest-n difference of log loss."""
+def _truth_pairs(run: Path, loss: str, axis: str):
+    """Per (H, truth): the shared and non-shared rows of ``per_truth.csv`` on ``axis`` and the paired
+    largest-value difference of log loss, formatted (``"-"`` where no data set was fitted by both)."""
     config, results = RunDir(run).read_checked()
     per_truth = _on_axis(pd.read_csv(run / "per_truth.csv"), axis)
-    lines = [f"| H | truth | shared {loss} slope | verdict | non-shared {loss} slope | verdict | "
-             f"log {loss} shared - non-shared at the largest n [95% CI] |", "|---|---|---|---|---|---|---|"]
     for h, (shared, nonshared) in structure_pairs(config).items():
         part = per_truth[(per_truth["H"] == h) & (per_truth["loss"] == loss)]
         diffs, _ = paired_largest_n(results, shared, nonshared, loss, axis=axis)
@@ -56,9 +55,15 @@ def per_truth_markdown(run: Path, loss: str, axis: str = "n") -> str:
             a = part[(part["truth"] == truth) & (part["series"] == shared)].iloc[0]
             b = part[(part["truth"] == truth) & (part["series"] == nonshared)].iloc[0]
             d = diffs.loc[truth] if truth in diffs.index else None
-            diff = "-" if d is None else _ci(d["diff"], d["diff_ci_low"], d["diff_ci_high"])
-            lines.append(f"| {h} | {truth} | {_slope(a)} | `{a['verdict']}` | {_slope(b)} | `{b['verdict']}` "
-                         f"| {diff} |")
+            yield h, truth, a, b, "-" if d is None else _ci(d["diff"], d["diff_ci_low"], d["diff_ci_high"])
+
+
+def per_truth_markdown(run: Path, loss: str, axis: str = "n") -> str:
+    """Per truth: shared and non-shared slope, verdict, and the paired largest-n difference of log loss."""
+    lines = [f"| H | truth | shared {loss} slope | verdict | non-shared {loss} slope | verdict | "
+             f"log {loss} shared - non-shared at the largest n [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for h, truth, a, b, diff in _truth_pairs(run, loss, axis):
+        lines.append(f"| {h} | {truth} | {_slope(a)} | `{a['verdict']}` | {_slope(b)} | `{b['verdict']}` | {diff} |")
     return "\n".join(lines)
 
 
@@ -82,25 +87,15 @@ def per_truth_neff_markdown(run: Path, loss: str) -> str:
     """Per truth on n/sigma^2: the upper-half slopes and verdicts, the paired level at the largest n/sigma^2,
     the worst matched pair of sizes (difference of median log losses at equal n/sigma^2, upper half) and
     the noise-free control (the sigma = 0 end) beside the noisy median at the largest n/sigma^2."""
-    config, results = RunDir(run).read_checked()
-    per_truth = _on_axis(pd.read_csv(run / "per_truth.csv"), "n_eff")
     lines = [f"| H | truth | shared {loss} upper-half slope | verdict | non-shared {loss} upper-half slope | verdict "
              f"| log {loss} shared - non-shared at the largest n/sigma^2 [95% CI] | worst matched pair shared "
              f"| worst matched pair non-shared | {loss} shared: largest n/sigma^2, control "
              f"| {loss} non-shared: largest n/sigma^2, control |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for h, (shared, nonshared) in structure_pairs(config).items():
-        part = per_truth[(per_truth["H"] == h) & (per_truth["loss"] == loss)]
-        diffs, _ = paired_largest_n(results, shared, nonshared, loss, axis="n_eff")
-        diffs = diffs.set_index("truth")
-        for truth in sorted(part["truth"].unique()):
-            a = part[(part["truth"] == truth) & (part["series"] == shared)].iloc[0]
-            b = part[(part["truth"] == truth) & (part["series"] == nonshared)].iloc[0]
-            d = diffs.loc[truth] if truth in diffs.index else None
-            diff = "-" if d is None else _ci(d["diff"], d["diff_ci_low"], d["diff_ci_high"])
-            lines.append(f"| {h} | {truth} | {_upper(a)} | `{a['verdict']}` | {_upper(b)} | `{b['verdict']}` "
-                         f"| {diff} | {_equivalence(a)} | {_equivalence(b)} "
-                         f"| {_level(a['noisy_level'])}, {_level(a['control_level'])} "
-                         f"| {_level(b['noisy_level'])}, {_level(b['control_level'])} |")
+    for h, truth, a, b, diff in _truth_pairs(run, loss, "n_eff"):
+        lines.append(f"| {h} | {truth} | {_upper(a)} | `{a['verdict']}` | {_upper(b)} | `{b['verdict']}` "
+                     f"| {diff} | {_equivalence(a)} | {_equivalence(b)} "
+                     f"| {_level(a['noisy_level'])}, {_level(a['control_level'])} "
+                     f"| {_level(b['noisy_level'])}, {_level(b['control_level'])} |")
     return "\n".join(lines)
 
 
