@@ -22,11 +22,14 @@ import pandas as pd
 from hmoe_sim.sweep import RunDir
 from hmoe_sim.sweep.ensemble import paired_largest_n, structure_pairs
 
+#: columns of the upper-half slope and of the worst matched pair, for :func:`_slope`
+UPPER = ("slope_upper", "ci_low_upper", "ci_high_upper")
+EQUIVALENCE = ("equivalence_diff", "equivalence_ci_low", "equivalence_ci_high")
 
-def _slope(row: pd.Series) -> str:
-    if not np.isfinite(row["slope"]):
-        return "-"
-    return f"{row['slope']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+
+def _slope(row: pd.Series, mid: str = "slope", low: str = "ci_low", high: str = "ci_high") -> str:
+    """``row[mid] [row[low], row[high]]``, or ``"-"`` where ``row[mid]`` is not finite."""
+    return _ci(row[mid], row[low], row[high])
 
 
 def _on_axis(table: pd.DataFrame, axis: str) -> pd.DataFrame:
@@ -67,18 +70,6 @@ def per_truth_markdown(run: Path, loss: str, axis: str = "n") -> str:
     return "\n".join(lines)
 
 
-def _upper(row: pd.Series) -> str:
-    if not np.isfinite(row["slope_upper"]):
-        return "-"
-    return f"{row['slope_upper']:+.2f} [{row['ci_low_upper']:+.2f}, {row['ci_high_upper']:+.2f}]"
-
-
-def _equivalence(row: pd.Series) -> str:
-    if not np.isfinite(row["equivalence_diff"]):
-        return "-"
-    return f"{row['equivalence_diff']:+.2f} [{row['equivalence_ci_low']:+.2f}, {row['equivalence_ci_high']:+.2f}]"
-
-
 def _level(value: float) -> str:
     return "-" if not np.isfinite(value) else f"{value:.2g}"
 
@@ -92,8 +83,9 @@ def per_truth_neff_markdown(run: Path, loss: str) -> str:
              f"| worst matched pair non-shared | {loss} shared: largest n/sigma^2, control "
              f"| {loss} non-shared: largest n/sigma^2, control |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for h, truth, a, b, diff in _truth_pairs(run, loss, "n_eff"):
-        lines.append(f"| {h} | {truth} | {_upper(a)} | `{a['verdict']}` | {_upper(b)} | `{b['verdict']}` "
-                     f"| {diff} | {_equivalence(a)} | {_equivalence(b)} "
+        lines.append(f"| {h} | {truth} | {_slope(a, *UPPER)} | `{a['verdict']}` "
+                     f"| {_slope(b, *UPPER)} | `{b['verdict']}` "
+                     f"| {diff} | {_slope(a, *EQUIVALENCE)} | {_slope(b, *EQUIVALENCE)} "
                      f"| {_level(a['noisy_level'])}, {_level(a['control_level'])} "
                      f"| {_level(b['noisy_level'])}, {_level(b['control_level'])} |")
     return "\n".join(lines)
